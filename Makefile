@@ -1,0 +1,41 @@
+# strm: the two commands a new user runs are `make demo` and `make test`; both install first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DATASET ?= hmdb51
+VIDEOS  ?=
+ONLY    ?=
+
+.PHONY: install test demo extract bench clean
+
+# The stamp is older than pyproject.toml when the dependencies changed: reinstall then.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && ! command -v ffmpeg >/dev/null 2>&1; then \
+		echo "installing FFmpeg's libraries for torchcodec (apt-get install -y ffmpeg)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null) \
+		|| echo "could not install FFmpeg: decoding will fall back to PyAV"; \
+	fi
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/strm demo
+
+# Manifest, then extraction, with the paper's defaults (ResNet-50, 4 views, 256/224).
+extract: $(STAMP)
+	@test -n "$(VIDEOS)" || { echo "usage: make extract DATASET=hmdb51 VIDEOS=/path/to/videos"; exit 2; }
+	$(BIN)/strm manifest $(DATASET) --videos $(VIDEOS) --out data_manifests/local/$(DATASET).csv
+	$(BIN)/strm extract $(DATASET) --videos $(VIDEOS) --manifest data_manifests/local/$(DATASET).csv --backbone resnet50
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks $(if $(ONLY),--only $(ONLY))
+
+clean:
+	rm -rf runs .pytest_cache

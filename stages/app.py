@@ -1,0 +1,41 @@
+"""The `strm` Typer app: one sub-command per stage, each registered by its own module."""
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="strm",
+    help=(
+        "Few-shot action recognition with STRM on cached features.\n\n"
+        "Typical flow: synth or manifest -> extract -> train-heads -> evaluate "
+        "(finetune is the optional end-to-end stage)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+# Order here is the order `strm --help` lists them.
+STAGES = (
+    "synth",
+    "manifest",
+    "extract",
+    "cache_cmd",
+    "train_heads",
+    "evaluate",
+    "finetune",
+    "import_checkpoint",
+    "visualize",
+    "ablate",
+    "demo",
+)
+
+for _name in STAGES:
+    importlib.import_module(f"stages.{_name}").register(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
