@@ -1,0 +1,87 @@
+"""The feature cache: schema, resumable writes, fingerprint checks, reading and export."""
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cache import CacheError, CacheWriter, SplitLayout, cache_key, open_cache, write_random_cache
+from stages.app import app
+
+FP = {"dataset": "toy", "backbone": "tiny", "views": 2}
+
+
+def _layouts() -> dict[str, SplitLayout]:
+    return {
+        "train": SplitLayout(["a/1", "a/2", "b/1"], [0, 0, 1], ["a", "b"], views=2),
+        "test": SplitLayout(["c/1", "d/1"], [0, 1], ["c", "d"], views=1),
+    }
+
+
+def _create(path):
+    return CacheWriter.create(path, FP, _layouts(), frames=8, patches=16, dim=4)
+
+
+def test_write_then_read_keeps_only_done_videos(tmp_path):
+    writer = _create(tmp_path / "c")
+    feats = np.arange(2 * 8 * 16 * 4, dtype=np.float32).reshape(2, 8, 16, 4) / 1000
+    writer.write("train", 2, feats)
+    writer.fail("train", 1, "corrupt file\nsecond line")
+    cache = open_cache(tmp_path / "c")
+    split = cache.load_split("train")
+    assert split.video_ids == ["b/1"]
+    assert split.labels.tolist() == [1]
+    assert split.features.dtype.is_floating_point and split.features.shape == (1, 2, 8, 16, 4)
+    np.testing.assert_allclose(split.features[0].float().numpy(), feats, rtol=1e-3)
+    assert cache.failures("train") == [("a/2", "corrupt file second line")]
+    assert list(CacheWriter(tmp_path / "c").pending("train")) == [0, 1]
+    summary = cache.summary()
+    assert summary["splits"]["train"] == {**summary["splits"]["train"], "done": 1, "failed": 1, "pending": 1}
+
+
+def test_reopening_with_other_settings_names_the_difference(tmp_path):
+    _create(tmp_path / "c")
+    assert _create(tmp_path / "c").key == cache_key(FP)  # same settings reopen
+    with pytest.raises(CacheError, match="backbone: 'tiny' in the cache, 'resnet50' asked"):
+        CacheWriter.create(tmp_path / "c", {**FP, "backbone": "resnet50"}, _layouts(), frames=8, patches=16, dim=4)
+
+
+def test_write_rejects_wrong_shape_and_open_rejects_non_cache(tmp_path):
+    writer = _create(tmp_path / "c")
+    with pytest.raises(ValueError, match="cache expects"):
+        writer.write("test", 0, np.zeros((2, 8, 16, 4)))
+    with pytest.raises(CacheError, match="not a feature cache"):
+        open_cache(tmp_path)
+    with pytest.raises(CacheError, match="no split 'val'"):
+        open_cache(tmp_path / "c").load_split("val")
+
+
+def test_random_cache_is_class_structured_and_views_can_be_limited(tmp_path):
+    path = write_random_cache(tmp_path / "r", splits={"train": (3, 4, 2), "test": (2, 3, 1)}, dim=8, signal=3.0)
+    cache = open_cache(path)
+    train = cache.load_split("train", views=1)
+    assert train.features.shape == (12, 1, 8, 16, 8)
+    assert cache.split_nbytes("train") == 12 * 2 * 8 * 16 * 8 * 2
+    flat = train.features.float().flatten(1)
+    means = [flat[train.labels == c].mean(0) for c in range(3)]
+    nearest = [int(np.argmin([((x - m) ** 2).sum() for m in means])) for x in flat]
+    assert nearest == train.labels.tolist()
+
+
+def test_cli_info_and_hdf5_export(tmp_path):
+    path = write_random_cache(tmp_path / "r", splits={"train": (2, 2, 1), "val": (2, 2, 1)}, dim=4)
+    runner = CliRunner()
+    result = runner.invoke(app, ["cache", "info", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["splits"]["val"]["done"] == 4
+    out = tmp_path / "x.h5"
+    result = runner.invoke(app, ["cache", "export", str(path), str(out), "--format", "hdf5"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["train/features"][:], open_cache(path).features_array("train")[:])
+        assert [v.decode() for v in f["val/video_ids"][:]] == open_cache(path).video_ids("val")
+    result = runner.invoke(app, ["cache", "info", str(tmp_path)])
+    assert result.exit_code == 1 and "not a feature cache" in result.output
