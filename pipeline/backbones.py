@@ -286,7 +286,7 @@ def _timm(name: str, weights: Path | None, layer: str | None, pretrained: bool) 
     """Any timm model: layer None/"features" = forward_features, or a module name from its feature_info."""
     import timm
 
-    if name not in timm.list_models():
+    if not timm.is_model(name):
         raise ValueError(f"unknown backbone {name!r}: not one of {sorted(REGISTRY)} nor a timm model name")
     layer = layer or "features"
     kwargs: dict[str, object] = {"pretrained": pretrained or weights is not None, "num_classes": 0}
