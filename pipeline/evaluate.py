@@ -1,0 +1,534 @@
+"""Episodic evaluation of frozen heads on cached features: exact, batched over tasks, with intervals.
+
+Why this shape: every block of the heads works on one video at a time until the cross-video step
+(TRM's attention over a class's tuples, QC's min-distance), so a frozen model's per-video outputs
+are computed once per split (`embed_split`) and each task only gathers its videos' embeddings and
+runs `heads.relate`, many tasks at a time (`relate_tasks`). That equals the naive per-task forward
+(`naive_logits`) up to float rounding; the tests hold it to 1e-4 relative.
+
+Accuracy is reported as the field does (STRM_SPEC section 10): the mean over tasks of each task's
+query accuracy, with a 95% interval 1.96 * std / sqrt(n) (population std). Tasks come from
+`pipeline.episodes`, so one seed gives the same tasks to every model and two runs can be compared
+task by task (`compare_runs`).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.episodes import EpisodeSampler, Task, TaskBatch
+
+if TYPE_CHECKING:
+    from pipeline.cache import SplitFeatures
+    from pipeline.heads import HeadsOutput, VideoEmbedding
+
+Z95 = 1.96
+RUN_FORMAT = "strm-eval/1"
+EPISODES_FORMAT = "strm-episodes/1"
+# Settings that must agree for two runs to have seen the same tasks.
+PAIRING_KEYS = ("split", "way", "shot", "queries", "seed", "episodes", "episodes_digest")
+
+Progress = Callable[[str, int, int], None]  # (phase "embed" | "tasks", done, total)
+
+
+def interval95(values: Sequence[float] | np.ndarray) -> float:
+    """Half-width of the 95% interval of the mean as the field reports it: 1.96 * std / sqrt(n), population std."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        raise ValueError("no values to take an interval of")
+    return float(Z95 * values.std() / math.sqrt(len(values)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks: sampled by pipeline.episodes, sliced, fingerprinted, saved and loaded.
+
+
+def sample_tasks(labels: np.ndarray | torch.Tensor, *, episodes: int, way: int, shot: int, queries: int, seed: int) -> TaskBatch:
+    """The first `episodes` tasks of the seed's stream, all on view 0 (the test view)."""
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1 (got {episodes})")
+    labels = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    return EpisodeSampler(labels, way=way, shot=shot, queries=queries, seed=seed).batch(0, episodes)
+
+
+def slice_tasks(tasks: TaskBatch, index: slice | np.ndarray) -> TaskBatch:
+    """Some of the tasks of a batch, still a TaskBatch."""
+    return TaskBatch(**{name: getattr(tasks, name)[index] for name in TaskBatch.__dataclass_fields__})
+
+
+def task_settings(tasks: TaskBatch) -> dict[str, int]:
+    """way, shot, queries and episodes, read off the arrays so they cannot disagree with them."""
+    way = tasks.classes.shape[1]
+    return {
+        "way": way,
+        "shot": tasks.support.shape[1] // way,
+        "queries": tasks.query.shape[1] // way,
+        "episodes": len(tasks),
+    }
+
+
+def episodes_digest(tasks: TaskBatch, video_ids: Sequence[str]) -> str:
+    """sha256 of every task's support and query video ids in order: equal digests mean identical tasks.
+
+    Ids rather than indices, so two caches that hold the same videos in the same split (another
+    backbone, say) compare as equal, and two that differ by one failed video do not.
+    """
+    ids = np.asarray(video_ids, dtype=object)
+    h = hashlib.sha256()
+    h.update(json.dumps(task_settings(tasks)).encode())
+    for row_s, row_q in zip(tasks.support, tasks.query):
+        h.update(("\x1f".join(ids[row_s]) + "\x1e" + "\x1f".join(ids[row_q]) + "\x1d").encode())
+    return h.hexdigest()[:16]
+
+
+def save_episodes(path: Path | str, tasks: TaskBatch, split: SplitFeatures, *, seed: int, split_name: str) -> Path:
+    """Write the tasks as class names and video ids (JSON), so any tool can rerun exactly those."""
+    path = Path(path)
+    ids = np.asarray(split.video_ids, dtype=object)
+    names = np.asarray(split.class_names, dtype=object)
+    s = task_settings(tasks)
+    way, shot, queries = s["way"], s["shot"], s["queries"]
+    payload = {
+        "format": EPISODES_FORMAT,
+        "split": split_name,
+        **s,
+        "seed": seed,
+        "digest": episodes_digest(tasks, split.video_ids),
+        "tasks": [
+            {
+                "classes": names[tasks.classes[b]].tolist(),
+                "support": ids[tasks.support[b]].reshape(way, shot).tolist(),
+                "query": ids[tasks.query[b]].reshape(way, queries).tolist(),
+            }
+            for b in range(len(tasks))
+        ],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, separators=(",", ":")) + "\n")
+    return path
+
+
+def load_episodes(path: Path | str, split: SplitFeatures) -> tuple[TaskBatch, dict[str, Any]]:
+    """Read tasks written by `save_episodes` back as indices into `split`; returns (tasks, settings).
+
+    Raises ValueError naming the file when a video or class is not in the split, or a video is
+    not of the class the file says.
+    """
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable episodes file ({err})") from err
+    if payload.get("format") != EPISODES_FORMAT:
+        raise ValueError(f"{path}: not an episodes file (format {payload.get('format')!r}, expected {EPISODES_FORMAT!r})")
+    way, shot, queries = payload["way"], payload["shot"], payload["queries"]
+    video_index = {v: i for i, v in enumerate(split.video_ids)}
+    class_index = {c: i for i, c in enumerate(split.class_names)}
+    labels = split.labels.numpy()
+
+    def lookup(table: dict[str, int], key: str, what: str) -> int:
+        if key not in table:
+            raise ValueError(f"{path}: {what} {key!r} is not in this split")
+        return table[key]
+
+    classes, support, query = [], [], []
+    for t, task in enumerate(payload["tasks"]):
+        c = [lookup(class_index, name, "class") for name in task["classes"]]
+        s = [[lookup(video_index, v, "video") for v in row] for row in task["support"]]
+        q = [[lookup(video_index, v, "video") for v in row] for row in task["query"]]
+        if len(c) != way or any(len(r) != shot for r in s) or any(len(r) != queries for r in q):
+            raise ValueError(f"{path}: task {t} is not {way}-way {shot}-shot with {queries} queries")
+        for label, rows in enumerate(zip(s, q)):
+            if any(labels[v] != c[label] for row in rows for v in row):
+                raise ValueError(f"{path}: task {t} holds a video that is not of class {task['classes'][label]!r}")
+        classes.append(c)
+        support.append(np.ravel(s))
+        query.append(np.ravel(q))
+    n = len(classes)
+    if n == 0:
+        raise ValueError(f"{path}: holds no tasks")
+    tasks = TaskBatch(
+        classes=np.asarray(classes, dtype=np.int64),
+        support=np.asarray(support, dtype=np.int64),
+        support_labels=np.tile(np.repeat(np.arange(way), shot), (n, 1)),
+        support_views=np.zeros((n, way * shot), dtype=np.int64),
+        query=np.asarray(query, dtype=np.int64),
+        query_labels=np.tile(np.repeat(np.arange(way), queries), (n, 1)),
+        query_views=np.zeros((n, way * queries), dtype=np.int64),
+    )
+    settings = {"split": payload.get("split"), "seed": payload.get("seed"), **task_settings(tasks)}
+    return tasks, settings
+
+
+# ----------------------------------------------------------------------------------------------
+# The two ways to get a task's logits: per video once then batched tasks, or the naive forward.
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """Mixed precision where asked: float16 on CUDA, bfloat16 elsewhere (torch's defaults)."""
+    return torch.autocast(device.type, enabled=enabled) if enabled else contextlib.nullcontext()
+
+
+def embed_split(
+    heads: nn.Module,
+    features: torch.Tensor,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    *,
+    autocast: bool = False,
+    progress: Progress | None = None,
+) -> VideoEmbedding:
+    """The per-video pass: `heads.encode` over features [N, L, P, D] (one view) in eval mode, no grad."""
+    device = torch.device(device)
+    heads.eval()
+    parts = []
+    n = len(features)
+    with torch.inference_mode(), _autocast(device, autocast):
+        for start in range(0, n, batch_size):
+            x = features[start : start + batch_size].to(device=device, dtype=torch.float32, non_blocking=True)
+            parts.append(heads.encode(x))
+            if progress:
+                progress("embed", min(start + batch_size, n), n)
+    return _cat(parts)
+
+
+def _cat(parts: list[Any]) -> Any:
+    """Concatenate per-batch embeddings along the video dimension (a tensor or a VideoEmbedding)."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return type(parts[0]).cat(parts)
+
+
+def relate_tasks(
+    heads: nn.Module, embedding: Any, tasks: TaskBatch, device: str | torch.device = "cpu", *, autocast: bool = False
+) -> HeadsOutput:
+    """Logits [B, n_q, way] of a batch of tasks from the split's per-video embedding."""
+    device = torch.device(device)
+    way = tasks.classes.shape[1]
+    support = torch.as_tensor(tasks.support, device=device)
+    query = torch.as_tensor(tasks.query, device=device)
+    labels = torch.as_tensor(tasks.support_labels, device=device)
+    with torch.inference_mode(), _autocast(device, autocast):
+        return heads.relate(embedding[support], labels, embedding[query], way)
+
+
+def naive_logits(heads: nn.Module, features: torch.Tensor, task: Task, device: str | torch.device = "cpu") -> HeadsOutput:
+    """The reference: one task through the whole forward, `heads(support, labels, query)`, in eval mode."""
+    device = torch.device(device)
+    heads.eval()
+    with torch.inference_mode():
+        support = features[torch.as_tensor(task.support)].to(device, torch.float32)
+        query = features[torch.as_tensor(task.query)].to(device, torch.float32)
+        return heads(support, torch.as_tensor(task.support_labels, device=device), query)
+
+
+# ----------------------------------------------------------------------------------------------
+# The parameter-free baseline, shaped like the heads so the same exact, batched path runs it.
+
+
+class ProtoBaseline(nn.Module):
+    """Nearest class mean of temporally concatenated frame features: the floor any model must beat.
+
+    A frame's feature is the mean of its patches; a video is its frames concatenated [L*D]; a class
+    is the mean of its support videos; logits are minus squared Euclidean distances.
+    """
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().mean(dim=-2).flatten(-2)
+
+    def relate(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int) -> HeadsOutput:
+        from pipeline.heads import HeadsOutput
+
+        onehot = nn.functional.one_hot(support_labels, way).to(support.dtype)  # [..., n_s, way]
+        prototypes = onehot.transpose(-1, -2) @ support / onehot.sum(-2).unsqueeze(-1)
+        # Direct differences, not the matmul expansion: batched and per-task runs then agree closely.
+        logits = -torch.cdist(query, prototypes, compute_mode="donot_use_mm_for_euclid_dist").square()
+        return HeadsOutput(logits=logits, trm_logits=logits, qc_logits=None)
+
+    def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> HeadsOutput:
+        way = int(support_labels.max()) + 1
+        return self.relate(self.encode(support), support_labels, self.encode(query), way)
+
+
+def proto_baseline(split: SplitFeatures, **options: Any) -> EvalResult:
+    """`evaluate` with the nearest-class-mean baseline on the same tasks (same options)."""
+    return evaluate(ProtoBaseline(), split, **options)
+
+
+# ----------------------------------------------------------------------------------------------
+# Results.
+
+
+@dataclass
+class EvalResult:
+    """One evaluation setting's outcome; accuracies in percent."""
+
+    task_accuracy: np.ndarray  # [episodes] each task's query accuracy, %
+    per_class: dict[str, float]  # split class name -> % of its queries right (classes that were queried)
+    confusion: np.ndarray  # [C, C] counts: row = true split class, column = predicted
+    class_names: list[str]
+    settings: dict[str, Any] = field(default_factory=dict)  # split, way, shot, queries, seed, episodes, digest, ...
+
+    @property
+    def mean(self) -> float:
+        return float(self.task_accuracy.mean())
+
+    @property
+    def ci95(self) -> float:
+        return interval95(self.task_accuracy)
+
+    @property
+    def seed(self) -> int:
+        return int(self.settings["seed"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (task accuracies included, for paired comparison)."""
+        return {
+            **self.settings,
+            "mean": self.mean,
+            "ci95": self.ci95,
+            "per_class": self.per_class,
+            "class_names": self.class_names,
+            "confusion": self.confusion.tolist(),
+            "task_accuracy": [round(float(a), 6) for a in self.task_accuracy],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalResult:
+        skip = {"mean", "ci95", "per_class", "class_names", "confusion", "task_accuracy"}
+        return cls(
+            task_accuracy=np.asarray(d["task_accuracy"], dtype=np.float64),
+            per_class=dict(d["per_class"]),
+            confusion=np.asarray(d["confusion"], dtype=np.int64),
+            class_names=list(d["class_names"]),
+            settings={k: v for k, v in d.items() if k not in skip},
+        )
+
+
+def _default_batch_tasks(embedding: Any, n_videos: int, videos_per_task: int) -> int:
+    """Tasks a batch so the gathered embeddings stay near 256 MB: big enough to keep BLAS busy."""
+    tensors = [embedding] if isinstance(embedding, torch.Tensor) else list(_tensors(embedding))
+    per_video = sum(t.element_size() * t.numel() for t in tensors) / max(n_videos, 1)
+    return int(max(1, min(512, (256 << 20) // max(per_video * videos_per_task, 1))))
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor an embedding holds (dataclass fields, tuples, lists, dicts)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from _tensors(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors(x)
+    elif hasattr(obj, "__dataclass_fields__"):
+        for name in obj.__dataclass_fields__:
+            yield from _tensors(getattr(obj, name))
+
+
+def evaluate(
+    heads: nn.Module,
+    split: SplitFeatures,
+    *,
+    episodes: int = 10_000,
+    way: int = 5,
+    shot: int = 5,
+    queries: int = 1,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    batch_tasks: int | None = None,
+    progress: Progress | None = None,
+    tasks: TaskBatch | None = None,
+    embedding: Any = None,
+    split_name: str = "",
+    autocast: bool = False,
+) -> EvalResult:
+    """Accuracy of frozen `heads` on `episodes` tasks of `split` (view 0), batched over tasks.
+
+    `tasks` replaces sampling (a loaded episodes file; way/shot/queries/episodes come from it);
+    `embedding` reuses a per-video pass (`embed_split`) across settings, e.g. a sweep of shots.
+    Predictions are the argmax of `logits` (TRM + lambda * QC, or TRM alone without QC).
+    """
+    device = torch.device(device)
+    if tasks is None:
+        tasks = sample_tasks(split.labels, episodes=episodes, way=way, shot=shot, queries=queries, seed=seed)
+    settings = {"split": split_name, **task_settings(tasks), "seed": seed}
+    settings["episodes_digest"] = episodes_digest(tasks, split.video_ids)
+    settings["autocast"] = autocast
+    if embedding is None:
+        embedding = embed_split(heads, split.features[:, 0], device=device, autocast=autocast, progress=progress)
+    n = len(tasks)
+    way = settings["way"]
+    if batch_tasks is None:
+        batch_tasks = _default_batch_tasks(embedding, len(split.labels), tasks.support.shape[1] + tasks.query.shape[1])
+    predicted = np.empty(tasks.query.shape, dtype=np.int64)  # task labels 0..way-1
+    for start in range(0, n, batch_tasks):
+        batch = slice_tasks(tasks, slice(start, start + batch_tasks))
+        logits = relate_tasks(heads, embedding, batch, device, autocast=autocast).logits
+        predicted[start : start + len(batch)] = logits.argmax(-1).cpu().numpy()
+        if progress:
+            progress("tasks", start + len(batch), n)
+    return _score(tasks, predicted, split, settings)
+
+
+def _score(tasks: TaskBatch, predicted: np.ndarray, split: SplitFeatures, settings: dict[str, Any]) -> EvalResult:
+    """Per-task accuracy, per-class accuracy and the confusion matrix from predicted task labels."""
+    correct = predicted == tasks.query_labels
+    true_class = np.take_along_axis(tasks.classes, tasks.query_labels, axis=1)
+    pred_class = np.take_along_axis(tasks.classes, predicted, axis=1)
+    n_classes = len(split.class_names)
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(confusion, (true_class.ravel(), pred_class.ravel()), 1)
+    asked = confusion.sum(axis=1)
+    per_class = {
+        name: float(100.0 * confusion[c, c] / asked[c]) for c, name in enumerate(split.class_names) if asked[c] > 0
+    }
+    return EvalResult(
+        task_accuracy=100.0 * correct.mean(axis=1),
+        per_class=per_class,
+        confusion=confusion,
+        class_names=list(split.class_names),
+        settings=settings,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired comparison of two runs on identical tasks.
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Run A minus run B on the same tasks: the mean difference in points and its 95% interval."""
+
+    settings: dict[str, Any]
+    mean_a: float
+    mean_b: float
+    difference: float
+    ci95: float
+    a_better: int  # tasks where A got more queries right
+    b_better: int
+    ties: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.settings, **{k: getattr(self, k) for k in ("mean_a", "mean_b", "difference", "ci95", "a_better", "b_better", "ties")}}
+
+
+def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Mean of a - b task by task and its 95% interval (1.96 std / sqrt(n) of the differences)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need equal lengths (got {a.shape} and {b.shape})")
+    diff = a - b
+    return float(diff.mean()), interval95(diff)
+
+
+def compare_results(a: EvalResult, b: EvalResult) -> PairedDifference:
+    """Paired difference of two results; ValueError naming the setting when their tasks differ."""
+    for key in PAIRING_KEYS:
+        if a.settings.get(key) != b.settings.get(key):
+            raise ValueError(
+                f"the runs did not see the same tasks: {key} is {a.settings.get(key)!r} in A and {b.settings.get(key)!r} in B"
+            )
+    diff, ci = paired_difference(a.task_accuracy, b.task_accuracy)
+    return PairedDifference(
+        settings={k: a.settings[k] for k in PAIRING_KEYS},
+        mean_a=a.mean,
+        mean_b=b.mean,
+        difference=diff,
+        ci95=ci,
+        a_better=int((a.task_accuracy > b.task_accuracy).sum()),
+        b_better=int((a.task_accuracy < b.task_accuracy).sum()),
+        ties=int((a.task_accuracy == b.task_accuracy).sum()),
+    )
+
+
+def compare_runs(run_a: dict[str, Any], run_b: dict[str, Any]) -> list[PairedDifference]:
+    """Pair every setting (shot) of two run records (`read_run`); refuses runs of different settings."""
+    a = sorted((EvalResult.from_dict(r) for r in run_a["results"]), key=_setting_order)
+    b = sorted((EvalResult.from_dict(r) for r in run_b["results"]), key=_setting_order)
+    if [_setting_order(r) for r in a] != [_setting_order(r) for r in b]:
+        raise ValueError(
+            "the runs hold different settings: A has (way, shot, queries) "
+            f"{[_setting_order(r) for r in a]}, B has {[_setting_order(r) for r in b]}"
+        )
+    return [compare_results(x, y) for x, y in zip(a, b)]
+
+
+def _setting_order(r: EvalResult) -> tuple[int, int, int]:
+    return (r.settings["way"], r.settings["shot"], r.settings["queries"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: the run record (JSON), a summary table (CSV), accuracy against shots (PNG).
+
+
+def write_run(path: Path | str, results: Sequence[EvalResult], about: dict[str, Any]) -> Path:
+    """One JSON record of a run: what was evaluated (`about`: checkpoint, cache, ...) and every result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"format": RUN_FORMAT, **about, "results": [r.to_dict() for r in results]}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def read_run(path: Path | str) -> dict[str, Any]:
+    """A run record written by `write_run`; ValueError naming the file when it is not one."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable evaluation record ({err})") from err
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT or not record.get("results"):
+        raise ValueError(f"{path}: not an evaluation record (expected format {RUN_FORMAT!r} with results)")
+    return record
+
+
+def write_csv(path: Path | str, results: Sequence[EvalResult]) -> Path:
+    """Summary table: one row per setting for all classes (with the interval), then one per class."""
+    import pandas as pd
+
+    rows = []
+    for r in results:
+        base = {k: r.settings.get(k) for k in ("split", "way", "shot", "queries", "seed", "episodes")}
+        rows.append({**base, "scope": "all", "accuracy": r.mean, "ci95": r.ci95})
+        rows += [{**base, "scope": name, "accuracy": acc, "ci95": None} for name, acc in r.per_class.items()]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def plot_shot_sweep(results: Sequence[EvalResult], path: Path | str, title: str = "") -> Path:
+    """Accuracy (with its 95% interval) against shots, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = sorted(results, key=lambda r: r.settings["shot"])
+    shots = [r.settings["shot"] for r in results]
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    ax.errorbar(shots, [r.mean for r in results], yerr=[r.ci95 for r in results], marker="o", capsize=3)
+    ax.set_xlabel("shots per class")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xticks(shots)
+    ax.grid(alpha=0.3)
+    first = results[0].settings
+    ax.set_title(title or f"{first['way']}-way, {first['episodes']} tasks, seed {first['seed']}")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
