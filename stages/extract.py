@@ -1,6 +1,129 @@
-"""Placeholder until its issue lands: registers nothing."""
+"""`strm extract`: backbone features of every video of a dataset into the resumable feature cache.
+
+Under `torchrun --nproc-per-node N strm extract ...` each rank extracts its own share of the
+videos into the same cache; rank 0 draws the progress bar and prints the summary.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from pipeline.backbones import OFFLINE_DEFAULT, WeightsUnavailable, get_backbone, load_backbone_checkpoint
+from pipeline.cache import CacheError, open_cache
+from pipeline.extract import ExtractSettings, RunOptions, extract
+from pipeline.video import ViewSpec
+from stages.common import fail
+
+
+class _VideosPerSecond(ProgressColumn):
+    """Recent speed in videos/s (rich's own speed column shows bytes)."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.2f} videos/s" if task.speed else "- videos/s")
+
+
+def _init_distributed(device: str) -> tuple[int, int, str]:
+    """Join torchrun's process group when launched by it; (rank, world size, this rank's device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    # Ranks wait for each other only at the start and the end; the end can be hours later.
+    torch.distributed.init_process_group(backend, timeout=timedelta(hours=12))
+    return torch.distributed.get_rank(), world, device
+
+
+def _manifest(dataset: str, videos: Path, manifest: Path | None):
+    from pipeline.manifests import build_manifest, read_manifest
+
+    return read_manifest(manifest) if manifest is not None else build_manifest(dataset, videos)
+
+
+def extract_command(
+    dataset: str = typer.Argument(..., help="Dataset name (hmdb51, ucf101, kinetics100, ssv2, synthetic, folder); names the cache folder."),
+    videos: Path = typer.Option(..., "--videos", help="Folder holding the videos; relative manifest paths are under it."),
+    manifest: Path | None = typer.Option(None, "--manifest", help="Manifest CSV/Parquet from `strm manifest`; built from --videos when not given."),
+    backbone_name: str = typer.Option(OFFLINE_DEFAULT, "--backbone", help="resnet50, vit_b_16, tf_efficientnet_lite0, tiny, or any timm model name."),
+    layer: str | None = typer.Option(None, "--layer", help="Feature layer (tf_efficientnet_lite0: head or last_block); default: the backbone's own."),
+    weights: Path | None = typer.Option(None, "--weights", help="Local weights file instead of the pretrained download."),
+    backbone_checkpoint: Path | None = typer.Option(None, "--backbone-checkpoint", help="Fine-tuned backbone from a `strm finetune` checkpoint (its 'backbone' weights)."),
+    views: int = typer.Option(4, "--views", min=1, help="Views per training video: the test view plus views-1 augmented ones."),
+    short_side: int = typer.Option(256, "--short-side", min=1, help="Resize the shorter side to this many pixels."),
+    crop: int = typer.Option(224, "--crop", min=1, help="Square crop size."),
+    patches: int = typer.Option(4, "--patches", min=1, help="P: max-pool each map to P x P patches."),
+    no_normalize: bool = typer.Option(False, "--no-normalize", help="Feed raw [0, 1] pixels (the authors' input) instead of the backbone's mean/std."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the augmented views."),
+    cache_root: Path = typer.Option(Path("cache"), "--cache-root", help="The cache goes to CACHE_ROOT/DATASET/<key>."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Frames per backbone call."),
+    workers: int = typer.Option(2, "--workers", min=0, help="Decoding worker processes (0: decode in the main process)."),
+    device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", "--device", help="cpu or cuda."),
+    precision: str = typer.Option("auto", "--precision", help="auto (fp32 on CPU, bf16/fp16 autocast on CUDA), fp32, bf16 or fp16."),
+) -> None:
+    """Extract backbone features of every video into CACHE_ROOT/DATASET/<key>; rerun to resume.
+
+    A video that cannot be decoded is recorded in the cache's failure table and listed at the
+    end; the run goes on. Settings that change the numbers (backbone, weights, input size,
+    normalisation, patches, views, seed) give another cache key, so caches never mix.
+    """
+    rank, world, device = _init_distributed(device)
+    console = Console(stderr=True, quiet=rank != 0)
+    try:
+        backbone = get_backbone(backbone_name, weights=weights, layer=layer, pretrained=backbone_checkpoint is None)
+        if backbone_checkpoint is not None:
+            load_backbone_checkpoint(backbone, backbone_checkpoint)
+        table = _manifest(dataset, videos, manifest)
+    except (WeightsUnavailable, FileNotFoundError, ValueError, OSError) as err:
+        fail(str(err))
+    settings = ExtractSettings(views=views, spec=ViewSpec(short_side=short_side, crop=crop), patches=patches,
+                               normalize=not no_normalize, seed=seed)
+    options = RunOptions(batch_size=batch_size, workers=workers, device=device, precision=precision)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _VideosPerSecond(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(f"extract {dataset} ({backbone.name})", total=None)
+
+        def on_progress(state) -> None:
+            failed = f", {state.failed} failed" if state.failed else ""
+            rank_note = f" rank 0/{world}" if world > 1 else ""
+            bar.update(task, total=state.total, completed=state.done + state.failed,
+                       description=f"extract {dataset} ({backbone.name}{rank_note}{failed})")
+
+        try:
+            result = extract(dataset, table, backbone, cache_root, settings, options, videos_root=videos,
+                             progress=on_progress)
+        except (CacheError, ValueError) as err:
+            fail(str(err))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        return
+    _summary(console, result.path, result.progress.already_done)
+
+
+def _summary(console: Console, path: Path, already_done: int) -> None:
+    """Per split done/total, every failure with its reason (all ranks' ones, read from the cache), the path."""
+    cache = open_cache(path)
+    if already_done:
+        console.print(f"{already_done} videos were already done (resumed)", highlight=False)
+    for split in cache.splits:
+        done, failures = cache.done(split), cache.failures(split)
+        console.print(f"{split}: {int(done.sum())}/{len(done)} videos done, {len(failures)} failed", highlight=False)
+        for video_id, reason in failures:
+            console.print(f"  [red]failed[/red] {video_id}: {reason}", highlight=False, soft_wrap=True)
+    typer.echo(str(path))
 
 
 def register(app: typer.Typer) -> None:
-    """Add this stage's command(s) to the app."""
+    """Add `strm extract` to the app."""
+    app.command("extract", help=extract_command.__doc__)(extract_command)

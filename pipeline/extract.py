@@ -1,0 +1,345 @@
+"""Feature extraction: decode views in worker processes, run the backbone, pool to patches, fill the cache.
+
+Why it is shaped this way:
+- Decoding (CPU-bound, per video) runs in worker processes (`imap_isolated`) while the main
+  process runs the backbone, so the two overlap; a video that crashes its decoder fails alone.
+- Batches mix frames of several videos and always have the same shape (the last one is padded):
+  a video's numbers then never depend on which videos shared its batch, so a resumed run is
+  bit-identical to an uninterrupted one.
+- The cache writer stores one video per chunk and sets `done` after the features, so a kill at
+  any moment loses at most the videos in flight and a rerun does only what is not done.
+- Under torchrun every rank owns the videos whose global position is its rank modulo the world
+  size; a chunk holds one video, so no chunk ever has two writers.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from pipeline.backbones import Backbone
+from pipeline.cache import STORED_DTYPE, CacheError, CacheWriter, SplitLayout, cache_key, manifest_digest
+from pipeline.video import FRAMES, SAMPLING_RULE_VERSION, ViewSpec, count_frames, load_view
+from pipeline.workers import imap_isolated
+
+SPLIT_ORDER = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Everything besides the manifest and the backbone that changes the cached numbers."""
+
+    views: int = 4  # training videos: view 0 (the test view) plus views-1 augmented ones
+    spec: ViewSpec = field(default_factory=ViewSpec)
+    patches: int = 4  # P: the map is max-pooled to P x P
+    normalize: bool = True  # False: the authors' raw [0, 1] pixels
+    seed: int = 0  # seeds the augmented views (through video.view_rng)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run; none of it changes the numbers except `precision`, which is fingerprinted."""
+
+    batch_size: int = 64  # frames per backbone call
+    workers: int = 2  # decoding processes; 0 decodes in this process
+    device: str = "cpu"
+    precision: str = "auto"  # auto: fp32 on CPU, bf16 (or fp16) autocast on CUDA; or fp32/bf16/fp16
+
+
+@dataclass(frozen=True)
+class VideoJob:
+    """One video to extract; picklable, it travels to a decoding worker."""
+
+    split: str
+    index: int
+    video_id: str
+    path: str
+    n_frames: int
+    views: int
+    seed: int
+    spec: ViewSpec
+
+
+@dataclass
+class Progress:
+    """Counts of this rank's run so far, handed to the progress callback after each video."""
+
+    total: int  # videos this rank had to do when it started
+    already_done: int  # videos of this rank's share found done in the cache
+    done: int = 0
+    failed: int = 0
+    frames: int = 0  # frames through the backbone
+    last_video: str = ""
+
+
+@dataclass
+class ExtractResult:
+    """What a rank did: the cache path, its counts, and the failures it recorded (video id, reason)."""
+
+    path: Path
+    progress: Progress
+    failures: list[tuple[str, str]]
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """fp32 on CPU (bf16 autocast there is slower than fp32 on most CPUs); bf16 where CUDA has it, else fp16."""
+    if precision != "auto":
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def split_layouts(manifest: pd.DataFrame, views: int) -> dict[str, SplitLayout]:
+    """Per split: its videos in manifest order, class indices into the split's sorted class names."""
+    layouts = {}
+    for split in SPLIT_ORDER:
+        rows = manifest[manifest["split"] == split]
+        if rows.empty:
+            continue
+        names = sorted(rows["class"].astype(str).unique())
+        index = {name: i for i, name in enumerate(names)}
+        layouts[split] = SplitLayout(
+            video_ids=rows["video_id"].astype(str).tolist(),
+            labels=[index[c] for c in rows["class"].astype(str)],
+            class_names=names,
+            views=views if split == "train" else 1,
+        )
+    if not layouts:
+        raise ValueError(f"the manifest has no videos in the splits {SPLIT_ORDER}")
+    return layouts
+
+
+def fingerprint(dataset: str, manifest: pd.DataFrame, backbone: Backbone, settings: ExtractSettings, precision: str) -> dict:
+    """Readable record of everything that changes the numbers; its hash is the cache key."""
+    rows = manifest[["split", "class", "video_id", "path"]].astype(str).itertuples(index=False, name=None)
+    return {
+        "dataset": dataset,
+        "manifest": manifest_digest(rows),
+        "videos": int(len(manifest)),
+        "backbone": backbone.name,
+        "layer": backbone.layer,
+        "weights": backbone.weights_id,
+        "short_side": settings.spec.short_side,
+        "crop": settings.spec.crop,
+        "normalize": f"mean={list(backbone.mean)} std={list(backbone.std)}" if settings.normalize else "none: [0, 1]",
+        "frames": FRAMES,
+        "patches": settings.patches,
+        "train_views": settings.views,
+        "view_seed": settings.seed,
+        "sampling_rule": SAMPLING_RULE_VERSION,
+        "precision": precision,
+        "dtype": STORED_DTYPE,
+    }
+
+
+def cache_path(cache_root: Path, dataset: str, fp: dict) -> Path:
+    """`<cache_root>/<dataset>/<key>`."""
+    return Path(cache_root) / dataset / cache_key(fp)
+
+
+def decode_job(job: VideoJob) -> torch.Tensor:
+    """A video's views as uint8 [views * 8, 3, crop, crop] (runs in a worker process)."""
+    n_frames = job.n_frames if job.n_frames > 0 else count_frames(Path(job.path))
+    views = [load_view(Path(job.path), n_frames, job.video_id, v, job.seed, job.spec) for v in range(job.views)]
+    return torch.cat(views)
+
+
+def pool_patches(fmap: torch.Tensor, patches: int) -> torch.Tensor:
+    """[B, D, h, w] -> [B, P*P, D] float16: adaptive max pool to P x P, patches in row-major order."""
+    pooled = F.adaptive_max_pool2d(fmap.float(), patches)
+    return pooled.flatten(2).transpose(1, 2).to(torch.float16)
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _open_writer(path: Path, fp: dict, layouts: dict[str, SplitLayout], dim: int, patches: int) -> CacheWriter:
+    """Rank 0 creates (or checks) the cache; the other ranks open it once rank 0 says it is there."""
+    rank, world = _dist()
+    error: str | None = None
+    writer = None
+    if rank == 0:
+        try:
+            writer = CacheWriter.create(path, fp, layouts, frames=FRAMES, patches=patches * patches, dim=dim)
+        except CacheError as err:
+            error = str(err)
+    if world > 1:
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise CacheError(error)
+    return writer if writer is not None else CacheWriter(path)
+
+
+def _jobs(manifest: pd.DataFrame, writer: CacheWriter, settings: ExtractSettings, videos_root: Path | None,
+          rank: int, world: int) -> tuple[list[VideoJob], list[tuple[VideoJob, str]], int]:
+    """This rank's share: (videos to extract, videos the manifest already marks bad, videos already done)."""
+    todo, bad, already = [], [], 0
+    position = 0  # global position over all splits: ownership must not depend on what is done
+    for split in writer.splits:
+        rows = manifest[manifest["split"] == split].reset_index(drop=True)
+        pending = set(writer.pending(split).tolist())
+        views = writer.views(split)
+        for index, row in rows.iterrows():
+            mine = position % world == rank
+            position += 1
+            if not mine:
+                continue
+            if index not in pending:
+                already += 1
+                continue
+            path = Path(str(row["path"]))
+            if videos_root is not None and not path.is_absolute():
+                path = videos_root / path
+            n_frames = int(row["n_frames"]) if "n_frames" in row and pd.notna(row["n_frames"]) else -1
+            job = VideoJob(split, int(index), str(row["video_id"]), str(path), n_frames, views, settings.seed, settings.spec)
+            status = str(row.get("status", "ok"))
+            (todo.append(job) if status == "ok" else bad.append((job, status)))
+    return todo, bad, already
+
+
+def _decoded(jobs: list[VideoJob], workers: int) -> Iterator[tuple[VideoJob, torch.Tensor | None, str | None]]:
+    """Decoded videos in completion order, with the error text of those that failed."""
+    if workers > 0:
+        yield from imap_isolated(decode_job, jobs, workers=workers, max_in_flight=2 * workers + 1)
+        return
+    for job in jobs:
+        try:
+            yield job, decode_job(job), None
+        except Exception as err:  # noqa: BLE001 - a bad video is recorded, never fatal
+            yield job, None, f"{type(err).__name__}: {err}"
+
+
+class _Batcher:
+    """Frames of many videos queued for fixed-size backbone batches; a video is written once complete."""
+
+    def __init__(self, backbone: Backbone, writer: CacheWriter, settings: ExtractSettings, options: RunOptions,
+                 device: torch.device, precision: str, on_video: Callable[[VideoJob, int], None]) -> None:
+        self.backbone, self.writer, self.settings, self.options = backbone, writer, settings, options
+        self.device, self.on_video = device, on_video
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.chunks: list[tuple[VideoJob, int, torch.Tensor]] = []  # (video, first frame row, frames)
+        self.queued = 0
+        self.outputs: dict[tuple[str, int], torch.Tensor] = {}
+        self.filled: dict[tuple[str, int], int] = {}
+        self.frames = 0
+
+    def add(self, job: VideoJob, frames: torch.Tensor) -> None:
+        key = (job.split, job.index)
+        self.outputs[key] = torch.empty(len(frames), self.settings.patches ** 2, self.backbone.dim, dtype=torch.float16)
+        self.filled[key] = 0
+        self.chunks.append((job, 0, frames))
+        self.queued += len(frames)
+        while self.queued >= self.options.batch_size:
+            self._run(self.options.batch_size)
+
+    def flush(self) -> None:
+        while self.queued:
+            self._run(min(self.queued, self.options.batch_size))
+
+    def _run(self, n: int) -> None:
+        """Take n queued frames (padded to batch_size so the shape never changes), run, scatter, write."""
+        parts, owners, taken = [], [], 0
+        while taken < n:
+            job, start, frames = self.chunks[0]
+            k = min(n - taken, len(frames) - start)
+            parts.append(frames[start : start + k])
+            owners.append((job, start, k))
+            taken += k
+            if start + k == len(frames):
+                self.chunks.pop(0)
+            else:
+                self.chunks[0] = (job, start + k, frames)
+        self.queued -= n
+        pad = self.options.batch_size - n
+        if pad:
+            parts.append(torch.zeros((pad,) + tuple(parts[0].shape[1:]), dtype=parts[0].dtype))
+        feats = self._forward(torch.cat(parts))[:n]
+        self.frames += n
+        row = 0
+        for job, start, k in owners:
+            key = (job.split, job.index)
+            self.outputs[key][start : start + k] = feats[row : row + k]
+            row += k
+            self.filled[key] += k
+            if self.filled[key] == len(self.outputs[key]):
+                out = self.outputs.pop(key).view(job.views, FRAMES, -1, self.backbone.dim)
+                del self.filled[key]
+                self.writer.write(job.split, job.index, out.numpy())
+                self.on_video(job, self.frames)
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        x = self.backbone.prepare(batch, self.settings.normalize).contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
+        with torch.inference_mode(), autocast:
+            fmap = self.backbone(x)
+        return pool_patches(fmap, self.settings.patches).cpu()
+
+
+def extract(
+    dataset: str,
+    manifest: pd.DataFrame,
+    backbone: Backbone,
+    cache_root: Path,
+    settings: ExtractSettings = ExtractSettings(),
+    options: RunOptions = RunOptions(),
+    *,
+    videos_root: Path | None = None,
+    progress: Callable[[Progress], None] | None = None,
+) -> ExtractResult:
+    """Extract every not-yet-done video of `manifest` into the cache for these settings; resumable.
+
+    manifest: columns video_id, class, split, path (relative ones are under `videos_root`),
+    optionally n_frames (-1 = count) and status (rows not "ok" are recorded as failures). Under an
+    initialised torch.distributed group each rank does its share; call it on every rank.
+    """
+    device = torch.device(options.device)
+    precision = resolve_precision(options.precision, device)
+    fp = fingerprint(dataset, manifest, backbone, settings, precision)
+    path = cache_path(cache_root, dataset, fp)
+    writer = _open_writer(path, fp, split_layouts(manifest, settings.views), backbone.dim, settings.patches)
+    rank, world = _dist()
+    todo, bad, already = _jobs(manifest, writer, settings, videos_root, rank, world)
+    state = Progress(total=len(todo) + len(bad), already_done=already)
+    failures: list[tuple[str, str]] = []
+
+    def report(job: VideoJob, frames: int, error: str | None = None) -> None:
+        if error is None:
+            state.done += 1
+        else:
+            writer.fail(job.split, job.index, error)
+            failures.append((job.video_id, error))
+            state.failed += 1
+        state.frames, state.last_video = frames, job.video_id
+        if progress is not None:
+            progress(state)
+
+    for job, reason in bad:
+        report(job, 0, f"manifest: {reason}")
+    backbone = backbone.to(device).to(memory_format=torch.channels_last).eval()
+    batcher = _Batcher(backbone, writer, settings, options, device, precision, lambda job, n: report(job, n))
+    for job, frames, error in _decoded(todo, options.workers):
+        if error is not None:
+            report(job, batcher.frames, error)
+        else:
+            batcher.add(job, frames)
+    batcher.flush()
+    if world > 1:
+        torch.distributed.barrier()
+    return ExtractResult(path=path, progress=state, failures=failures)
