@@ -1,0 +1,55 @@
+"""QC: the query-class similarity classifier on H, the PLE output before FLE (STRM_SPEC section 6).
+
+Per video: dropout(H) (training only, no PE), the same tuples as TRM, z = relu(Linear(w*D, D/2)).
+Across videos: for each query tuple the Euclidean distance to the nearest tuple of any shot of the
+class, averaged over query tuples; logit = -that mean. Registered as a normal submodule (the
+released code kept it in a Python list: never trained, never saved, dropout active at test).
+
+The nearest-tuple search uses squared distances from one batched matmul (||a||^2 + ||b||^2 - 2ab,
+clamped at 0), takes the minimum, and only then the square root, with a gradient that stays finite
+at distance 0.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.heads.trm import frame_tuples, tuple_linear
+
+
+class QC(nn.Module):
+    """Tuple embeddings of one cardinality for the min-distance classifier."""
+
+    def __init__(self, dim: int, frames: int, cardinality: int, out_dim: int, *, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.cardinality = cardinality
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("tuples", frame_tuples(frames, cardinality), persistent=False)
+        self.proj = nn.Linear(cardinality * dim, out_dim)
+
+    def forward(self, frames: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """H [n, L, D] -> z [n, T, D'']; `keep` selects tuple indices (retention)."""
+        tuples = self.tuples if keep is None else self.tuples[keep]
+        return torch.relu(tuple_linear(self.dropout(frames), self.proj, tuples))
+
+
+def _sqrt_finite_grad(squared: torch.Tensor) -> torch.Tensor:
+    """sqrt of a non-negative tensor whose gradient is 0, not inf/NaN, where the value is 0."""
+    positive = squared > 0
+    return torch.where(positive, squared.clamp_min(torch.finfo(squared.dtype).tiny).sqrt(), 0.0)
+
+
+def relate_qc(query_z: torch.Tensor, class_z: torch.Tensor) -> torch.Tensor:
+    """QC logits [B, n_q, way] from query z [B, n_q, T_q, C] and class z [B, way, K*T_s, C]."""
+    batch, n_q, t_q, width = query_z.shape
+    way, per_class = class_z.shape[1], class_z.shape[2]
+    queries = query_z.reshape(batch, n_q * t_q, width)
+    support = class_z.reshape(batch, way * per_class, width)
+    squared = torch.baddbmm(
+        queries.pow(2).sum(-1, keepdim=True) + support.pow(2).sum(-1).unsqueeze(1),
+        queries,
+        support.transpose(1, 2),
+        alpha=-2.0,
+    )
+    nearest = squared.view(batch, n_q, t_q, way, per_class).amin(dim=-1).clamp_min(0.0)
+    return -_sqrt_finite_grad(nearest).mean(dim=2)

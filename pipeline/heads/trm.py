@@ -1,0 +1,84 @@
+"""TRM: the temporal relationship module (TRX's cross-transformer), one per tuple cardinality (STRM_SPEC section 5).
+
+Per video: x <- PE(E); every ordered frame tuple (itertools.combinations, lexicographic) becomes the
+concatenation of its frames; k = LayerNorm(Linear_k(tuple)), v = Linear_v(tuple). Across videos:
+each query tuple attends over all tuples of all shots of a class (softmax over K*T, scaled by
+1/sqrt(D')), the attention-weighted support values are the query-specific prototype, and the logit
+is -||v_q - prototype||_F^2 / T.
+
+Speed: Linear(w*D, D') of a concatenation is the sum of w per-position projections, so each frame
+is projected once (L rows) and tuples are formed by gathering (T rows): 3.5x fewer flops for pairs.
+The cross-video step is one fused attention call batched over (task, class); nothing of size
+n_q x way x T x K*T x D' is formed.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.heads.pe import PositionalEncoding
+
+
+def frame_tuples(frames: int, cardinality: int) -> torch.Tensor:
+    """All `cardinality`-tuples of frame indices in lexicographic order: LongTensor [T, w]."""
+    if not 1 <= cardinality <= frames:
+        raise ValueError(f"tuple cardinality must be in 1..{frames} for {frames} frames, got {cardinality}")
+    return torch.tensor(list(itertools.combinations(range(frames), cardinality)), dtype=torch.long)
+
+
+def tuple_linear(x: torch.Tensor, linear: nn.Linear, tuples: torch.Tensor) -> torch.Tensor:
+    """linear(concat of the frames of each tuple) for x [n, L, D], tuples [T, w] -> [n, T, out]."""
+    dim = x.shape[-1]
+    out = linear.bias
+    for position in range(tuples.shape[1]):
+        # Columns position*D..(position+1)*D of the weight act on the tuple's `position`-th frame.
+        per_frame = F.linear(x, linear.weight[:, position * dim : (position + 1) * dim])
+        out = out + per_frame[:, tuples[:, position]]
+    return out
+
+
+class TRM(nn.Module):
+    """Keys and values of one cardinality's tuples; `relate_trm` does the cross-video step."""
+
+    def __init__(self, dim: int, frames: int, cardinality: int, out_dim: int, *, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.cardinality = cardinality
+        self.pe = PositionalEncoding(dim, int(frames * 1.5), dropout)
+        self.register_buffer("tuples", frame_tuples(frames, cardinality), persistent=False)
+        self.k_linear = nn.Linear(cardinality * dim, out_dim)
+        self.v_linear = nn.Linear(cardinality * dim, out_dim)
+        # The released code also builds norm_v but never applies it: not created here.
+        self.norm_k = nn.LayerNorm(out_dim)
+
+    def forward(self, frames: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """frames [n, L, D] -> (k, v), each [n, T, D']; `keep` selects tuple indices (retention)."""
+        x = self.pe(frames)
+        tuples = self.tuples if keep is None else self.tuples[keep]
+        return self.norm_k(tuple_linear(x, self.k_linear, tuples)), tuple_linear(x, self.v_linear, tuples)
+
+
+def relate_trm(
+    query_k: torch.Tensor, query_v: torch.Tensor, class_k: torch.Tensor, class_v: torch.Tensor
+) -> torch.Tensor:
+    """TRM logits [B, n_q, way] from query k/v [B, n_q, T_q, D'] and class k/v [B, way, K*T_s, D'].
+
+    The prototypes of all (query, class) pairs of a task are one attention call in which the
+    query tuples of the task attend over the class's support tuples: [B, way, n_q*T_q, D'].
+    """
+    batch, n_q, t_q, width = query_k.shape
+    way = class_k.shape[1]
+    queries = query_k.reshape(batch, 1, n_q * t_q, width).expand(batch, way, n_q * t_q, width)
+    prototypes = F.scaled_dot_product_attention(queries, class_k, class_v)  # scale 1/sqrt(D')
+    diff = query_v.reshape(batch, 1, n_q * t_q, width) - prototypes
+    distance = diff.pow(2).sum(-1).view(batch, way, n_q, t_q).sum(-1) / t_q
+    return -distance.transpose(1, 2)
+
+
+def trm_attention_weights(query_k: torch.Tensor, class_k: torch.Tensor) -> torch.Tensor:
+    """softmax over support tuples of k_q . k_s / sqrt(D'): query_k [n_q, T_q, D'], class_k [way, K*T_s, D']
+    -> [n_q, way, T_q, K*T_s]. For inspection of one task (the forward uses the fused call)."""
+    scores = torch.einsum("qtd,cjd->qctj", query_k, class_k) / query_k.shape[-1] ** 0.5
+    return scores.softmax(dim=-1)
