@@ -454,15 +454,19 @@ def compare_results(a: EvalResult, b: EvalResult) -> PairedDifference:
 
 
 def compare_runs(run_a: dict[str, Any], run_b: dict[str, Any]) -> list[PairedDifference]:
-    """Pair every setting (shot) of two run records (`read_run`); refuses runs of different settings."""
-    a = sorted((EvalResult.from_dict(r) for r in run_a["results"]), key=_setting_order)
-    b = sorted((EvalResult.from_dict(r) for r in run_b["results"]), key=_setting_order)
-    if [_setting_order(r) for r in a] != [_setting_order(r) for r in b]:
+    """Pair the settings (way, shot, queries) two run records (`read_run`) share, e.g. one shot of a sweep.
+
+    ValueError when they share none, or when a shared setting was run on other tasks (seed,
+    episodes, split or the tasks' digest differ).
+    """
+    a = {_setting_order(r): r for r in map(EvalResult.from_dict, run_a["results"])}
+    b = {_setting_order(r): r for r in map(EvalResult.from_dict, run_b["results"])}
+    common = sorted(set(a) & set(b))
+    if not common:
         raise ValueError(
-            "the runs hold different settings: A has (way, shot, queries) "
-            f"{[_setting_order(r) for r in a]}, B has {[_setting_order(r) for r in b]}"
+            f"the runs share no setting: A has (way, shot, queries) {sorted(a)}, B has {sorted(b)}"
         )
-    return [compare_results(x, y) for x, y in zip(a, b)]
+    return [compare_results(a[k], b[k]) for k in common]
 
 
 def _setting_order(r: EvalResult) -> tuple[int, int, int]:

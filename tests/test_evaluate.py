@@ -1,0 +1,207 @@
+"""Evaluation: the batched path equals the per-task forward, tasks follow the seed, the numbers add up."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline import evaluate as ev
+from pipeline.cache import SplitFeatures, write_random_cache
+from pipeline.episodes import EpisodeSampler
+from pipeline.heads import build_heads, save_heads
+from stages.app import app
+
+DIM, TRM_DIM = 32, 24
+COUNTS = [7, 9, 6, 12, 6, 3, 8, 10]  # uneven classes; one (3 videos) too small for most settings
+
+
+def _split(counts=COUNTS, dim=DIM, signal=0.0, seed=0) -> SplitFeatures:
+    """Random features [N, 1, 8, 16, D] float16; each class has a pattern scaled by `signal`."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.from_numpy(np.repeat(np.arange(len(counts)), counts))
+    patterns = torch.randn(len(counts), 1, 8, 16, dim, generator=g)
+    features = (signal * patterns[labels] + torch.randn(len(labels), 1, 8, 16, dim, generator=g)).half()
+    return SplitFeatures(
+        features=features,
+        labels=labels,
+        class_names=[f"class{c}" for c in range(len(counts))],
+        video_ids=[f"class{c}/v{i}" for i, c in enumerate(labels.tolist())],
+    )
+
+
+@pytest.fixture(scope="module")
+def split() -> SplitFeatures:
+    return _split()
+
+
+@pytest.fixture(scope="module")
+def heads() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_heads("strm", dim=DIM, trm_dim=TRM_DIM).eval()
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).abs() / b.abs().clamp_min(1e-6)).max())
+
+
+@pytest.mark.parametrize(("way", "shot", "queries"), [(5, 1, 1), (5, 3, 2), (3, 5, 1), (4, 2, 3)])
+def test_batched_logits_equal_the_per_task_forward(split, heads, way, shot, queries):
+    tasks = ev.sample_tasks(split.labels, episodes=12, way=way, shot=shot, queries=queries, seed=3)
+    embedding = ev.embed_split(heads, split.features[:, 0], batch_size=16)  # several encode chunks
+    fast = ev.relate_tasks(heads, embedding, tasks)
+    sampler = EpisodeSampler(split.labels.numpy(), way=way, shot=shot, queries=queries, seed=3)
+    assert fast.logits.shape == (12, way * queries, way)
+    for b in range(12):
+        naive = ev.naive_logits(heads, split.features[:, 0], sampler.task(b))
+        for name in ("logits", "trm_logits", "qc_logits"):
+            assert _relative_error(getattr(fast, name)[b], getattr(naive, name)) < 1e-4, (name, b)
+
+
+def test_trx_variant_and_shuffled_support_order_are_exact(split):
+    """Another variant (two cardinalities, no QC), with support labels not grouped by class."""
+    torch.manual_seed(1)
+    trx = build_heads("trx", dim=DIM, trm_dim=TRM_DIM).eval()
+    tasks = ev.sample_tasks(split.labels, episodes=6, way=5, shot=2, queries=1, seed=9)
+    perm = np.random.default_rng(0).permutation(tasks.support.shape[1])
+    tasks = ev.TaskBatch(**{**tasks.__dict__, "support": tasks.support[:, perm], "support_labels": tasks.support_labels[:, perm]})
+    fast = ev.relate_tasks(trx, ev.embed_split(trx, split.features[:, 0]), tasks)
+    for b in range(6):
+        task = ev.slice_tasks(tasks, slice(b, b + 1))
+        single = ev.Task(**{name: getattr(task, name)[0] for name in ev.Task.__dataclass_fields__})
+        assert _relative_error(fast.logits[b], ev.naive_logits(trx, split.features[:, 0], single).logits) < 1e-4
+
+
+def test_evaluate_counts_agree_with_the_logits(split, heads):
+    result = ev.evaluate(heads, split, episodes=40, way=5, shot=2, queries=2, seed=5, batch_tasks=7, split_name="test")
+    tasks = ev.sample_tasks(split.labels, episodes=40, way=5, shot=2, queries=2, seed=5)
+    logits = ev.relate_tasks(heads, ev.embed_split(heads, split.features[:, 0]), tasks).logits
+    correct = (logits.argmax(-1).numpy() == tasks.query_labels)
+    np.testing.assert_allclose(result.task_accuracy, 100 * correct.mean(1))
+    assert result.mean == pytest.approx(100 * correct.mean())
+    assert result.confusion.sum() == 40 * 10 and result.confusion.shape == (8, 8)
+    assert result.confusion[5].sum() == 0 and "class5" not in result.per_class  # too small to be drawn
+    for c, name in enumerate(split.class_names):
+        if name in result.per_class:
+            assert result.per_class[name] == pytest.approx(100 * result.confusion[c, c] / result.confusion[c].sum())
+    assert result.settings["way"] == 5 and result.settings["shot"] == 2 and result.seed == 5
+
+
+def test_interval_is_196_population_std_over_sqrt_n():
+    values = [0.0, 100.0, 100.0, 50.0]
+    mean = sum(values) / 4
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / 4)
+    assert ev.interval95(values) == pytest.approx(1.96 * std / 2)
+    result = ev.EvalResult(np.array(values), {}, np.zeros((1, 1), dtype=np.int64), ["a"], {"seed": 0})
+    assert result.ci95 == pytest.approx(1.96 * std / 2) and result.mean == pytest.approx(mean)
+
+
+def test_same_seed_same_tasks_other_seed_other_tasks(split):
+    a = ev.sample_tasks(split.labels, episodes=30, way=5, shot=2, queries=1, seed=7)
+    b = ev.sample_tasks(split.labels, episodes=30, way=5, shot=2, queries=1, seed=7)
+    c = ev.sample_tasks(split.labels, episodes=30, way=5, shot=2, queries=1, seed=8)
+    np.testing.assert_array_equal(a.support, b.support)
+    np.testing.assert_array_equal(a.query, b.query)
+    assert ev.episodes_digest(a, split.video_ids) == ev.episodes_digest(b, split.video_ids)
+    assert ev.episodes_digest(a, split.video_ids) != ev.episodes_digest(c, split.video_ids)
+    # The evaluation of two different models sees identical tasks.
+    torch.manual_seed(3)
+    other = build_heads("trm", dim=DIM, trm_dim=TRM_DIM)
+    r1 = ev.evaluate(other, split, episodes=30, way=5, shot=2, seed=7)
+    r2 = ev.proto_baseline(split, episodes=30, way=5, shot=2, seed=7)
+    assert r1.settings["episodes_digest"] == r2.settings["episodes_digest"]
+
+
+def test_saved_episodes_round_trip(tmp_path, split, heads):
+    tasks = ev.sample_tasks(split.labels, episodes=15, way=4, shot=3, queries=2, seed=11)
+    path = ev.save_episodes(tmp_path / "episodes.json", tasks, split, seed=11, split_name="test")
+    saved = json.loads(path.read_text())
+    assert saved["tasks"][0]["support"][0][0] == split.video_ids[tasks.support[0, 0]]
+    loaded, settings = ev.load_episodes(path, split)
+    for name in ev.TaskBatch.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(tasks, name), err_msg=name)
+    assert settings == {"split": "test", "seed": 11, "way": 4, "shot": 3, "queries": 2, "episodes": 15}
+    again = ev.evaluate(heads, split, tasks=loaded, seed=11)
+    direct = ev.evaluate(heads, split, episodes=15, way=4, shot=3, queries=2, seed=11)
+    np.testing.assert_array_equal(again.task_accuracy, direct.task_accuracy)
+    assert again.settings["episodes_digest"] == direct.settings["episodes_digest"]
+
+
+def test_loading_episodes_names_an_unknown_video(tmp_path, split):
+    tasks = ev.sample_tasks(split.labels, episodes=2, way=3, shot=1, queries=1, seed=0)
+    path = ev.save_episodes(tmp_path / "e.json", tasks, split, seed=0, split_name="test")
+    path.write_text(path.read_text().replace(split.video_ids[tasks.query[1, 0]], "nowhere/v9"))
+    with pytest.raises(ValueError, match=r"e\.json: video 'nowhere/v9' is not in this split"):
+        ev.load_episodes(path, split)
+
+
+def test_proto_baseline_separates_structured_classes_and_not_noise():
+    structured, noise = _split(signal=1.0, seed=1), _split(signal=0.0, seed=1)
+    good = ev.proto_baseline(structured, episodes=100, way=5, shot=2, seed=0)
+    chance = ev.proto_baseline(noise, episodes=300, way=5, shot=2, seed=0)
+    assert good.mean > 90
+    assert abs(chance.mean - 20) < 3 * chance.ci95 + 2  # chance is 1/way
+
+
+def test_proto_batched_equals_per_task(split):
+    proto = ev.ProtoBaseline()
+    tasks = ev.sample_tasks(split.labels, episodes=5, way=5, shot=3, queries=2, seed=2)
+    fast = ev.relate_tasks(proto, ev.embed_split(proto, split.features[:, 0]), tasks).logits
+    sampler = EpisodeSampler(split.labels.numpy(), way=5, shot=3, queries=2, seed=2)
+    for b in range(5):
+        assert _relative_error(fast[b], ev.naive_logits(proto, split.features[:, 0], sampler.task(b)).logits) < 1e-4
+
+
+def test_paired_difference_and_refusal(split, heads):
+    a = ev.evaluate(heads, split, episodes=50, way=5, shot=2, seed=4, split_name="test")
+    b = ev.proto_baseline(split, episodes=50, way=5, shot=2, seed=4, split_name="test")
+    (pair,) = ev.compare_runs({"results": [a.to_dict()]}, {"results": [b.to_dict()]})
+    diff = a.task_accuracy - b.task_accuracy
+    assert pair.difference == pytest.approx(diff.mean())
+    assert pair.ci95 == pytest.approx(1.96 * diff.std() / math.sqrt(50))
+    assert pair.a_better + pair.b_better + pair.ties == 50
+    other = ev.proto_baseline(split, episodes=50, way=5, shot=2, seed=5, split_name="test")
+    with pytest.raises(ValueError, match="seed is 4 in A and 5 in B"):
+        ev.compare_runs({"results": [a.to_dict()]}, {"results": [other.to_dict()]})
+    shot3 = ev.proto_baseline(split, episodes=50, way=5, shot=3, seed=4, split_name="test")
+    with pytest.raises(ValueError, match="share no setting"):
+        ev.compare_runs({"results": [a.to_dict()]}, {"results": [shot3.to_dict()]})
+
+
+def test_cli_evaluate_sweep_files_and_compare(tmp_path):
+    cache = write_random_cache(tmp_path / "cache", splits={"test": (6, 7, 1)}, dim=DIM, seed=0)
+    torch.manual_seed(0)
+    save_heads(tmp_path / "heads.pt", build_heads("strm", dim=DIM, trm_dim=TRM_DIM))
+    runner = CliRunner()
+    common = ["evaluate", "--cache", str(cache), "--episodes", "40", "--shot", "1,3", "--device", "cpu"]
+    out = runner.invoke(app, common + ["--checkpoint", str(tmp_path / "heads.pt"), "--json", str(tmp_path / "a.json"),
+                                       "--save-episodes", str(tmp_path / "ep.json")])
+    assert out.exit_code == 0, out.output
+    assert "5-way 3-shot" in out.output and "seed 0" in out.output and "±" in out.output
+    record = ev.read_run(tmp_path / "a.json")
+    assert [r["shot"] for r in record["results"]] == [1, 3] and len(record["results"][0]["task_accuracy"]) == 40
+    for name in ("a.csv", "a.png", "ep_shot1.json", "ep_shot3.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+
+    out = runner.invoke(app, ["evaluate", "--cache", str(cache), "--baseline", "proto", "--device", "cpu",
+                              "--episodes-file", str(tmp_path / "ep_shot3.json"), "--json", str(tmp_path / "b.json")])
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(app, ["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert out.exit_code == 0, out.output
+    assert "5-way 3-shot, 40 tasks, seed 0" in out.output and "A - B" in out.output
+
+    out = runner.invoke(app, common[:7] + ["--baseline", "proto", "--seed", "1", "--json", str(tmp_path / "c.json")])
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(app, ["compare", str(tmp_path / "a.json"), str(tmp_path / "c.json")])
+    assert out.exit_code == 1 and "seed is 0 in A and 1 in B" in out.output
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    runner = CliRunner()
+    out = runner.invoke(app, ["evaluate", "--cache", str(tmp_path), "--checkpoint", str(tmp_path / "missing.pt")])
+    assert out.exit_code == 2 and "missing.pt: no such file" in out.output
+    out = runner.invoke(app, ["evaluate", "--cache", str(tmp_path)])
+    assert out.exit_code == 2 and "--checkpoint PATH, or --baseline" in out.output
