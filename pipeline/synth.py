@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +25,8 @@ from pathlib import Path
 import av
 import numpy as np
 from PIL import Image
+
+from pipeline.workers import imap_isolated
 
 GENERATOR_VERSION = "1"  # bump whenever a change alters the frames of an existing (seed, class, index)
 
@@ -288,7 +288,9 @@ def render_frame(scene: Scene, state: State) -> np.ndarray:
     return (frame * 255).round().clip(0, 255).astype(np.uint8)
 
 
-def render_segment(scene: Scene, primitive: str, progress: Iterable[float], spec: SynthSpec = SynthSpec()) -> np.ndarray:
+def render_segment(
+    scene: Scene, primitive: str, progress: Iterable[float], spec: SynthSpec = SynthSpec()
+) -> np.ndarray:
     """Frames [T, H, W, 3] of one primitive at the given progress values."""
     frames = [render_frame(scene, primitive_state(primitive, p, scene, spec)) for p in progress]
     return np.stack(frames) if frames else np.zeros((0, scene.frame_size, scene.frame_size, 3), np.uint8)
@@ -363,7 +365,9 @@ def _check_info(out: Path, seed: int, spec: SynthSpec) -> None:
             raise SynthError(f"{path}: unreadable ({err}); remove it or choose another output folder") from err
         if found != info:
             changed = "; ".join(f"{k}: found {found.get(k)}, asked {v}" for k, v in info.items() if found.get(k) != v)
-            raise SynthError(f"{path}: this folder holds videos of other settings ({changed}); choose another output folder")
+            raise SynthError(
+                f"{path}: this folder holds videos of other settings ({changed}); choose another output folder"
+            )
         return
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(info, indent=2) + "\n")
@@ -406,14 +410,9 @@ def generate(
             if progress:
                 progress(1)
     else:
-        context = multiprocessing.get_context("spawn")  # safe next to torch's threads in the parent
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = {pool.submit(_write_job, job): job for job in missing}
-            for future in as_completed(futures):
-                job = futures[future]
-                err = future.exception()
-                if err is not None:
-                    failed.append((str(video_path(out, job[1], job[2])), f"{type(err).__name__}: {err}"))
-                if progress:
-                    progress(1)
+        for job, _, error in imap_isolated(_write_job, missing, workers):
+            if error is not None:
+                failed.append((str(video_path(out, job[1], job[2])), error))
+            if progress:
+                progress(1)
     return SynthResult(written=len(missing) - len(failed), skipped=skipped, failed=tuple(failed))

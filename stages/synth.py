@@ -47,7 +47,8 @@ def synth_command(
         console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from err
     except OSError as err:
-        console.print(f"[red]error:[/red] {err.filename or out}: {err.strerror or err}", highlight=False, soft_wrap=True)
+        reason = f"{err.filename or out}: {err.strerror or err}"
+        console.print(f"[red]error:[/red] {reason}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from err
     elapsed = time.perf_counter() - start
     console.print(
