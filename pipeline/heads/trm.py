@@ -36,7 +36,7 @@ def tuple_linear(x: torch.Tensor, linear: nn.Linear, tuples: torch.Tensor) -> to
     for position in range(tuples.shape[1]):
         # Columns position*D..(position+1)*D of the weight act on the tuple's `position`-th frame.
         per_frame = F.linear(x, linear.weight[:, position * dim : (position + 1) * dim])
-        out = out + per_frame[:, tuples[:, position]]
+        out = out + per_frame.index_select(1, tuples[:, position])
     return out
 
 

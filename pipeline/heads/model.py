@@ -1,0 +1,371 @@
+"""The STRM heads assembled by variant: standardise -> PLE -> H -> FLE -> E -> TRM per cardinality, QC on H.
+
+Everything up to the tuple keys, values and QC embeddings depends on one video alone (`encode`);
+only `relate` mixes support and query videos. Evaluation encodes each test video once and relates
+batches of tasks; training calls `forward`, which is `relate(encode(support), labels, encode(query))`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from types import MappingProxyType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.heads.fle import MixerEnrich
+from pipeline.heads.ple import SelfAttentionEnrich
+from pipeline.heads.qc import QC, relate_qc
+from pipeline.heads.trm import TRM, relate_trm, trm_attention_weights
+
+# Which blocks each named variant uses (the paper's Tables 1, 3 and its TRX baseline). "attention"
+# is PLE's self-attention block, "mixer" FLE's MLP-mixer; the Table 4 swaps override `ple`/`fle`.
+VARIANTS = MappingProxyType(
+    {
+        "strm": {"ple": "attention", "fle": "mixer", "cardinalities": (2,), "qc": True},
+        "trm": {"ple": None, "fle": None, "cardinalities": (2,), "qc": False},
+        "ple-trm": {"ple": "attention", "fle": None, "cardinalities": (2,), "qc": False},
+        "fle-trm": {"ple": None, "fle": "mixer", "cardinalities": (2,), "qc": False},
+        "ple-fle-trm": {"ple": "attention", "fle": "mixer", "cardinalities": (2,), "qc": False},
+        "trx": {"ple": None, "fle": None, "cardinalities": (2, 3), "qc": False},
+    }
+)
+ENRICHMENTS = ("attention", "mixer", None)
+
+# Option defaults shared by every variant; None widths mean D/2 (psi, QC).
+DEFAULT_OPTIONS = MappingProxyType(
+    {
+        "frames": 8,
+        "patches": 16,
+        "trm_dim": 1152,
+        "psi_dim": None,
+        "qc_dim": None,
+        "lambda_qc": 0.1,
+        "scaled_attention": False,
+        "gamma_zero": False,
+        "tuple_keep": 1.0,
+        "dropout": 0.1,
+    }
+)
+
+
+def _unflatten(t: torch.Tensor | None, lead: Sequence[int]) -> torch.Tensor | None:
+    return None if t is None else t.reshape(*lead, *t.shape[1:])
+
+
+@dataclass(frozen=True)
+class VideoEmbedding:
+    """Per-video outputs of `encode`; every tensor's leading dims index videos (any shape, e.g. [n] or [B, n]).
+
+    trm_k, trm_v: one tensor [.., T, D'] per cardinality; qc: one [.., T, D''] per cardinality
+    (empty without QC); tuples: the frame indices [T, w] of the tuples held (shared by all videos).
+    ple_patches [.., L, P, D], H and E [.., L, D] only when `encode(..., intermediates=True)`.
+    """
+
+    trm_k: tuple[torch.Tensor, ...]
+    trm_v: tuple[torch.Tensor, ...]
+    qc: tuple[torch.Tensor, ...]
+    tuples: tuple[torch.Tensor, ...]
+    ple_patches: torch.Tensor | None = None
+    H: torch.Tensor | None = None
+    E: torch.Tensor | None = None
+
+    _PER_VIDEO = ("trm_k", "trm_v", "qc", "ple_patches", "H", "E")
+
+    def _map(self, fn) -> VideoEmbedding:
+        changes = {}
+        for name in self._PER_VIDEO:
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                changes[name] = tuple(fn(t) for t in value)
+            elif value is not None:
+                changes[name] = fn(value)
+        return replace(self, **changes)
+
+    def __getitem__(self, index) -> VideoEmbedding:
+        """Select videos: `emb[idx]` with a LongTensor idx of any shape gives leading dims idx.shape."""
+        return self._map(lambda t: t[index])
+
+    def __len__(self) -> int:
+        return self.trm_k[0].shape[0]
+
+    def to(self, *args, **kwargs) -> VideoEmbedding:
+        """Tensor.to on every per-video tensor (the tuple indices follow the device)."""
+        moved = self._map(lambda t: t.to(*args, **kwargs))
+        device = moved.trm_k[0].device
+        return replace(moved, tuples=tuple(t.to(device) for t in self.tuples))
+
+    def detach(self) -> VideoEmbedding:
+        return self._map(torch.Tensor.detach)
+
+    @classmethod
+    def cat(cls, parts: Sequence[VideoEmbedding]) -> VideoEmbedding:
+        """Concatenate embeddings of disjoint video sets along the first dim (encoding in chunks)."""
+        first = parts[0]
+        joined = {}
+        for f in fields(cls):
+            values = [getattr(p, f.name) for p in parts]
+            if f.name == "tuples":
+                joined[f.name] = first.tuples
+            elif isinstance(values[0], tuple):
+                joined[f.name] = tuple(torch.cat(ts) for ts in zip(*values))
+            elif values[0] is not None:
+                joined[f.name] = torch.cat(values)
+        return cls(**joined)
+
+
+@dataclass(frozen=True)
+class HeadsOutput:
+    """Logits [.., n_q, way]: `logits` = trm_logits + lambda * qc_logits (TRM alone without QC)."""
+
+    logits: torch.Tensor
+    trm_logits: torch.Tensor
+    qc_logits: torch.Tensor | None
+
+
+def group_by_class(labels: torch.Tensor, way: int | None) -> tuple[torch.Tensor, int, int]:
+    """Order [B, n_s] that sorts each task's support by label, plus (way, shot).
+
+    Every class 0..way-1 must appear equally often in every task: that is what lets the classes
+    of a task stack into one [way, shot * T] block.
+    """
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"support labels must be integer class indices, got dtype {labels.dtype}")
+    n_s = labels.shape[-1]
+    if way is None:
+        way = int(labels.max()) + 1
+    if way < 1 or n_s % way:
+        raise ValueError(f"{n_s} support videos cannot hold {way} classes with equal shots")
+    shot = n_s // way
+    sorted_labels, order = labels.sort(dim=-1, stable=True)
+    expected = torch.arange(way, device=labels.device).repeat_interleave(shot)
+    bad = (sorted_labels != expected).any(dim=-1)
+    if bad.any():
+        task = int(bad.nonzero()[0, 0])
+        counts = torch.bincount(labels[task].clamp_min(0).long(), minlength=way).tolist()
+        raise ValueError(
+            f"support labels must hold every class 0..{way - 1} exactly {shot} times (equal shots); "
+            f"task {task} has label counts {counts} (min label {int(labels[task].min())})"
+        )
+    return order, way, shot
+
+
+def _resolve(variant: str, dim: int, options: dict) -> dict:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown heads variant {variant!r}; known: {', '.join(VARIANTS)}")
+    known = set(DEFAULT_OPTIONS) | set(VARIANTS[variant])
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown heads option(s) {unknown}; known: {sorted(known)}")
+    resolved = {**DEFAULT_OPTIONS, **VARIANTS[variant], **options}
+    if dim < 2:
+        raise ValueError(f"feature dim must be >= 2, got {dim}")
+    for block in ("ple", "fle"):
+        if resolved[block] not in ENRICHMENTS:
+            raise ValueError(f"{block} must be one of {ENRICHMENTS}, got {resolved[block]!r}")
+    cards = tuple(sorted({int(w) for w in resolved["cardinalities"]}))
+    if not cards:
+        raise ValueError("at least one tuple cardinality is needed")
+    resolved["cardinalities"] = cards
+    if not 0.0 < float(resolved["tuple_keep"]) <= 1.0:
+        raise ValueError(f"tuple_keep must be in (0, 1], got {resolved['tuple_keep']}")
+    resolved["psi_dim"] = resolved["psi_dim"] or dim // 2
+    resolved["qc_dim"] = resolved["qc_dim"] or dim // 2
+    resolved["qc"] = bool(resolved["qc"])
+    return resolved
+
+
+class STRMHeads(nn.Module):
+    """PLE/FLE enrichment, TRM per cardinality and the optional QC classifier (see module docstring)."""
+
+    def __init__(self, variant: str = "strm", dim: int = 2048, **options) -> None:
+        super().__init__()
+        opts = _resolve(variant, dim, options)
+        self.variant, self.dim = variant, dim
+        self.frames, self.patches = opts["frames"], opts["patches"]
+        self.cardinalities: tuple[int, ...] = opts["cardinalities"]
+        self.lambda_qc = float(opts["lambda_qc"])
+        self.tuple_keep = float(opts["tuple_keep"])
+        # The build_heads kwargs, fully resolved: what a checkpoint needs to rebuild this module.
+        self.options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()}
+
+        self.register_buffer("feature_mean", torch.zeros(dim))
+        self.register_buffer("feature_std", torch.ones(dim))
+        self.ple = self._enrichment(opts["ple"], self.patches, opts)
+        self.fle = self._enrichment(opts["fle"], self.frames, opts)
+        self.trm = nn.ModuleList(
+            TRM(dim, self.frames, w, opts["trm_dim"], dropout=opts["dropout"]) for w in self.cardinalities
+        )
+        self.qc = (
+            nn.ModuleList(QC(dim, self.frames, w, opts["qc_dim"], dropout=opts["dropout"]) for w in self.cardinalities)
+            if opts["qc"]
+            else None
+        )
+
+    def _enrichment(self, kind: str | None, tokens: int, opts: dict) -> nn.Module | None:
+        if kind == "attention":
+            return SelfAttentionEnrich(
+                self.dim,
+                tokens,
+                opts["psi_dim"],
+                scaled=opts["scaled_attention"],
+                gamma_zero=opts["gamma_zero"],
+                dropout=opts["dropout"],
+            )
+        if kind == "mixer":
+            return MixerEnrich(self.dim, tokens, dropout=opts["dropout"])
+        return None
+
+    @property
+    def has_qc(self) -> bool:
+        return self.qc is not None
+
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per-channel standardisation applied at the start of `encode` (training-split statistics).
+
+        Channels with std <= 1e-6 (e.g. ReLU channels that are always 0) are centred but not scaled.
+        """
+        mean = torch.as_tensor(mean, dtype=self.feature_mean.dtype).flatten()
+        std = torch.as_tensor(std, dtype=self.feature_std.dtype).flatten()
+        if mean.shape != (self.dim,) or std.shape != (self.dim,):
+            raise ValueError(f"feature stats must be [{self.dim}], got {tuple(mean.shape)} and {tuple(std.shape)}")
+        with torch.no_grad():
+            self.feature_mean.copy_(mean)
+            self.feature_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+
+    def kept_tuples(self, cardinality_index: int) -> torch.Tensor | None:
+        """Indices of the tuples kept (Fig. 6 right), or None for all: random in training, fixed in eval."""
+        total = self.trm[cardinality_index].tuples.shape[0]
+        keep = max(1, round(self.tuple_keep * total))
+        if keep >= total:
+            return None
+        device = self.trm[cardinality_index].tuples.device
+        if self.training:
+            return torch.randperm(total, device=device)[:keep].sort().values
+        # Evenly spaced, deterministic: floor(i * (T-1) / (keep-1)) are distinct because the step is >= 1.
+        return torch.linspace(0, total - 1, keep, device=device).floor().long()
+
+    def encode(self, x: torch.Tensor, intermediates: bool = False) -> VideoEmbedding:
+        """Patch features x [..., L, P, D] (any float dtype) -> per-video embedding with leading dims x.shape[:-3]."""
+        if x.dim() < 4 or tuple(x.shape[-3:]) != (self.frames, self.patches, self.dim):
+            raise ValueError(
+                f"expected patch features [..., {self.frames}, {self.patches}, {self.dim}] (L, P, D), "
+                f"got {tuple(x.shape)}"
+            )
+        lead = x.shape[:-3]
+        x = x.reshape(-1, self.frames, self.patches, self.dim).to(self.feature_mean.dtype)
+        scale = self.feature_std.reciprocal()
+        x = torch.addcmul(-self.feature_mean * scale, x, scale)  # (x - mean) / std in one pass
+        n = x.shape[0]
+        patches = x if self.ple is None else self.ple(x.reshape(n * self.frames, self.patches, self.dim))
+        patches = patches.reshape(n, self.frames, self.patches, self.dim)
+        h = patches.mean(dim=2)
+        e = h if self.fle is None else self.fle(h)
+        trm_k, trm_v, qc, tuples = [], [], [], []
+        for i, trm in enumerate(self.trm):
+            keep = self.kept_tuples(i)
+            k, v = trm(e, keep)
+            trm_k.append(k)
+            trm_v.append(v)
+            tuples.append(trm.tuples if keep is None else trm.tuples[keep])
+            if self.qc is not None:
+                qc.append(self.qc[i](h, keep))
+        emb = VideoEmbedding(tuple(trm_k), tuple(trm_v), tuple(qc), tuple(tuples))
+        if intermediates:
+            emb = replace(emb, ple_patches=None if self.ple is None else patches, H=h, E=e)
+        return emb._map(lambda t: _unflatten(t, lead))
+
+    def relate(
+        self,
+        support: VideoEmbedding,
+        support_labels: torch.Tensor,
+        query: VideoEmbedding,
+        way: int | None = None,
+        *,
+        max_elements: int = 1 << 26,
+    ) -> HeadsOutput:
+        """Logits of query videos against the classes of the support set.
+
+        support [n_s, ..] with labels [n_s] and query [n_q, ..] -> logits [n_q, way]; or a task batch:
+        support [B, n_s, ..], labels [B, n_s], query [B, n_q, ..] -> [B, n_q, way]. Labels may come in
+        any order (grouped here); `way` defaults to max label + 1. Tasks are processed in chunks so
+        the prototypes (B x way x n_q x T x D' floats) stay under `max_elements`.
+        """
+        batched = support_labels.dim() == 2
+        if not batched:
+            support, query, support_labels = support[None], query[None], support_labels[None]
+        order, way, shot = group_by_class(support_labels, way)
+        batch, n_s = support_labels.shape
+        if support.trm_k[0].shape[:2] != (batch, n_s):
+            raise ValueError(
+                f"support embedding has leading dims {tuple(support.trm_k[0].shape[:2])}, labels {(batch, n_s)}"
+            )
+        grouped = support[torch.arange(batch, device=order.device)[:, None], order]
+        n_q = query.trm_k[0].shape[1]
+        per_task = max(way * n_q * k.shape[-2] * k.shape[-1] for k in query.trm_k)
+        step = max(1, max_elements // max(per_task, 1))
+        chunks = [self._relate_grouped(grouped[s : s + step], query[s : s + step], way, shot) for s in range(0, batch, step)]
+        trm_logits = torch.cat([c[0] for c in chunks])
+        qc_logits = torch.cat([c[1] for c in chunks]) if self.qc is not None else None
+        logits = trm_logits if qc_logits is None else trm_logits + self.lambda_qc * qc_logits
+        out = HeadsOutput(logits, trm_logits, qc_logits)
+        if not batched:
+            out = HeadsOutput(*(None if t is None else t[0] for t in (out.logits, out.trm_logits, out.qc_logits)))
+        return out
+
+    def _relate_grouped(
+        self, support: VideoEmbedding, query: VideoEmbedding, way: int, shot: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """support sorted by class [B, way*shot, ..], query [B, n_q, ..] -> (TRM, QC or None) logits [B, n_q, way]."""
+
+        def by_class(t: torch.Tensor) -> torch.Tensor:  # [B, way*shot, T, C] -> [B, way, shot*T, C]
+            return t.reshape(t.shape[0], way, shot * t.shape[2], t.shape[3])
+
+        trm = torch.stack(
+            [
+                relate_trm(qk, qv, by_class(sk), by_class(sv))
+                for qk, qv, sk, sv in zip(query.trm_k, query.trm_v, support.trm_k, support.trm_v)
+            ]
+        ).mean(0)
+        if self.qc is None:
+            return trm, None
+        qc = torch.stack([relate_qc(qz, by_class(sz)) for qz, sz in zip(query.qc, support.qc)]).mean(0)
+        return trm, qc
+
+    def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> HeadsOutput:
+        """support [n_s, L, P, D], labels [n_s] (0..way-1, any order), query [n_q, L, P, D] -> logits [n_q, way]."""
+        return self.relate(self.encode(support), support_labels, self.encode(query))
+
+    def loss(self, output: HeadsOutput, query_labels: torch.Tensor) -> torch.Tensor:
+        """L_TM + lambda * L_QC, cross-entropy summed over the queries as released (STRM_SPEC section 7)."""
+        flat = query_labels.reshape(-1)
+        way = output.trm_logits.shape[-1]
+        loss = F.cross_entropy(output.trm_logits.reshape(-1, way), flat, reduction="sum")
+        if output.qc_logits is not None:
+            loss = loss + self.lambda_qc * F.cross_entropy(output.qc_logits.reshape(-1, way), flat, reduction="sum")
+        return loss
+
+    def trm_attention(
+        self, support: VideoEmbedding, support_labels: torch.Tensor, query: VideoEmbedding, cardinality: int | None = None
+    ) -> torch.Tensor:
+        """TRM attention of each query tuple over a class's support tuples, for one task:
+        [n_q, way, T_q, shot, T_s]; tuple t's frames are `support.tuples[i][t]` (i the cardinality's index)."""
+        i = self.cardinalities.index(cardinality if cardinality is not None else self.cardinalities[0])
+        order, way, shot = group_by_class(support_labels[None], None)
+        class_k = support.trm_k[i][order[0]]
+        t_s = class_k.shape[1]
+        weights = trm_attention_weights(query.trm_k[i], class_k.reshape(way, shot * t_s, -1))
+        return weights.reshape(*weights.shape[:3], shot, t_s)
+
+
+def build_heads(variant: str = "strm", dim: int = 2048, **options) -> STRMHeads:
+    """The heads of a named variant for D-channel patch features.
+
+    Options (defaults in DEFAULT_OPTIONS and VARIANTS): frames L, patches P, ple/fle in
+    ("attention", "mixer", None) for the Table 4 swaps, cardinalities (any set), qc (on/off),
+    trm_dim D' (1152), psi_dim and qc_dim (D/2), lambda_qc (0.1), scaled_attention (paper's
+    1/sqrt(D) in the self-attention enrichment; released code: off), gamma_zero (attention branch
+    removed, the "gamma forced to 0" ablation), tuple_keep (fraction of tuples kept), dropout (0.1).
+    """
+    return STRMHeads(variant, dim, **options)

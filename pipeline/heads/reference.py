@@ -1,0 +1,120 @@
+"""A slow, loop-structured STRM forward written directly from STRM_SPEC sections 2-7: the test oracle.
+
+It reads the parameters of an `STRMHeads` module but none of its fast code paths: separate Q, K, V
+products and an explicit softmax in PLE, literal tuple concatenation with itertools, and Python
+loops over queries and classes for TRM and QC (torch.cdist for the QC distances). Dropout follows
+the module's train/eval mode, so the benchmark can time a training step with it.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.heads.model import STRMHeads
+from pipeline.heads.pe import sinusoid_table
+
+
+def _pe(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """x [N, tokens, D] + 0.1 * sinusoid table, then dropout."""
+    return F.dropout(x + sinusoid_table(x.shape[-1], x.shape[-2]), p, training)
+
+
+def _self_attention_block(block, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    x = _pe(x, p, training)
+    if block.qkv is not None:
+        wq, wk, wv = block.qkv.weight.chunk(3, dim=0)
+        bq, bk, bv = block.qkv.bias.chunk(3, dim=0)
+        q, k, v = x @ wq.T + bq, x @ wk.T + bk, x @ wv.T + bv
+        attention = torch.softmax(q @ k.transpose(1, 2) * block.scale, dim=-1)
+        x = block.gamma * (attention @ v) + x
+    fc1, fc2, fc3 = block.psi[0], block.psi[2], block.psi[4]
+    psi = fc3(torch.relu(fc2(torch.relu(fc1(x)))))
+    return psi + x
+
+
+def _mixer_block(block, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    x = _pe(x, p, training)
+    t1, t2 = block.token_mlp[0], block.token_mlp[2]
+    x = x + t2(torch.relu(t1(x.transpose(1, 2)))).transpose(1, 2)
+    c1, c2 = block.channel_mlp[0], block.channel_mlp[2]
+    return x + c2(torch.relu(c1(x)))
+
+
+def _enrich(block, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    if block is None:
+        return x
+    if hasattr(block, "psi"):
+        return _self_attention_block(block, x, p, training)
+    return _mixer_block(block, x, p, training)
+
+
+def _tuple_vectors(x: torch.Tensor, tuples: list[tuple[int, ...]]) -> torch.Tensor:
+    """x [n, L, D] -> [n, T, w*D], each tuple the concatenation of its frames, first frame first."""
+    return torch.stack([torch.cat([x[:, t] for t in tup], dim=-1) for tup in tuples], dim=1)
+
+
+def reference_forward(heads: STRMHeads, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> dict:
+    """Logits and intermediates of `heads` for one task, the slow way.
+
+    Returns a dict: logits, trm_logits, qc_logits (or None) [n_q, way]; ple_patches_support,
+    H_support, E_support, H_query, E_query.
+    """
+    p, training = heads.options["dropout"], heads.training
+    way = int(support_labels.max()) + 1
+    out: dict[str, torch.Tensor | None] = {}
+    frames: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, x in (("support", support), ("query", query)):
+        n, L, P, D = x.shape
+        x = (x.float() - heads.feature_mean) / heads.feature_std
+        patches = _enrich(heads.ple, x.reshape(n * L, P, D), p, training).reshape(n, L, P, D)
+        h = patches.mean(dim=2)
+        e = _enrich(heads.fle, h, p, training)
+        out[f"ple_patches_{name}"], out[f"H_{name}"], out[f"E_{name}"] = patches, h, e
+        frames[name] = (h, e)
+
+    trm_all, qc_all = [], []
+    for i, w in enumerate(heads.cardinalities):
+        all_tuples = list(itertools.combinations(range(heads.frames), w))
+        keep = heads.kept_tuples(i)
+        tuples = all_tuples if keep is None else [all_tuples[j] for j in keep.tolist()]
+        trm = heads.trm[i]
+        kv = {}
+        for name, (h, e) in frames.items():
+            t = _tuple_vectors(_pe(e, p, training), tuples)
+            norm = trm.norm_k
+            k = F.layer_norm(trm.k_linear(t), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            kv[name] = (k, trm.v_linear(t))
+        (sk, sv), (qk, qv) = kv["support"], kv["query"]
+        logits = torch.zeros(query.shape[0], way)
+        for q in range(query.shape[0]):
+            for c in range(way):
+                members = (support_labels == c).nonzero().flatten()
+                class_k = sk[members].reshape(-1, sk.shape[-1])  # all tuples of all shots: [K*T, D']
+                class_v = sv[members].reshape(-1, sv.shape[-1])
+                scores = qk[q] @ class_k.T / math.sqrt(sk.shape[-1])
+                prototype = torch.softmax(scores, dim=-1) @ class_v
+                logits[q, c] = -((qv[q] - prototype) ** 2).sum() / len(tuples)
+        trm_all.append(logits)
+
+        if heads.qc is not None:
+            qc = heads.qc[i]
+            z = {
+                name: torch.relu(qc.proj(_tuple_vectors(F.dropout(h, p, training), tuples)))
+                for name, (h, _) in frames.items()
+            }
+            logits = torch.zeros(query.shape[0], way)
+            for q in range(query.shape[0]):
+                for c in range(way):
+                    members = (support_labels == c).nonzero().flatten()
+                    class_z = z["support"][members].reshape(-1, z["support"].shape[-1])
+                    distances = torch.cdist(z["query"][q], class_z)  # [T_q, K*T]
+                    logits[q, c] = -distances.min(dim=1).values.mean()
+            qc_all.append(logits)
+
+    out["trm_logits"] = torch.stack(trm_all).mean(0)
+    out["qc_logits"] = torch.stack(qc_all).mean(0) if qc_all else None
+    out["logits"] = out["trm_logits"] if not qc_all else out["trm_logits"] + heads.lambda_qc * out["qc_logits"]
+    return out
