@@ -1,6 +1,107 @@
-"""Placeholder until its issue lands: registers nothing."""
+"""`strm manifest`: resolve a dataset on disk into a validated manifest, and say what is wrong with it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import enum
+
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from pipeline.manifests import (
+    DATASETS,
+    ManifestError,
+    bad_kinds,
+    bad_videos,
+    build_manifest,
+    split_counts,
+    validate_manifest,
+    write_manifest,
+)
+
+DEFAULT_OUT = Path("data_manifests/local")
+DatasetName = enum.Enum("DatasetName", {name: name for name in DATASETS}, type=str)  # Typer shows the choices
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    """Say what is wrong in one line on stderr; the caller raises the returned Exit."""
+    Console(stderr=True).print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def report_path(manifest: Path) -> Path:
+    """The bad-video report sits next to its manifest: hmdb51.csv -> hmdb51.report.csv."""
+    return manifest.with_name(f"{manifest.stem}.report.csv")
+
+
+def manifest(
+    dataset: Annotated[
+        DatasetName,
+        typer.Argument(help="which dataset (the list is below)", show_default=False),
+    ],
+    videos: Annotated[Path, typer.Option("--videos", help="root folder of the videos (searched recursively)")],
+    split_dir: Annotated[
+        Path | None,
+        typer.Option("--split-dir", help="folder with trainlist*.txt, vallist*.txt, testlist*.txt (lines class/video_id)"),
+    ] = None,
+    classes: Annotated[
+        Path | None, typer.Option("--classes", help="CSV class,split (the folder dataset; overrides a bundled one)")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="manifest file, .csv or .parquet (default data_manifests/local/DATASET.csv)")
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="decoder processes for the check")] = 2,
+) -> None:
+    """Find, open and count the frames of every video of a split; write the manifest and a report of bad videos."""
+    console = Console()
+    dataset = DatasetName(dataset).value
+    out = out or DEFAULT_OUT / f"{dataset}.csv"
+    if out.suffix.lower() not in (".csv", ".parquet", ".pq"):
+        raise _fail(f"{out}: a manifest is .csv or .parquet", 2)
+    try:
+        table = build_manifest(dataset, videos, split_dir=split_dir, classes_csv=classes)
+    except ManifestError as exc:
+        raise _fail(str(exc), 2) from None
+
+    with Progress(
+        TextColumn(f"checking {dataset} videos"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=console, transient=True,
+    ) as bar:
+        task = bar.add_task("check", total=len(table))
+        table = validate_manifest(table, workers=workers, progress=lambda k: bar.advance(task, k))
+
+    write_manifest(table, out)
+    report = report_path(out)
+    bad_videos(table).to_csv(report, index=False)
+
+    counts = split_counts(table, dataset)
+    view = Table(title=f"{dataset}: videos per split", title_justify="left")
+    for column in ("split", "listed", "ok", "official", ""):
+        view.add_column(column, justify="left" if column in ("split", "") else "right")
+    for split, row in counts.iterrows():
+        known = row["official"] is not None and str(row["official"]) != "<NA>"
+        verdict = "" if not known else ("matches" if row["listed"] == row["official"] else "DIFFERS from official")
+        view.add_row(split, str(row["listed"]), str(row["ok"]), str(row["official"]) if known else "-", verdict)
+    console.print(view)
+
+    kinds = bad_kinds(table)
+    if kinds:
+        detail = ", ".join(f"{kind} {n}" for kind, n in kinds.most_common())
+        console.print(
+            f"bad videos: {sum(kinds.values())} ({detail}); listed in {report}",
+            markup=False, highlight=False, soft_wrap=True,
+        )
+    else:
+        console.print("bad videos: none", markup=False, highlight=False)
+    console.print(f"manifest: {out} ({len(table)} rows)", markup=False, highlight=False)
+    if counts["ok"].sum() == 0:
+        raise _fail(f"no usable video under {videos} (see {report})", 1)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this stage's command(s) to the app."""
+    """Add `strm manifest`."""
+    datasets = "\n\n".join(f"{d.name}: {d.description}" for d in DATASETS.values())
+    app.command("manifest", help=manifest.__doc__, epilog=f"Datasets:\n\n{datasets}", no_args_is_help=True)(manifest)
