@@ -1,0 +1,150 @@
+"""The fast heads against the loop-structured reference (pipeline/heads/reference.py) on random shapes,
+and the batched task path against one task at a time."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.heads import VARIANTS, VideoEmbedding, build_heads
+from pipeline.heads.reference import reference_forward
+
+DIM, FRAMES, PATCHES = 16, 8, 4
+SMALL = {"frames": FRAMES, "patches": PATCHES, "trm_dim": 12}
+
+
+def make_heads(variant: str = "strm", seed: int = 0, **options):
+    torch.manual_seed(seed)
+    heads = build_heads(variant, DIM, **{**SMALL, **options})
+    with torch.no_grad():  # gamma starts at 0; give the attention branch a say
+        for module in heads.modules():
+            if getattr(module, "gamma", None) is not None:
+                module.gamma.fill_(0.7)
+    return heads.eval()
+
+
+def random_task(way: int, shot: int, queries: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    support = torch.randn(way * shot, FRAMES, PATCHES, DIM, generator=g)
+    query = torch.randn(way * queries, FRAMES, PATCHES, DIM, generator=g)
+    labels = torch.arange(way).repeat_interleave(shot)[torch.randperm(way * shot, generator=g)]
+    return support, labels, query
+
+
+def assert_matches_reference(heads, support, labels, query) -> None:
+    with torch.no_grad():
+        fast = heads(support, labels, query)
+        ref = reference_forward(heads, support, labels, query)
+    torch.testing.assert_close(fast.trm_logits, ref["trm_logits"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.logits, ref["logits"], rtol=1e-4, atol=1e-5)
+    if heads.has_qc:
+        torch.testing.assert_close(fast.qc_logits, ref["qc_logits"], rtol=1e-4, atol=1e-5)
+    else:
+        assert fast.qc_logits is None and ref["qc_logits"] is None
+
+
+@pytest.mark.parametrize(
+    ("way", "shot", "queries"), [(1, 1, 1), (5, 5, 2), (10, 10, 1), (3, 7, 3), (10, 1, 2), (1, 10, 4), (7, 2, 1)]
+)
+def test_strm_random_shapes(way, shot, queries):
+    heads = make_heads("strm", seed=way * 100 + shot)
+    assert_matches_reference(heads, *random_task(way, shot, queries, seed=way + shot))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_variant(variant):
+    assert_matches_reference(make_heads(variant), *random_task(4, 3, 2, seed=1))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"ple": "mixer", "fle": "attention"},  # Table 4 swaps
+        {"ple": "attention", "fle": "attention"},
+        {"ple": "mixer", "fle": "mixer"},
+        {"cardinalities": (1,)},
+        {"cardinalities": (4,)},
+        {"cardinalities": (1, 2, 3)},
+        {"tuple_keep": 0.4},
+        {"scaled_attention": True},
+        {"gamma_zero": True},
+        {"qc": False},
+        {"lambda_qc": 0.5, "psi_dim": 6, "qc_dim": 10},
+    ],
+    ids=str,
+)
+def test_options(options):
+    assert_matches_reference(make_heads("strm", **options), *random_task(3, 4, 2, seed=2))
+
+
+def test_trm_variant_with_qc():
+    assert_matches_reference(make_heads("trm", qc=True), *random_task(5, 2, 1, seed=3))
+
+
+def test_with_feature_standardisation():
+    heads = make_heads("strm")
+    heads.set_feature_stats(torch.linspace(-1, 1, DIM), torch.linspace(0.5, 2, DIM))
+    assert_matches_reference(heads, *random_task(4, 2, 2, seed=4))
+
+
+def _pool_and_tasks(n_videos: int, batch: int, way: int, shot: int, queries: int, seed: int):
+    """Videos 0..n-1, each task draws way*(shot+queries) distinct ones; support labels shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(n_videos, FRAMES, PATCHES, DIM, generator=g)
+    picks = torch.stack([torch.randperm(n_videos, generator=g)[: way * (shot + queries)] for _ in range(batch)])
+    support, query = picks[:, : way * shot], picks[:, way * shot :]
+    labels = torch.stack([torch.arange(way).repeat_interleave(shot)[torch.randperm(way * shot, generator=g)] for _ in range(batch)])
+    return features, support, labels, query
+
+
+@pytest.mark.parametrize("variant", ["strm", "trx"])
+def test_batched_relate_equals_per_task(variant):
+    heads = make_heads(variant)
+    features, support, labels, query = _pool_and_tasks(40, batch=6, way=4, shot=3, queries=2, seed=5)
+    with torch.no_grad():
+        emb = heads.encode(features)
+        batched = heads.relate(emb[support], labels, emb[query], 4)
+        chunked = heads.relate(emb[support], labels, emb[query], 4, max_elements=1)  # one task a chunk
+        for b in range(len(support)):
+            one = heads.relate(emb[support[b]], labels[b], emb[query[b]], 4)
+            naive = heads(features[support[b]], labels[b], features[query[b]])
+            torch.testing.assert_close(batched.logits[b], one.logits, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(batched.logits[b], naive.logits, rtol=1e-5, atol=1e-5)
+    assert batched.logits.shape == (6, 8, 4)
+    torch.testing.assert_close(chunked.logits, batched.logits)
+    if heads.has_qc:
+        torch.testing.assert_close(chunked.qc_logits, batched.qc_logits)
+
+
+def test_label_order_does_not_matter():
+    heads = make_heads("strm")
+    support, labels, query = random_task(4, 3, 1, seed=6)
+    order = torch.argsort(labels, stable=True)
+    with torch.no_grad():
+        shuffled = heads(support, labels, query).logits
+        grouped = heads(support[order], labels[order], query).logits
+    torch.testing.assert_close(shuffled, grouped, rtol=1e-5, atol=1e-5)
+
+
+def test_video_embedding_indexing_and_cat():
+    heads = make_heads("strm")
+    features = torch.randn(7, FRAMES, PATCHES, DIM)
+    with torch.no_grad():
+        emb = heads.encode(features, intermediates=True)
+        parts = VideoEmbedding.cat([heads.encode(features[:3], intermediates=True), heads.encode(features[3:], intermediates=True)])
+    idx = torch.tensor([[0, 6, 2], [1, 1, 5]])
+    picked = emb[idx]
+    assert len(emb) == 7 and picked.trm_k[0].shape[:2] == (2, 3) and picked.H.shape == (2, 3, FRAMES, DIM)
+    torch.testing.assert_close(picked.qc[0][1, 2], emb.qc[0][5])
+    torch.testing.assert_close(parts.trm_v[0], emb.trm_v[0])
+    torch.testing.assert_close(parts.ple_patches, emb.ple_patches)
+    assert torch.equal(picked.tuples[0], emb.tuples[0])
+
+
+def test_encode_leading_dims_and_half_input():
+    heads = make_heads("strm")
+    features = torch.randn(2, 3, FRAMES, PATCHES, DIM).half()
+    with torch.no_grad():
+        nested = heads.encode(features)
+        flat = heads.encode(features.reshape(6, FRAMES, PATCHES, DIM))
+    assert nested.trm_k[0].shape == (2, 3, 28, 12)
+    torch.testing.assert_close(nested.trm_k[0].reshape(6, 28, 12), flat.trm_k[0])
