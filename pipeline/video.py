@@ -1,12 +1,14 @@
 """Decoding, the frame-sampling rule and the view transforms: the one place that decides which pixels a video gives.
 
 Facts from STRM_SPEC section 10 (the authors' TRX/STRM loader). Extraction and fine-tuning both go
-through `load_view`, so a cached feature and a fine-tuned forward see the same frames.
+through `load_view` / `load_views`, so a cached feature and a fine-tuned forward see the same frames.
 
 Decoders: torchcodec (FFmpeg; decodes only the frames asked for, seeking between key frames) and
 PyAV as the fallback when torchcodec's FFmpeg libraries cannot load. `STRM_DECODER=pyav` forces
 the fallback, `STRM_DECODER=torchcodec` forbids it; the default `auto` warns once when it falls back.
-Frame i always means the i-th frame in display order, for both decoders.
+Frame i always means the i-th frame in display order, for both decoders. A damaged file (a
+truncated tail whose index promises more than there is) is decoded in order with PyAV, so both
+decoders agree on what exists.
 """
 from __future__ import annotations
 
@@ -105,20 +107,23 @@ def view_rng(seed: int, video_id: str, view: int) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest, "little"))
 
 
-def transform_view(
-    frames: torch.Tensor, train: bool, rng: np.random.Generator | None, spec: ViewSpec = ViewSpec()
-) -> torch.Tensor:
-    """Frames uint8 [T, 3, H, W] -> [T, 3, crop, crop]: shorter side to `short_side` (bilinear).
-
-    Test: centre crop. Train: one random crop and one horizontal flip (p = 0.5), both drawn from
-    `rng` in that order and shared by all T frames, as the authors do.
-    """
+def resize_short_side(frames: torch.Tensor, spec: ViewSpec = ViewSpec()) -> torch.Tensor:
+    """uint8 [T, 3, H, W] -> shorter side `spec.short_side`, bilinear with antialiasing (as PIL's Resize)."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
-    frames = F.resize(frames, [spec.short_side], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return F.resize(frames, [spec.short_side], interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+def crop_view(
+    frames: torch.Tensor, train: bool, rng: np.random.Generator | None, spec: ViewSpec = ViewSpec()
+) -> torch.Tensor:
+    """Resized frames -> [T, 3, crop, crop]: the centre crop (test), or one random crop and one
+    horizontal flip (p = 0.5), drawn from `rng` in that order and shared by all T frames (train)."""
+    from torchvision.transforms.v2 import functional as F
+
     if not train:
-        return F.center_crop(frames, [spec.crop, spec.crop])
+        return F.center_crop(frames, [spec.crop, spec.crop]).contiguous()
     if rng is None:
         raise ValueError("a training view is random: pass rng=view_rng(seed, video_id, view)")
     height, width = frames.shape[-2:]
@@ -128,6 +133,43 @@ def transform_view(
     if rng.random() < 0.5:
         frames = F.horizontal_flip(frames)
     return frames.contiguous()
+
+
+def transform_view(
+    frames: torch.Tensor, train: bool, rng: np.random.Generator | None, spec: ViewSpec = ViewSpec()
+) -> torch.Tensor:
+    """Frames uint8 [T, 3, H, W] -> [T, 3, crop, crop]: resize_short_side, then crop_view."""
+    return crop_view(resize_short_side(frames, spec), train, rng, spec)
+
+
+def load_views(
+    path: Path | str,
+    n_frames: int,
+    video_id: str,
+    views: Sequence[int],
+    seed: int,
+    spec: ViewSpec = ViewSpec(),
+    *,
+    repeat_short: bool = False,
+) -> torch.Tensor:
+    """Several views of one video, uint8 [len(views), 8, 3, crop, crop], from ONE decode.
+
+    The union of the views' frames is decoded and resized once (views share most frames); each
+    view is then exactly what load_view gives: view 0 is the test view, views >= 1 training views.
+    `n_frames` is the manifest's true count (count_frames).
+    """
+    if not views or min(views) < 0:
+        raise ValueError(f"views must be a non-empty list of ints >= 0, got {list(views)}")
+    plans = []
+    for view in views:
+        rng = view_rng(seed, video_id, view)
+        plans.append((view > 0, rng, sample_indices(n_frames, train=view > 0, rng=rng, repeat_short=repeat_short)))
+    union = sorted({i for _, _, indices in plans for i in indices})
+    frames = resize_short_side(decode_frames(path, union), spec)
+    position = {index: k for k, index in enumerate(union)}
+    return torch.stack(
+        [crop_view(frames[[position[i] for i in indices]], train, rng, spec) for train, rng, indices in plans]
+    )
 
 
 def load_view(
@@ -142,15 +184,9 @@ def load_view(
 ) -> torch.Tensor:
     """One view of a video, uint8 [8, 3, crop, crop]: view 0 is the test view, views >= 1 training views.
 
-    `n_frames` is the manifest's true count (count_frames). The single implementation used by both
-    feature extraction and fine-tuning.
+    The single implementation used by both feature extraction and fine-tuning (see load_views).
     """
-    if view < 0:
-        raise ValueError(f"view must be >= 0, got {view}")
-    train = view > 0
-    rng = view_rng(seed, video_id, view)
-    indices = sample_indices(n_frames, train=train, rng=rng, repeat_short=repeat_short)
-    return transform_view(decode_frames(path, indices), train, rng, spec)
+    return load_views(path, n_frames, video_id, [view], seed, spec, repeat_short=repeat_short)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,8 +227,8 @@ def decoder_name() -> str:
 def decode_frames(path: Path | str, indices: Sequence[int]) -> torch.Tensor:
     """uint8 RGB frames [len(indices), 3, H, W] at the video's own size, in the order asked.
 
-    Only the frames asked for are decoded (plus what the codec needs to reach them). Raises
-    VideoError naming the file and the reason when the file cannot give them.
+    Only the frames asked for are decoded (plus what the codec needs to reach them); repeats are
+    decoded once. Raises VideoError naming the file and the reason when the file cannot give them.
     """
     wanted = [int(i) for i in indices]
     if not wanted:

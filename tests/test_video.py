@@ -17,6 +17,7 @@ from pipeline.video import (
     count_frames,
     decode_frames,
     load_view,
+    load_views,
     sample_indices,
     transform_view,
     view_rng,
@@ -331,6 +332,21 @@ def test_load_view_frames_and_flip(tmp_path):
         assert expected in (plain, mirrored)  # the jittered indices, flipped or not
         seen_flip.add(mirrored == expected and plain != expected)
     assert seen_flip == {False, True}
+
+
+def test_load_views_decodes_once_and_equals_each_view_built_alone(tmp_path, monkeypatch):
+    path = write_test_video(tmp_path / "v.avi", 57, codec="mpeg4", size=(96, 64))
+    spec = ViewSpec(56, 40)
+    calls = []
+    real_decode = video.decode_frames
+    monkeypatch.setattr(video, "decode_frames", lambda p, i: calls.append(list(i)) or real_decode(p, i))
+    together = load_views(path, 57, "c/v", [0, 1, 2, 3], seed=5, spec=spec)
+    assert together.shape == (4, 8, 3, 40, 40) and len(calls) == 1
+    for view in range(4):
+        rng = view_rng(5, "c/v", view)
+        alone = transform_view(real_decode(path, sample_indices(57, view > 0, rng)), view > 0, rng, spec)
+        assert torch.equal(together[view], alone), view
+        assert torch.equal(together[view], load_view(path, 57, "c/v", view, seed=5, spec=spec))
 
 
 def test_short_video_repeats_frames_when_asked(tmp_path):
