@@ -20,9 +20,13 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import av
 
 FRAMES = 8  # L: frames per video (STRM_SPEC section 10)
 
@@ -281,7 +285,7 @@ def _reason(exc: BaseException, path: Path | str) -> str:
     return re.sub(r"\s+", " ", text).strip(" :,") or type(exc).__name__
 
 
-def _open_torchcodec(path: Path | str):  # -> torchcodec.decoders.VideoDecoder
+def _open_torchcodec(path: Path | str):  # -> torchcodec.decoders.VideoDecoder (imported lazily)
     decoder_cls = _torchcodec_decoder()
     assert decoder_cls is not None
     try:
@@ -314,7 +318,7 @@ def _count_torchcodec(path: Path | str) -> int:
         return sum(1 for _ in _pyav_frames(path, stop=None))  # the same count as the fallback gives
 
 
-def _pyav_frames(path: Path | str, stop: int | None) -> Iterator["av.VideoFrame"]:  # noqa: F821
+def _pyav_frames(path: Path | str, stop: int | None) -> Iterator[av.VideoFrame]:
     """Decoded frames in display order, up to index `stop` (inclusive); ends at the first decode error."""
     import av
 

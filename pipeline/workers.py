@@ -15,7 +15,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, TypeVar
 
@@ -31,6 +31,7 @@ def _context() -> mp.context.BaseContext:
 
 def _worker_main(fn: Callable[[Any], Any], conn: Connection, threads: int | None) -> None:
     """Run fn on each item received, send back ("ok", result) or ("error", reason)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers
     if threads is not None and "torch" in sys.modules:  # fn's module imported torch
         sys.modules["torch"].set_num_threads(threads)
     while True:
@@ -51,7 +52,7 @@ class _Worker:
     conn: Connection
     item: Any = None
     busy: bool = False
-    since: float = field(default=0.0)
+    since: float = 0.0  # when it got its item (for timeout_s)
 
 
 def _death_reason(exitcode: int | None) -> str:
