@@ -18,6 +18,7 @@ from rich.text import Text
 from pipeline.backbones import OFFLINE_DEFAULT, WeightsUnavailable, get_backbone, load_backbone_checkpoint
 from pipeline.cache import CacheError, open_cache
 from pipeline.extract import ExtractSettings, RunOptions, extract
+from pipeline.manifests import build_manifest, read_manifest
 from pipeline.video import ViewSpec
 from stages.common import fail
 
@@ -44,16 +45,18 @@ def _init_distributed(device: str) -> tuple[int, int, str]:
     return torch.distributed.get_rank(), world, device
 
 
-def _manifest(dataset: str, videos: Path, manifest: Path | None):
-    from pipeline.manifests import build_manifest, read_manifest
-
-    return read_manifest(manifest) if manifest is not None else build_manifest(dataset, videos)
+def _manifest(dataset: str, videos: Path, manifest: Path | None, split_dir: Path | None, classes: Path | None):
+    if manifest is not None:
+        return read_manifest(manifest)
+    return build_manifest(dataset, videos, split_dir=split_dir, classes_csv=classes)
 
 
 def extract_command(
     dataset: str = typer.Argument(..., help="Dataset name (hmdb51, ucf101, kinetics100, ssv2, synthetic, folder); names the cache folder."),
     videos: Path = typer.Option(..., "--videos", help="Folder holding the videos; relative manifest paths are under it."),
     manifest: Path | None = typer.Option(None, "--manifest", help="Manifest CSV/Parquet from `strm manifest`; built from --videos when not given."),
+    split_dir: Path | None = typer.Option(None, "--split-dir", help="Without --manifest: the folder of split lists (as `strm manifest`)."),
+    classes: Path | None = typer.Option(None, "--classes", help="Without --manifest: a class,split CSV (as `strm manifest`)."),
     backbone_name: str = typer.Option(OFFLINE_DEFAULT, "--backbone", help="resnet50, vit_b_16, tf_efficientnet_lite0, tiny, or any timm model name."),
     layer: str | None = typer.Option(None, "--layer", help="Feature layer (tf_efficientnet_lite0: head or last_block); default: the backbone's own."),
     weights: Path | None = typer.Option(None, "--weights", help="Local weights file instead of the pretrained download."),
@@ -82,7 +85,7 @@ def extract_command(
         backbone = get_backbone(backbone_name, weights=weights, layer=layer, pretrained=backbone_checkpoint is None)
         if backbone_checkpoint is not None:
             load_backbone_checkpoint(backbone, backbone_checkpoint)
-        table = _manifest(dataset, videos, manifest)
+        table = _manifest(dataset, videos, manifest, split_dir, classes)
     except (WeightsUnavailable, FileNotFoundError, ValueError, OSError) as err:
         fail(str(err))
     settings = ExtractSettings(views=views, spec=ViewSpec(short_side=short_side, crop=crop), patches=patches,

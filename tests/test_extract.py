@@ -1,0 +1,242 @@
+"""Feature extraction into the cache: values, failures, resume after kill -9, and a 2-rank torchrun run.
+
+Everything runs the `tiny` backbone on 64 x 48 videos cut to 32 x 32 crops, so the whole file
+stays small on a shared 2-core CPU.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline.backbones import get_backbone
+from pipeline.cache import open_cache
+from pipeline.extract import ExtractSettings, RunOptions, extract, pool_patches, resolve_precision
+from pipeline.video import ViewSpec, load_view
+from stages.app import app
+from video_factory import write_test_video
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = ViewSpec(short_side=40, crop=32)  # tiny's map is then 4 x 4
+
+
+def _videos(root: Path, n_train: int, n_test: int) -> pd.DataFrame:
+    """Tiny videos of varied lengths in two classes per split, and their manifest (paths relative to root)."""
+    rows = []
+    for i in range(n_train + n_test):
+        split = "train" if i < n_train else "test"
+        cls = f"{split}_{i % 2}"
+        rel = f"{cls}/v{i:02d}.mp4"
+        n_frames = 12 + 3 * i
+        write_test_video(root / rel, n_frames)
+        rows.append({"video_id": f"{cls}/v{i:02d}", "class": cls, "split": split, "path": rel,
+                     "n_frames": n_frames if i % 2 else -1, "status": "ok"})
+    return pd.DataFrame(rows)
+
+
+def _expected(path: Path, n_frames: int, video_id: str, view: int, patches: int) -> torch.Tensor:
+    """Features of one view computed directly: normalise, tiny, P x P max windows, row-major patches."""
+    backbone = get_backbone("tiny")
+    x = (load_view(path, n_frames, video_id, view, 0, SPEC).float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        fmap = backbone(x)  # [8, 64, 4, 4]
+    k = fmap.shape[-1] // patches
+    pooled = fmap.view(8, 64, patches, k, patches, k).amax(dim=(3, 5))  # [8, 64, P, P]
+    return pooled.reshape(8, 64, patches * patches).transpose(1, 2).half()
+
+
+def test_features_are_the_pooled_backbone_maps_of_each_view(tmp_path):
+    manifest = _videos(tmp_path / "videos", n_train=3, n_test=2)
+    settings = ExtractSettings(views=2, spec=SPEC, patches=2)
+    seen = []
+    result = extract("toy", manifest, get_backbone("tiny"), tmp_path / "cache", settings,
+                     RunOptions(batch_size=12, workers=0), videos_root=tmp_path / "videos",
+                     progress=lambda p: seen.append((p.done, p.failed)))
+    assert result.path.parent == tmp_path / "cache" / "toy" and not result.failures
+    assert seen[-1] == (5, 0) and len(seen) == 5
+    cache = open_cache(result.path)
+    assert (cache.dim, cache.frames, cache.patches) == (64, 8, 4)
+    assert cache.fingerprint["backbone"] == "tiny" and cache.fingerprint["crop"] == 32
+    train, test = cache.load_split("train"), cache.load_split("test")
+    assert train.features.shape == (3, 2, 8, 4, 64) and test.features.shape == (2, 1, 8, 4, 64)
+    assert train.class_names == ["train_0", "train_1"] and train.labels.tolist() == [0, 1, 0]
+    assert test.video_ids == ["test_1/v03", "test_0/v04"] and test.labels.tolist() == [1, 0]
+    for split, features, first in (("train", train.features, 0), ("test", test.features, 3)):
+        for j in range(len(features)):
+            i = first + j
+            for view in range(features.shape[1]):
+                want = _expected(tmp_path / "videos" / manifest.path[i], 12 + 3 * i, manifest.video_id[i], view, 2)
+                torch.testing.assert_close(features[j, view], want, rtol=1e-3, atol=1e-3)
+    # The augmented view is another crop/flip of other frames: not a copy of the test view.
+    assert not torch.equal(train.features[:, 0], train.features[:, 1])
+
+
+def test_pool_patches_is_a_row_major_max_over_overlapping_windows():
+    fmap = torch.arange(2 * 7 * 7, dtype=torch.float32).view(1, 2, 7, 7)
+    out = pool_patches(fmap, 4)
+    assert out.shape == (1, 16, 2) and out.dtype == torch.float16
+    # 7 -> 4 windows overlap: rows [0,2) [1,4) [3,6) [5,7); the max is each window's bottom-right.
+    rows = [1, 3, 5, 6]
+    want = [7 * r + col for r in rows for col in rows]  # channel 0
+    assert out[0, :, 0].tolist() == want
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("int8", torch.device("cpu"))
+
+
+def test_bad_videos_are_recorded_and_skipped_and_no_good_video_is_lost(tmp_path):
+    videos = tmp_path / "videos"
+    manifest = _videos(videos, n_train=3, n_test=1)
+    (videos / "garbage.mp4").write_bytes(b"not a video" * 50)
+    good = (videos / manifest.path[0]).read_bytes()
+    (videos / "truncated.mp4").write_bytes(good[: len(good) // 3])
+    write_test_video(videos / "short.mp4", 5)  # fewer than the 8 frames a view needs
+    bad = [("garbage", "garbage.mp4", "ok"), ("truncated", "truncated.mp4", "ok"), ("short", "short.mp4", "ok"),
+           ("flagged", "missing.mp4", "file not found")]
+    extra = pd.DataFrame([{"video_id": v, "class": "train_0", "split": "train", "path": p, "n_frames": -1,
+                           "status": s} for v, p, s in bad])
+    manifest = pd.concat([manifest.iloc[:2], extra, manifest.iloc[2:]], ignore_index=True)
+    result = extract("toy", manifest, get_backbone("tiny"), tmp_path / "cache", ExtractSettings(views=1, spec=SPEC),
+                     RunOptions(batch_size=16, workers=1), videos_root=videos)
+    cache = open_cache(result.path)
+    failed = dict(cache.failures("train"))
+    assert set(failed) <= {"garbage", "truncated", "short", "flagged"}
+    assert {"garbage", "short", "flagged"} <= set(failed)  # a truncated file may still give 8 frames
+    assert "garbage.mp4" in failed["garbage"] and failed["flagged"] == "manifest: file not found"
+    assert "8" in failed["short"]
+    done = {v: d for split in ("train", "test") for v, d in zip(cache.video_ids(split), cache.done(split))}
+    good = [v for v in manifest.video_id if v not in {"garbage", "truncated", "short", "flagged"}]
+    assert len(good) == 4 and all(done[v] for v in good)
+    assert sorted(v for v, _ in result.failures) == sorted(failed)
+    # A rerun tries only the failed videos again.
+    again = extract("toy", manifest, get_backbone("tiny"), tmp_path / "cache", ExtractSettings(views=1, spec=SPEC),
+                    RunOptions(batch_size=16, workers=0), videos_root=videos)
+    assert again.path == result.path and again.progress.total == len(failed)
+    assert again.progress.already_done == len(manifest) - len(failed)
+
+
+def test_other_settings_go_to_another_cache(tmp_path):
+    manifest = _videos(tmp_path / "videos", n_train=1, n_test=1)
+    run = dict(dataset="toy", manifest=manifest, cache_root=tmp_path / "cache", videos_root=tmp_path / "videos",
+               options=RunOptions(batch_size=8, workers=0))
+    a = extract(backbone=get_backbone("tiny"), settings=ExtractSettings(views=1, spec=SPEC), **run)
+    b = extract(backbone=get_backbone("tiny"), settings=ExtractSettings(views=1, spec=SPEC, normalize=False), **run)
+    assert a.path != b.path
+    assert open_cache(b.path).fingerprint["normalize"] == "none: [0, 1]"
+    assert not np.array_equal(open_cache(a.path).features_array("test")[:], open_cache(b.path).features_array("test")[:])
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI in real processes: kill -9 and resume, torchrun with 2 gloo ranks
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """12 videos (10 train with 2 views, 2 test) and a manifest CSV, plus an uninterrupted CLI run's cache."""
+    root = tmp_path_factory.mktemp("extract")
+    manifest = _videos(root / "videos", n_train=10, n_test=2)
+    manifest.to_csv(root / "manifest.csv", index=False)
+    reference = _cli_run(root, root / "reference", "--workers", "0")
+    return root, reference
+
+
+def _cli_args(root: Path, cache_root: Path, *extra: str) -> list[str]:
+    return ["extract", "toy", "--videos", str(root / "videos"), "--manifest", str(root / "manifest.csv"),
+            "--backbone", "tiny", "--views", "2", "--short-side", "40", "--crop", "32", "--batch-size", "8",
+            "--cache-root", str(cache_root), *extra]
+
+
+def _entry(root: Path) -> Path:
+    script = root / "strm_main.py"
+    # The guard matters: decoding workers start by forkserver/spawn, which import the main module.
+    script.write_text("from stages.app import main\n\nif __name__ == '__main__':\n    main()\n")
+    return script
+
+
+def _env() -> dict[str, str]:
+    # PyAV decodes these tiny files as well as torchcodec and saves each process torchcodec's
+    # import (seconds); one torch thread per process keeps the shared CPU usable.
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "STRM_DECODER": "pyav"}
+
+
+def _cli_run(root: Path, cache_root: Path, *extra: str) -> Path:
+    done = subprocess.run([sys.executable, str(_entry(root)), *_cli_args(root, cache_root, *extra)],
+                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def _assert_same_cache(a: Path, b: Path) -> None:
+    ca, cb = open_cache(a), open_cache(b)
+    assert ca.fingerprint == cb.fingerprint
+    for split in ("train", "test"):
+        assert ca.done(split).all() and cb.done(split).all()
+        np.testing.assert_array_equal(ca.features_array(split)[:], cb.features_array(split)[:])
+        assert ca.video_ids(split) == cb.video_ids(split)
+
+
+def test_kill_9_mid_run_then_rerun_gives_bit_identical_arrays(dataset, tmp_path):
+    root, reference = dataset
+    cache_root = tmp_path / "cache"
+    path = cache_root / "toy" / reference.name  # same settings, same key
+    process = subprocess.Popen([sys.executable, str(_entry(root)), *_cli_args(root, cache_root, "--workers", "1")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=REPO,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if (path / "zarr.json").exists() and open_cache(path).done("train").sum() >= 2:
+                break
+            assert process.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the run and its decoding workers, all at once
+        process.wait()
+    cache = open_cache(path)
+    done_at_kill = int(cache.done("train").sum() + cache.done("test").sum())
+    assert 2 <= done_at_kill < 12, "the kill must land mid-run"
+    resumed = _cli_run(root, cache_root, "--workers", "1")
+    assert resumed == path
+    _assert_same_cache(reference, resumed)
+
+
+def test_two_gloo_ranks_under_torchrun_equal_the_single_process_cache(dataset, tmp_path):
+    root, reference = dataset
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(_entry(root)), *_cli_args(root, tmp_path / "cache", "--workers", "0", "--device", "cpu")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = tmp_path / "cache" / "toy" / reference.name
+    assert str(path) in done.stdout
+    _assert_same_cache(reference, path)
+
+
+def test_cli_reports_failures_and_clear_errors(dataset, tmp_path):
+    root, _ = dataset
+    manifest = pd.read_csv(root / "manifest.csv")
+    (tmp_path / "broken.mp4").write_bytes(b"\0" * 100)
+    manifest.loc[len(manifest)] = {"video_id": "broken", "class": "test_0", "split": "test",
+                                   "path": str(tmp_path / "broken.mp4"), "n_frames": -1, "status": "ok"}
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    runner = CliRunner()
+
+    def args(backbone: str) -> list[str]:
+        return ["extract", "toy", "--videos", str(root / "videos"), "--manifest", str(tmp_path / "manifest.csv"),
+                "--backbone", backbone, "--views", "1", "--short-side", "40", "--crop", "32", "--workers", "0",
+                "--cache-root", str(tmp_path / "cache")]
+
+    result = runner.invoke(app, args("tiny"))
+    assert result.exit_code == 0, result.output
+    assert "failed broken:" in result.output and "test: 2/3 videos done, 1 failed" in result.output
+    assert str(tmp_path / "cache" / "toy") in result.output
+    result = runner.invoke(app, args("no_such_net"))
+    assert result.exit_code == 1 and "unknown backbone 'no_such_net'" in result.output
