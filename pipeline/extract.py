@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from pipeline.backbones import Backbone
 from pipeline.cache import STORED_DTYPE, CacheError, CacheWriter, SplitLayout, cache_key, manifest_digest
-from pipeline.video import FRAMES, SAMPLING_RULE_VERSION, ViewSpec, count_frames, load_view
+from pipeline.video import FRAMES, SAMPLING_RULE_VERSION, ViewSpec, count_frames, load_views
 from pipeline.workers import imap_isolated
 
 SPLIT_ORDER = ("train", "val", "test")
@@ -147,10 +147,10 @@ def cache_path(cache_root: Path, dataset: str, fp: dict) -> Path:
 
 
 def decode_job(job: VideoJob) -> torch.Tensor:
-    """A video's views as uint8 [views * 8, 3, crop, crop] (runs in a worker process)."""
+    """A video's views as uint8 [views * 8, 3, crop, crop], decoded once (runs in a worker process)."""
     n_frames = job.n_frames if job.n_frames > 0 else count_frames(Path(job.path))
-    views = [load_view(Path(job.path), n_frames, job.video_id, v, job.seed, job.spec) for v in range(job.views)]
-    return torch.cat(views)
+    views = load_views(Path(job.path), n_frames, job.video_id, range(job.views), job.seed, job.spec)
+    return views.flatten(0, 1)
 
 
 def pool_patches(fmap: torch.Tensor, patches: int) -> torch.Tensor:
