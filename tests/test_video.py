@@ -1,6 +1,7 @@
 """The sampling rule, decoding and views, checked on real H.264 / MPEG-4 files whose frames carry their index."""
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import warnings
@@ -15,6 +16,7 @@ from pipeline.video import (
     VideoError,
     ViewSpec,
     count_frames,
+    crop_view,
     decode_frames,
     load_view,
     load_views,
@@ -127,7 +129,6 @@ def test_view_rng_is_stable_across_processes():
     assert other == f"{view_rng(7, 'cls/vid é', 2).integers(0, 2**62)}\n"
     assert view_rng(7, "a", 1).integers(0, 2**62) != view_rng(7, "a", 2).integers(0, 2**62)
     assert view_rng(7, "a", 1).integers(0, 2**62) != view_rng(8, "a", 1).integers(0, 2**62)
-    assert SAMPLING_RULE_VERSION
 
 
 # --- decoding real files ----------------------------------------------------------------------
@@ -302,7 +303,9 @@ def test_train_view_crop_and_flip_are_shared_by_the_frames_and_cover_the_range()
         assert len(per_frame) == 1  # one crop and one flip for all 8 frames
         left, top, flipped = per_frame.pop()
         assert 0 <= left <= 300 - 224 and 0 <= top <= 256 - 224
-        lefts.add(left), tops.add(top), flips.add(flipped)
+        lefts.add(left)
+        tops.add(top)
+        flips.add(flipped)
     assert flips == {False, True} and len(lefts) > 10 and len(tops) > 10
 
 
@@ -368,3 +371,21 @@ def test_views_do_not_depend_on_worker_count_or_order(tmp_path):
     assert set(there) == set(jobs)
     for job in jobs:
         assert torch.equal(here[job], there[job]), job
+
+
+# The digest of what the rule picks (indices, crops, flips) for many lengths and views. If this
+# test fails you changed what a view contains: bump SAMPLING_RULE_VERSION (it is in every cache's
+# fingerprint, so old caches are refused) and pin the new digest here.
+RULE_DIGESTS = {"trx-linspace8-jitter5/256-224-flip/blake2b-rng/1": "5bc77e8ccd26bd33"}
+
+
+def test_changing_the_rule_needs_a_new_version():
+    digest = hashlib.sha256()
+    frames = column_frames(256, 341, frames=1)
+    for n in range(8, 80):
+        digest.update(str(sample_indices(n)).encode())
+        for view in (1, 2, 3):
+            rng = view_rng(0, f"c/{n}", view)
+            digest.update(str(sample_indices(n, train=True, rng=rng)).encode())
+            digest.update(str(decode_xy(crop_view(frames, True, rng)[0])).encode())
+    assert RULE_DIGESTS.get(SAMPLING_RULE_VERSION) == digest.hexdigest()[:16]
