@@ -105,6 +105,9 @@ def split_layouts(manifest: pd.DataFrame, views: int) -> dict[str, SplitLayout]:
         rows = manifest[manifest["split"] == split]
         if rows.empty:
             continue
+        repeated = rows["video_id"][rows["video_id"].duplicated()]
+        if len(repeated):
+            raise ValueError(f"the manifest lists {split} video {repeated.iloc[0]!r} more than once")
         names = sorted(rows["class"].astype(str).unique())
         index = {name: i for i, name in enumerate(names)}
         layouts[split] = SplitLayout(
@@ -186,14 +189,20 @@ def _open_writer(path: Path, fp: dict, layouts: dict[str, SplitLayout], dim: int
 
 def _jobs(manifest: pd.DataFrame, writer: CacheWriter, settings: ExtractSettings, videos_root: Path | None,
           rank: int, world: int) -> tuple[list[VideoJob], list[tuple[VideoJob, str]], int]:
-    """This rank's share: (videos to extract, videos the manifest already marks bad, videos already done)."""
+    """This rank's share: (videos to extract, videos the manifest already marks bad, videos already done).
+
+    A video's slot is its position in the cache's own list (a reordered manifest has the same
+    fingerprint, so rows are matched by video id), and so is its owner: ownership depends on
+    nothing that changes between runs.
+    """
     todo, bad, already = [], [], 0
-    position = 0  # global position over all splits: ownership must not depend on what is done
+    position = 0  # over all splits
     for split in writer.splits:
-        rows = manifest[manifest["split"] == split].reset_index(drop=True)
+        rows = manifest[manifest["split"] == split]
+        rows = rows.set_index(rows["video_id"].astype(str))
         pending = set(writer.pending(split).tolist())
         views = writer.views(split)
-        for index, row in rows.iterrows():
+        for index, video_id in enumerate(writer.video_ids(split)):
             mine = position % world == rank
             position += 1
             if not mine:
@@ -201,11 +210,12 @@ def _jobs(manifest: pd.DataFrame, writer: CacheWriter, settings: ExtractSettings
             if index not in pending:
                 already += 1
                 continue
+            row = rows.loc[video_id]
             path = Path(str(row["path"]))
             if videos_root is not None and not path.is_absolute():
                 path = videos_root / path
             n_frames = int(row["n_frames"]) if "n_frames" in row and pd.notna(row["n_frames"]) else -1
-            job = VideoJob(split, int(index), str(row["video_id"]), str(path), n_frames, views, settings.seed, settings.spec)
+            job = VideoJob(split, index, video_id, str(path), n_frames, views, settings.seed, settings.spec)
             status = str(row.get("status", "ok"))
             (todo.append(job) if status == "ok" else bad.append((job, status)))
     return todo, bad, already

@@ -124,15 +124,24 @@ def test_bad_videos_are_recorded_and_skipped_and_no_good_video_is_lost(tmp_path)
     assert again.progress.already_done == len(manifest) - len(failed)
 
 
-def test_other_settings_go_to_another_cache(tmp_path):
-    manifest = _videos(tmp_path / "videos", n_train=1, n_test=1)
-    run = dict(dataset="toy", manifest=manifest, cache_root=tmp_path / "cache", videos_root=tmp_path / "videos",
+def test_other_settings_go_to_another_cache_and_a_reordered_manifest_to_the_same(tmp_path):
+    manifest = _videos(tmp_path / "videos", n_train=2, n_test=1)
+    run = dict(dataset="toy", cache_root=tmp_path / "cache", videos_root=tmp_path / "videos",
                options=RunOptions(batch_size=8, workers=0))
-    a = extract(backbone=get_backbone("tiny"), settings=ExtractSettings(views=1, spec=SPEC), **run)
-    b = extract(backbone=get_backbone("tiny"), settings=ExtractSettings(views=1, spec=SPEC, normalize=False), **run)
+    a = extract(manifest=manifest, backbone=get_backbone("tiny"), settings=ExtractSettings(views=1, spec=SPEC), **run)
+    b = extract(manifest=manifest, backbone=get_backbone("tiny"),
+                settings=ExtractSettings(views=1, spec=SPEC, normalize=False), **run)
     assert a.path != b.path
     assert open_cache(b.path).fingerprint["normalize"] == "none: [0, 1]"
     assert not np.array_equal(open_cache(a.path).features_array("test")[:], open_cache(b.path).features_array("test")[:])
+    # The same rows in another order: the same cache, nothing left to do, video order kept.
+    again = extract(manifest=manifest.iloc[::-1], backbone=get_backbone("tiny"),
+                    settings=ExtractSettings(views=1, spec=SPEC), **run)
+    assert again.path == a.path and (again.progress.total, again.progress.already_done) == (0, 3)
+    assert open_cache(a.path).video_ids("train") == ["train_0/v00", "train_1/v01"]
+    with pytest.raises(ValueError, match="lists train video 'train_0/v00' more than once"):
+        extract(manifest=pd.concat([manifest, manifest.iloc[:1]]), backbone=get_backbone("tiny"),
+                settings=ExtractSettings(views=1, spec=SPEC), **run)
 
 
 # ---------------------------------------------------------------------------------------------
