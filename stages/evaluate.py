@@ -22,6 +22,8 @@ from pipeline.heads import VARIANTS, build_heads, load_authors_checkpoint, load_
 from stages.common import fail
 
 console = Console(stderr=True)
+# Cache fingerprint fields that decide what a feature means: heads trained on one do not fit another.
+FEATURE_KEYS = ("backbone", "layer", "weights", "normalize", "short_side", "crop")
 
 
 class Baseline(str, Enum):
@@ -68,17 +70,24 @@ def _load_model(checkpoint: Path, variant: str | None) -> tuple[torch.nn.Module,
         if "cache_fingerprint" in saved:
             about["trained_on_cache"] = saved["cache_fingerprint"]
         return heads, about
-    # An authors' file has no format tag; its variant is the first whose weights it holds exactly.
-    errors = []
+    # An authors' file has no format tag. Its variant is the first whose weights it holds exactly and
+    # whose cardinalities it has (the importer reads them from the tensors, so trm loads a TRX file too).
+    errors, loaded = [], []
     for name in [variant] if variant else list(VARIANTS):
         try:
             heads = load_authors_checkpoint(raw, variant=name)
         except ValueError as err:
             errors.append(f"{name}: {err}")
             continue
-        note = "" if heads.has_qc else "the file has no QC weights: logits are the TRM logits alone"
-        return heads, {"checkpoint": str(checkpoint), "checkpoint_format": "authors", "variant": name, "note": note}
-    fail(f"{checkpoint}: not a project checkpoint and not an authors' one ({'; '.join(errors)})")
+        if variant or tuple(VARIANTS[name]["cardinalities"]) == tuple(heads.cardinalities):
+            loaded.insert(0, (name, heads))
+            break
+        loaded.append((name, heads))
+    if not loaded:
+        fail(f"{checkpoint}: not a project checkpoint and not an authors' one ({'; '.join(errors)})")
+    name, heads = loaded[0]
+    note = "" if heads.has_qc else "the file has no QC weights: logits are the TRM logits alone"
+    return heads, {"checkpoint": str(checkpoint), "checkpoint_format": "authors", "variant": name, "note": note}
 
 
 def _default_stem(label: str, split: str, way: int, seed: int) -> Path:
@@ -149,8 +158,19 @@ def evaluate_command(
     else:
         model, about = _load_model(checkpoint, variant)
         label = checkpoint.stem
-        if model.dim != features.dim:
-            fail(f"{checkpoint}: heads take D={model.dim} features, the cache {cache} holds D={features.dim}")
+        trained = about.get("trained_on_cache") or {}
+        differ = [k for k in FEATURE_KEYS if k in trained and trained[k] != features.fingerprint.get(k)]
+        if differ:
+            about["note"] = (
+                f"the heads were trained on features of another {'/'.join(differ)} than this cache's "
+                f"({', '.join(f'{k}: {trained[k]} vs {features.fingerprint.get(k)}' for k in differ)})"
+            )
+        shape = (model.frames, model.patches, model.dim)
+        if shape != (features.frames, features.patches, features.dim):
+            fail(
+                f"{checkpoint}: heads take features of L={shape[0]} frames x P={shape[1]} patches x D={shape[2]}, "
+                f"the cache {cache} holds {features.frames} x {features.patches} x {features.dim}"
+            )
     try:
         data = features.load_split(split, views=1)
     except CacheError as err:
@@ -179,35 +199,46 @@ def evaluate_command(
         fail(f"{cache} split {split!r}: {err}")
 
     saved_paths = []
-    if save_episodes is not None:
-        for k in shots:
-            path = save_episodes if len(shots) == 1 else save_episodes.with_name(f"{save_episodes.stem}_shot{k}{save_episodes.suffix}")
+    for k in shots if save_episodes is not None else []:
+        path = save_episodes if len(shots) == 1 else save_episodes.with_name(f"{save_episodes.stem}_shot{k}{save_episodes.suffix}")
+        try:
             saved_paths.append(ev.save_episodes(path, tasks_for[k], data, seed=seed, split_name=split))
+        except OSError as err:
+            fail(f"{path}: cannot write the episodes ({err.strerror})")
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     results = []
     start = time.perf_counter()
-    with Progress(*columns, console=console, transient=False) as bar:
-        embed_task = bar.add_task(f"encode {split} videos", total=len(data.labels))
-        embedding = ev.embed_split(
-            model, data.features[:, 0], device=dev, autocast=autocast,
-            progress=lambda _phase, done, total: bar.update(embed_task, completed=done),
-        )
-        for k in shots:
-            task_bar = bar.add_task(f"{way}-way {k}-shot tasks", total=len(tasks_for[k]))
-            results.append(
-                ev.evaluate(
-                    model, data, seed=seed, device=dev, batch_tasks=batch_tasks, tasks=tasks_for[k], embedding=embedding,
-                    split_name=split, autocast=autocast,
-                    progress=lambda _phase, done, total, t=task_bar: bar.update(t, completed=done),
-                )
+    try:
+        with Progress(*columns, console=console, transient=False) as bar:
+            embed_task = bar.add_task(f"encode {split} videos", total=len(data.labels))
+            embedding = ev.embed_split(
+                model, data.features[:, 0], device=dev, autocast=autocast,
+                progress=lambda _phase, done, total: bar.update(embed_task, completed=done),
             )
+            for k in shots:
+                task_bar = bar.add_task(f"{way}-way {k}-shot tasks", total=len(tasks_for[k]))
+                results.append(
+                    ev.evaluate(
+                        model, data, seed=seed, device=dev, batch_tasks=batch_tasks, tasks=tasks_for[k], embedding=embedding,
+                        split_name=split, autocast=autocast,
+                        progress=lambda _phase, done, total, t=task_bar: bar.update(t, completed=done),
+                    )
+                )
+    except ValueError as err:
+        fail(f"{cache} split {split!r}: {err}")
+    except torch.cuda.OutOfMemoryError as err:
+        fail(f"out of GPU memory on {dev} ({err}); try a smaller --batch-tasks")
     elapsed = time.perf_counter() - start
 
     stem = _default_stem(label, split, way, seed)
-    json_path = ev.write_run(json_out or stem.with_suffix(".json"), results, {**about, "seconds": round(elapsed, 2)})
-    csv_path = ev.write_csv(csv_out or json_path.with_suffix(".csv"), results)
-    png_path = ev.plot_shot_sweep(results, json_path.with_suffix(".png"), title=f"{label} on {split}") if len(shots) > 1 else None
+    try:
+        json_path = ev.write_run(json_out or stem.with_suffix(".json"), results, {**about, "seconds": round(elapsed, 2)})
+        csv_path = ev.write_csv(csv_out or json_path.with_suffix(".csv"), results)
+        title = f"{label} on {split}"
+        png_path = ev.plot_shot_sweep(results, json_path.with_suffix(".png"), title=title) if len(shots) > 1 else None
+    except OSError as err:
+        fail(f"{err.filename}: cannot write ({err.strerror})")
 
     if about.get("note"):
         console.print(f"note: {about['note']}", highlight=False)

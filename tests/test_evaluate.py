@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from pipeline.heads import build_heads, save_heads
 from stages.app import app
 
 DIM, TRM_DIM = 32, 24
+GOLDEN = "strm_official_golden.pt"
 COUNTS = [7, 9, 6, 12, 6, 3, 8, 10]  # uneven classes; one (3 videos) too small for most settings
 
 
@@ -205,3 +207,31 @@ def test_cli_errors_are_one_line(tmp_path):
     assert out.exit_code == 2 and "missing.pt: no such file" in out.output
     out = runner.invoke(app, ["evaluate", "--cache", str(tmp_path)])
     assert out.exit_code == 2 and "--checkpoint PATH, or --baseline" in out.output
+
+
+def _golden() -> dict:
+    for path in (Path(__file__).parent / "fixtures" / GOLDEN, Path("/work/shared/fixtures") / GOLDEN):
+        if path.exists():
+            return torch.load(path, weights_only=True)
+    pytest.skip(f"{GOLDEN} not found")
+
+
+def test_cli_detects_authors_checkpoints(tmp_path):
+    """Authors' STRM (released: no QC weights) and TRX files go through the importer, variant detected."""
+    golden = _golden()
+    dim = golden["config"]["D"]
+    cache = write_random_cache(tmp_path / "cache", splits={"test": (5, 3, 1)}, dim=dim, seed=1)
+    strm = {k: v for k, v in golden["strm_state_dict"].items() if not k.startswith("new_dist_loss_post_pat")}
+    torch.save({"iteration": 1, "model_state_dict": strm}, tmp_path / "strm_authors.pt")
+    torch.save(golden["trx_state_dict"], tmp_path / "trx_authors.pt")
+    runner = CliRunner()
+    for name, variant in (("strm_authors", "strm"), ("trx_authors", "trx")):
+        out = runner.invoke(app, ["evaluate", "--cache", str(cache), "--checkpoint", str(tmp_path / f"{name}.pt"),
+                                  "--episodes", "8", "--shot", "2", "--device", "cpu", "--json", str(tmp_path / f"{name}.json")])
+        assert out.exit_code == 0, out.output
+        record = ev.read_run(tmp_path / f"{name}.json")
+        assert record["checkpoint_format"] == "authors" and record["variant"] == variant
+    assert "TRM logits alone" in ev.read_run(tmp_path / "strm_authors.json")["note"]
+    out = runner.invoke(app, ["evaluate", "--cache", str(write_random_cache(tmp_path / "c32", splits={"test": (5, 3, 1)}, dim=32)),
+                              "--checkpoint", str(tmp_path / "trx_authors.pt"), "--episodes", "4"])
+    assert out.exit_code == 1 and f"D={dim}" in out.output
