@@ -6,6 +6,7 @@ videos into the same cache; rank 0 draws the progress bar and prints the summary
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -79,6 +80,7 @@ def extract_command(
     end; the run goes on. Settings that change the numbers (backbone, weights, input size,
     normalisation, patches, views, seed) give another cache key, so caches never mix.
     """
+    start = time.perf_counter()
     rank, world, device = _init_distributed(device)
     console = Console(stderr=True, quiet=rank != 0)
     try:
@@ -111,20 +113,27 @@ def extract_command(
         torch.distributed.destroy_process_group()
     if rank != 0:
         return
-    _summary(console, result.path, result.progress.already_done)
+    state = result.progress
+    elapsed = time.perf_counter() - start
+    resumed = f" ({state.already_done} were already done)" if state.already_done else ""
+    console.print(f"this run: {state.done} videos extracted, {state.failed} failed in {elapsed:.1f} s{resumed}",
+                  highlight=False)
+    if not _summary(console, result.path):
+        fail(f"{result.path}: no video could be extracted (reasons above)")
+    typer.echo(str(result.path))
 
 
-def _summary(console: Console, path: Path, already_done: int) -> None:
-    """Per split done/total, every failure with its reason (all ranks' ones, read from the cache), the path."""
+def _summary(console: Console, path: Path) -> int:
+    """Print per split done/total and every failure with its reason (all ranks', read from the cache); return done."""
     cache = open_cache(path)
-    if already_done:
-        console.print(f"{already_done} videos were already done (resumed)", highlight=False)
+    total_done = 0
     for split in cache.splits:
         done, failures = cache.done(split), cache.failures(split)
+        total_done += int(done.sum())
         console.print(f"{split}: {int(done.sum())}/{len(done)} videos done, {len(failures)} failed", highlight=False)
         for video_id, reason in failures:
             console.print(f"  [red]failed[/red] {video_id}: {reason}", highlight=False, soft_wrap=True)
-    typer.echo(str(path))
+    return total_done
 
 
 def register(app: typer.Typer) -> None:

@@ -247,5 +247,9 @@ def test_cli_reports_failures_and_clear_errors(dataset, tmp_path):
     assert result.exit_code == 0, result.output
     assert "failed broken:" in result.output and "test: 2/3 videos done, 1 failed" in result.output
     assert str(tmp_path / "cache" / "toy") in result.output
+    assert "this run: 12 videos extracted, 1 failed" in result.output
     result = runner.invoke(app, args("no_such_net"))
     assert result.exit_code == 1 and "unknown backbone 'no_such_net'" in result.output
+    manifest.iloc[-1:].to_csv(tmp_path / "manifest.csv", index=False)  # only the broken video
+    result = runner.invoke(app, args("tiny"))
+    assert result.exit_code == 1 and "no video could be extracted" in result.output
