@@ -181,6 +181,7 @@ def test_support_labels_are_checked(labels, message):
     if message is None:
         order, way, shot = group_by_class(labels[None], None)
         assert (way, shot) == (2, 3) and labels[order[0]].tolist() == [0, 0, 0, 1, 1, 1]
+        assert group_by_class(labels.sort().values[None], None)[0] is None  # already grouped
     else:
         with pytest.raises(ValueError, match=message):
             group_by_class(labels[None], None)

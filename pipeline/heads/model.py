@@ -6,7 +6,7 @@ batches of tasks; training calls `forward`, which is `relate(encode(support), la
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from types import MappingProxyType
 
@@ -73,7 +73,7 @@ class VideoEmbedding:
 
     _PER_VIDEO = ("trm_k", "trm_v", "qc", "ple_patches", "H", "E")
 
-    def _map(self, fn) -> VideoEmbedding:
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> VideoEmbedding:
         changes = {}
         for name in self._PER_VIDEO:
             value = getattr(self, name)
@@ -124,8 +124,8 @@ class HeadsOutput:
     qc_logits: torch.Tensor | None
 
 
-def group_by_class(labels: torch.Tensor, way: int | None) -> tuple[torch.Tensor, int, int]:
-    """Order [B, n_s] that sorts each task's support by label, plus (way, shot).
+def group_by_class(labels: torch.Tensor, way: int | None) -> tuple[torch.Tensor | None, int, int]:
+    """Order [B, n_s] that sorts each task's support by label (None when already sorted), plus (way, shot).
 
     Every class 0..way-1 must appear equally often in every task: that is what lets the classes
     of a task stack into one [way, shot * T] block.
@@ -148,6 +148,8 @@ def group_by_class(labels: torch.Tensor, way: int | None) -> tuple[torch.Tensor,
             f"support labels must hold every class 0..{way - 1} exactly {shot} times (equal shots); "
             f"task {task} has label counts {counts} (min label {int(labels[task].min())})"
         )
+    if torch.equal(order, torch.arange(n_s, device=labels.device).expand_as(order)):
+        return None, way, shot  # the episode sampler's layout: no gather needed
     return order, way, shot
 
 
@@ -283,7 +285,7 @@ class STRMHeads(nn.Module):
         query: VideoEmbedding,
         way: int | None = None,
         *,
-        max_elements: int = 1 << 26,
+        max_elements: int = 1 << 24,
     ) -> HeadsOutput:
         """Logits of query videos against the classes of the support set.
 
@@ -301,11 +303,16 @@ class STRMHeads(nn.Module):
             raise ValueError(
                 f"support embedding has leading dims {tuple(support.trm_k[0].shape[:2])}, labels {(batch, n_s)}"
             )
-        grouped = support[torch.arange(batch, device=order.device)[:, None], order]
         n_q = query.trm_k[0].shape[1]
         per_task = max(way * n_q * k.shape[-2] * k.shape[-1] for k in query.trm_k)
         step = max(1, max_elements // max(per_task, 1))
-        chunks = [self._relate_grouped(grouped[s : s + step], query[s : s + step], way, shot) for s in range(0, batch, step)]
+        chunks = []
+        for start in range(0, batch, step):
+            part = support[start : start + step]
+            if order is not None:  # sort each task's support by label, one chunk at a time
+                rows = torch.arange(len(part), device=order.device)[:, None]
+                part = part[rows, order[start : start + step]]
+            chunks.append(self._relate_grouped(part, query[start : start + step], way, shot))
         trm_logits = torch.cat([c[0] for c in chunks])
         qc_logits = torch.cat([c[1] for c in chunks]) if self.qc is not None else None
         logits = trm_logits if qc_logits is None else trm_logits + self.lambda_qc * qc_logits
@@ -353,7 +360,7 @@ class STRMHeads(nn.Module):
         [n_q, way, T_q, shot, T_s]; tuple t's frames are `support.tuples[i][t]` (i the cardinality's index)."""
         i = self.cardinalities.index(cardinality if cardinality is not None else self.cardinalities[0])
         order, way, shot = group_by_class(support_labels[None], None)
-        class_k = support.trm_k[i][order[0]]
+        class_k = support.trm_k[i] if order is None else support.trm_k[i][order[0]]
         t_s = class_k.shape[1]
         weights = trm_attention_weights(query.trm_k[i], class_k.reshape(way, shot * t_s, -1))
         return weights.reshape(*weights.shape[:3], shot, t_s)

@@ -39,6 +39,11 @@ def _sqrt_finite_grad(squared: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, squared.clamp_min(torch.finfo(squared.dtype).tiny).sqrt(), 0.0)
 
 
+def _squared_norm(x: torch.Tensor) -> torch.Tensor:
+    """||x||^2 over the last dim as one reduction (no temporary the size of x)."""
+    return torch.linalg.vector_norm(x, dim=-1).square()
+
+
 def relate_qc(query_z: torch.Tensor, class_z: torch.Tensor) -> torch.Tensor:
     """QC logits [B, n_q, way] from query z [B, n_q, T_q, C] and class z [B, way, K*T_s, C]."""
     batch, n_q, t_q, width = query_z.shape
@@ -46,7 +51,7 @@ def relate_qc(query_z: torch.Tensor, class_z: torch.Tensor) -> torch.Tensor:
     queries = query_z.reshape(batch, n_q * t_q, width)
     support = class_z.reshape(batch, way * per_class, width)
     squared = torch.baddbmm(
-        queries.pow(2).sum(-1, keepdim=True) + support.pow(2).sum(-1).unsqueeze(1),
+        _squared_norm(queries).unsqueeze(2) + _squared_norm(support).unsqueeze(1),
         queries,
         support.transpose(1, 2),
         alpha=-2.0,

@@ -31,12 +31,15 @@ def frame_tuples(frames: int, cardinality: int) -> torch.Tensor:
 
 def tuple_linear(x: torch.Tensor, linear: nn.Linear, tuples: torch.Tensor) -> torch.Tensor:
     """linear(concat of the frames of each tuple) for x [n, L, D], tuples [T, w] -> [n, T, out]."""
-    dim = x.shape[-1]
+    n, frames, dim = x.shape
+    width = tuples.shape[1]
+    out_dim = linear.weight.shape[0]
+    # Row o*w + i of weight.view(out*w, D) holds the columns acting on a tuple's i-th frame: one matmul
+    # projects every frame for every tuple position, with no copy of the weight.
+    per_frame = F.linear(x, linear.weight.view(out_dim * width, dim)).view(n, frames, out_dim, width)
     out = linear.bias
-    for position in range(tuples.shape[1]):
-        # Columns position*D..(position+1)*D of the weight act on the tuple's `position`-th frame.
-        per_frame = F.linear(x, linear.weight[:, position * dim : (position + 1) * dim])
-        out = out + per_frame.index_select(1, tuples[:, position])
+    for position in range(width):
+        out = out + per_frame[..., position].index_select(1, tuples[:, position])
     return out
 
 
@@ -73,7 +76,8 @@ def relate_trm(
     queries = query_k.reshape(batch, 1, n_q * t_q, width).expand(batch, way, n_q * t_q, width)
     prototypes = F.scaled_dot_product_attention(queries, class_k, class_v)  # scale 1/sqrt(D')
     diff = query_v.reshape(batch, 1, n_q * t_q, width) - prototypes
-    distance = diff.pow(2).sum(-1).view(batch, way, n_q, t_q).sum(-1) / t_q
+    squared = torch.linalg.vector_norm(diff, dim=-1).square()  # a reduction: no second [.., D'] temporary
+    distance = squared.view(batch, way, n_q, t_q).sum(-1) / t_q
     return -distance.transpose(1, 2)
 
 
