@@ -4,10 +4,15 @@ Ours: count_frames (the manifest's one-off check) + load_view(view 0): torchcode
 8 sampled frames (and what the codec needs to reach them), then resize 256 + centre crop 224.
 Authors': `ffmpeg -i v -q:v 5 dir/%08d.jpg` writes every frame as a JPEG, then the 8 sampled JPEGs
 are read with PIL and transformed (Resize 256, CenterCrop 224, to tensor). Same videos, one run,
-after one untimed warm-up of each route; the figure is the ratio of the total times.
+after one untimed warm-up of each route; each video is timed 3 times per route, interleaved, and
+its best wall time counts. The figure is the ratio of the summed wall times; the details add the
+ratio of CPU time (ours: this process; theirs: ffmpeg + this process), which a busy shared
+machine does not skew (ffmpeg's many threads win a larger share of a contended CPU).
 """
 from __future__ import annotations
 
+import os
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -26,6 +31,7 @@ VIDEOS = [("mpeg4", ".avi", 96), ("mpeg4", ".avi", 150), ("mpeg4", ".avi", 120),
           ("h264", ".mp4", 180), ("h264", ".mp4", 75)]
 SIZE = (320, 240)
 FPS = 30
+ROUNDS = 3  # per video and route; the best time counts
 
 
 def _write_video(path: Path, codec: str, n_frames: int, seed: int) -> None:
@@ -48,6 +54,11 @@ def _write_video(path: Path, codec: str, n_frames: int, seed: int) -> None:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _ours(path: Path, video_id: str) -> torch.Tensor:
@@ -83,18 +94,34 @@ def decode_speedup_vs_jpeg() -> Figure:
             _write_video(paths[-1], codec, n, seed=k)
         _ours(paths[0], "warmup"), _authors(paths[0], root / "warmup")  # imports, caches: untimed
         ours, authors, ours_view_only = [], [], []
+        cpu = {"ours": float("inf"), "authors": float("inf")}
+        load = os.getloadavg()[0]
         for k, path in enumerate(paths):
-            start = time.perf_counter()
-            mine = _ours(path, f"v{k}")
-            ours.append(time.perf_counter() - start)
             n = count_frames(path)
-            start = time.perf_counter()
-            load_view(path, n, f"v{k}", view=0, seed=0, spec=ViewSpec())
-            ours_view_only.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            theirs = _authors(path, root / f"jpeg{k}")
-            authors.append(time.perf_counter() - start)
+            best = {"ours": float("inf"), "view": float("inf"), "authors": float("inf")}
+            for attempt in range(ROUNDS):  # interleaved; the best of each route drops load spikes
+                start = time.perf_counter()
+                mine = _ours(path, f"v{k}")
+                best["ours"] = min(best["ours"], time.perf_counter() - start)
+                start = time.perf_counter()
+                load_view(path, n, f"v{k}", view=0, seed=0, spec=ViewSpec())
+                best["view"] = min(best["view"], time.perf_counter() - start)
+                start = time.perf_counter()
+                theirs = _authors(path, root / f"jpeg{k}_{attempt}")
+                best["authors"] = min(best["authors"], time.perf_counter() - start)
             assert mine.shape == theirs.shape == (8, 3, 224, 224)
+            ours.append(best["ours"])
+            ours_view_only.append(best["view"])
+            authors.append(best["authors"])
+        for attempt in range(ROUNDS):  # CPU seconds of each route over all videos
+            start = time.process_time()
+            for k, path in enumerate(paths):
+                _ours(path, f"v{k}")
+            cpu["ours"] = min(cpu["ours"], time.process_time() - start)
+            start, children = time.process_time(), _children_cpu()
+            for k, path in enumerate(paths):
+                _authors(path, root / f"cpu{k}_{attempt}")
+            cpu["authors"] = min(cpu["authors"], time.process_time() - start + _children_cpu() - children)
     ratio = sum(authors) / sum(ours)
     return Figure(
         value=ratio,
@@ -107,6 +134,8 @@ def decode_speedup_vs_jpeg() -> Figure:
             "ours ms/video (load_view, count known)": round(1000 * sum(ours_view_only) / len(ours), 1),
             "authors ms/video (ffmpeg all frames to JPEG + read 8)": round(1000 * sum(authors) / len(authors), 1),
             "speedup with the count known": round(sum(authors) / sum(ours_view_only), 2),
+            "CPU-time ratio (authors' route / ours)": round(cpu["authors"] / cpu["ours"], 2),
+            "load average at start (2 cores)": round(load, 1),
         },
     )
 
