@@ -7,7 +7,7 @@ are read with PIL and transformed (Resize 256, CenterCrop 224, to tensor). Same 
 after one untimed warm-up of each route; each video is timed 3 times per route, interleaved, and
 its best wall time counts. The figure is the ratio of the summed wall times; the details add the
 ratio of CPU time (ours: this process; theirs: ffmpeg + this process), which a busy shared
-machine does not skew (ffmpeg's many threads win a larger share of a contended CPU).
+machine skews less (ffmpeg's many threads win a larger share of a contended CPU).
 """
 from __future__ import annotations
 
