@@ -1,6 +1,142 @@
-"""Placeholder until its issue lands: registers nothing."""
+"""`strm train-heads`: episodic training of the STRM heads on a feature cache, with a progress bar.
+
+Options left out take the preset's value; with `--resume` they take the run's own (from its
+config.json), and one given that differs from the run's is an error, so a resumed run cannot
+silently become another run.
+"""
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from pipeline.cache import CacheError, open_cache
+from pipeline.train import CONFIG, PRESETS, TrainError, TrainProgress, init_distributed, make_config, train
+from stages.common import fail
+
+console = Console(stderr=True)
+
+
+class Preset(str, Enum):
+    frozen = "frozen"
+    authors = "authors"
+
+
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adam = "adam"
+    adamw = "adamw"
+
+
+class Loading(str, Enum):
+    auto = "auto"
+    ram = "ram"
+    stream = "stream"
+
+
+def _saved_settings(out: Path) -> dict:
+    """The settings a run in `out` was started with (empty when there is none)."""
+    path = out / CONFIG
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())["config"]
+    return {k: v for k, v in saved.items() if k not in ("dim", "frames", "patches")}
+
+
+def _heads_options(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs -> build_heads options; values are JSON when they parse (32, 0.5, [2,3], false)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"--heads-option {pair!r}: expected KEY=VALUE, e.g. trm_dim=64", 2)
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def train_heads(
+    cache: Path = typer.Option(..., "--cache", help="Feature cache folder (from `strm extract`)."),
+    variant: Optional[str] = typer.Option(None, help="Heads variant: strm, trm, trx, ple-trm, ... [default: strm]"),
+    heads_option: list[str] = typer.Option([], "--heads-option", help="A build_heads option KEY=VALUE, repeatable "
+                                           "(trm_dim=64, cardinalities=[2,3], tuple_keep=0.5, ple=mixer)."),
+    preset: Optional[Preset] = typer.Option(
+        None, help="frozen: AdamW, mean loss, standardised features, early stop (for cached features). "
+        "authors: the released SGD recipe (summed loss / 16, a step every 16 tasks). [default: frozen]"),
+    episodes: Optional[int] = typer.Option(None, help="Training tasks. [default: 10000]"),
+    way: Optional[int] = typer.Option(None, help="Classes a task. [default: 5]"),
+    shot: Optional[int] = typer.Option(None, help="Support videos a class. [default: 5]"),
+    queries: Optional[int] = typer.Option(None, help="Query videos a class in training. [default: 4]"),
+    lr: Optional[float] = typer.Option(None, help="Learning rate. [default: the preset's; authors: 1e-3 SSv2, 1e-4 others]"),
+    optimizer: Optional[Optimizer] = typer.Option(None, help="Optimiser. [default: the preset's]"),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay. [default: the preset's]"),
+    tasks_per_step: Optional[int] = typer.Option(None, help="Tasks accumulated a step. [default: frozen 1, authors 16]"),
+    lambda_qc: Optional[float] = typer.Option(None, "--lambda-qc", help="Weight of the QC loss and logits. [default: 0.1]"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Use the cached training views at random. [default: on]"),
+    standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
+                                               help="Per-channel feature standardisation. [default: the preset's]"),
+    seed: Optional[int] = typer.Option(None, help="Seed of the training tasks and dropout. [default: 0]"),
+    val_every: Optional[int] = typer.Option(None, help="Validate every N tasks; 0 = never. [default: 500]"),
+    val_episodes: Optional[int] = typer.Option(None, help="Validation tasks (fixed, seed 0). [default: 500]"),
+    patience: Optional[int] = typer.Option(None, help="Stop after N validations without improvement; 0 = never. [default: the preset's]"),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Write last.pt every N tasks. [default: 250]"),
+    out: Optional[Path] = typer.Option(None, help="Run folder. [default: runs/<variant>-<preset>-seed<seed>]"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... [default: cuda when available]"),
+    loading: Optional[Loading] = typer.Option(None, help="Keep the training split in RAM or stream it from disk. [default: auto]"),
+) -> None:
+    """Train the heads on the cache's training split; write config.json, metrics.jsonl, last.pt, best.pt and curve.png."""
+    given = dict(
+        variant=variant, heads_options=_heads_options(heads_option) or None, episodes=episodes, way=way, shot=shot, queries=queries, lr=lr,
+        optimizer=optimizer.value if optimizer else None, weight_decay=weight_decay, tasks_per_step=tasks_per_step,
+        lambda_qc=lambda_qc, augment=augment, standardize=standardize, seed=seed, val_every=val_every,
+        val_episodes=val_episodes, patience=patience, checkpoint_every=checkpoint_every, device=device,
+        loading=loading.value if loading else None,
+    )
+    try:
+        features = open_cache(cache)
+        name = preset.value if preset else "frozen"
+        if out is None:
+            out = Path("runs") / f"{variant or 'strm'}-{name}-seed{seed or 0}"
+        saved = _saved_settings(out) if resume else {}
+        if saved:
+            if preset and preset.value != saved["preset"]:
+                fail(f"{out}: the run uses preset {saved['preset']!r}, not {preset.value!r}", 2)
+            name = saved.pop("preset")
+        config = make_config(name, features.fingerprint.get("dataset"), **{**saved, **{k: v for k, v in given.items() if v is not None}})
+        rank, world = init_distributed(config.device)
+        if rank == 0:
+            console.print(f"training {config.variant} heads ({config.preset} preset, {config.optimizer} lr {config.lr:g}) "
+                          f"on {cache} -> {out}" + (f" on {world} processes" if world > 1 else ""))
+        with Progress(
+            TextColumn("[bold]train-heads"), BarColumn(), MofNCompleteColumn(), TextColumn("tasks"),
+            TextColumn("{task.fields[rate]:.2f} tasks/s"), TextColumn("loss {task.fields[loss]:.4g}"),
+            TextColumn("acc {task.fields[acc]:.1f}%"), TextColumn("{task.fields[val]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=rank != 0,
+        ) as bar:
+            bar_id = bar.add_task("train", total=config.episodes, rate=0.0, loss=float("nan"), acc=0.0, val="")
+
+            def show(p: TrainProgress) -> None:
+                val = f"val {p.val_accuracy:.1f}% (best {p.best_val_accuracy:.1f}%)" if p.val_accuracy is not None else ""
+                bar.update(bar_id, completed=p.task, rate=p.tasks_per_s, loss=p.loss, acc=p.accuracy, val=val)
+
+            result = train(config, features, out, resume=resume, progress=show)
+    except (TrainError, CacheError) as err:
+        fail(str(err), 2)
+    if rank == 0:
+        best = (f"best validation {result.best_val_accuracy:.2f}% at task {result.best_task} -> {result.best_checkpoint}"
+                if result.best_checkpoint else "no validation")
+        stop = " (stopped early)" if result.stopped_early else ""
+        console.print(f"done: {result.tasks_done} tasks{stop}; {best}; last: {result.last_checkpoint}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this stage's command(s) to the app."""
+    """Add `strm train-heads` to the app."""
+    app.command("train-heads", help=f"Episodic training of the heads on a feature cache (presets: {', '.join(PRESETS)}).")(train_heads)

@@ -1,0 +1,215 @@
+"""Episodic training: it learns, it resumes after kill -9 to the same weights, its checkpoints load
+with weights_only=True, it refuses caches and options that do not fit, and DDP on 2 CPU processes
+computes the same gradients as one process accumulating the step's 16 tasks."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline.cache import CacheWriter, SplitLayout, open_cache, write_random_cache
+from pipeline.evaluate import evaluate
+from pipeline.heads import build_heads, load_heads
+from pipeline.train import TrainError, make_config, read_metrics, train
+
+SMALL = {"trm_dim": 32}  # D' = 32 keeps a task at D = 32 in tens of milliseconds
+CLI = "from stages.app import main; main()"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The CPU is shared: one BLAS thread is faster than two fighting for it (and the subprocesses match)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", CLI, "train-heads", *args]
+
+
+def _informative_cache(path: Path, *, train_classes: int = 40, signal: float = 1.0, informative: int = 4) -> Path:
+    """Class patterns on the same few channels in every split, unit noise on all 32 channels.
+
+    Unlike a cache whose class signal is spread over every channel, here something transfers from
+    training classes to new ones (which channels matter), and untrained heads are near chance:
+    validation accuracy can only rise by learning.
+    """
+    rng = np.random.default_rng(0)
+    frames, patches, dim = 8, 16, 32
+    splits = {"train": (train_classes, 4, 2), "val": (5, 6, 1)}
+    layouts, data = {}, {}
+    for split, (classes, per_class, views) in splits.items():
+        labels = np.repeat(np.arange(classes), per_class)
+        patterns = np.zeros((classes, frames, patches, dim), np.float32)
+        patterns[..., :informative] = rng.standard_normal((classes, frames, patches, informative))
+        noise = rng.standard_normal((len(labels), views, frames, patches, dim))
+        data[split] = (signal * patterns[labels][:, None] + noise).astype(np.float16)
+        layouts[split] = SplitLayout([f"{split}/{i}" for i in range(len(labels))], labels.tolist(),
+                                     [f"{split}_{c}" for c in range(classes)], views)
+    writer = CacheWriter.create(path, {"dataset": "informative", "signal": signal}, layouts,
+                                frames=frames, patches=patches, dim=dim)
+    for split, features in data.items():
+        for i, x in enumerate(features):
+            writer.write(split, i, x)
+    return path
+
+
+def test_it_learns_and_checkpoints_load_weights_only(tmp_path):
+    cache = _informative_cache(tmp_path / "cache")
+    val = open_cache(cache).load_split("val")
+    torch.manual_seed(0)
+    untrained = evaluate(build_heads("strm", 32, **SMALL), val, episodes=100, way=5, shot=2, queries=1).mean
+
+    config = make_config("frozen", episodes=150, shot=2, queries=2, lr=3e-3, heads_options=SMALL,
+                         val_every=50, val_episodes=100, patience=0, log_every=25)
+    result = train(config, cache, tmp_path / "run")
+
+    assert result.tasks_done == 150 and result.best_checkpoint == tmp_path / "run" / "best.pt"
+    assert result.best_val_accuracy >= 50 and result.best_val_accuracy >= untrained + 15, (untrained, result)
+    records = read_metrics(tmp_path / "run")
+    assert [r["task"] for r in records if r["kind"] == "val"] == [50, 100, 150]
+    assert {"config.json", "metrics.jsonl", "last.pt", "best.pt", "curve.png"} <= {p.name for p in (tmp_path / "run").iterdir()}
+
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    for ckpt in (best, last):
+        assert ckpt["format"] == "strm-heads/1"
+        assert {"model", "optimizer", "scheduler", "rng", "task_index", "config", "cache_fingerprint"} <= set(ckpt)
+    assert last["task_index"] == 150 and best["task_index"] == result.best_task
+    assert best["cache_fingerprint"] == open_cache(cache).fingerprint
+    heads, _ = load_heads(best)  # the standardisation travels inside the heads
+    assert not torch.equal(heads.feature_std, torch.ones(32))
+    again = evaluate(heads, val, episodes=100, way=5, shot=2, queries=1).mean
+    assert again == pytest.approx(result.best_val_accuracy)
+    info = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert info["config"]["lr"] == 3e-3 and info["cache"]["fingerprint"]["dataset"] == "informative"
+
+
+def test_kill_9_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
+    cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2), "val": (5, 3, 1)}, dim=32)
+    args = ["--cache", str(cache), "--episodes", "80", "--shot", "2", "--queries", "2", "--val-every", "40",
+            "--val-episodes", "20", "--checkpoint-every", "10", "--heads-option", "trm_dim=32", "--seed", "3"]
+    whole = subprocess.Popen(_cli(*args, "--out", str(tmp_path / "whole")), env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed = subprocess.Popen(_cli(*args, "--out", str(tmp_path / "killed")), env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    at_kill = torch.load(last, weights_only=True)["task_index"]
+    assert 10 <= at_kill < 80
+
+    resumed = subprocess.run(_cli(*args, "--out", str(tmp_path / "killed"), "--resume"), env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert whole.wait(timeout=300) == 0, whole.stderr.read().decode()
+
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    assert a["task_index"] == b["task_index"] == 80
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for index, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][name]), (index, name)
+    strip = lambda records: [{k: v for k, v in r.items() if k != "tasks_per_s"} for r in records]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "whole")) == strip(read_metrics(tmp_path / "killed"))
+    assert json.loads((tmp_path / "killed" / "config.json").read_text())["resumed_from_task"] == at_kill
+
+
+def test_streaming_from_disk_trains_the_same_weights_as_ram(tmp_path):
+    cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 3)}, dim=32)
+    weights = []
+    for loading in ("ram", "stream"):
+        config = make_config("frozen", episodes=12, shot=2, queries=2, heads_options=SMALL, val_every=0,
+                             loading=loading, read_ahead=3)
+        train(config, cache, tmp_path / loading)
+        weights.append(torch.load(tmp_path / loading / "last.pt", weights_only=True)["model"])
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+
+
+def test_caches_and_options_that_do_not_fit_are_clear_errors(tmp_path):
+    from stages.app import app
+
+    splits = {"train": (6, 5, 2), "val": (5, 3, 1)}
+    cache = write_random_cache(tmp_path / "a", splits=splits, dim=32)
+    other = write_random_cache(tmp_path / "b", splits=splits, dim=32, seed=1)
+    wider = write_random_cache(tmp_path / "c", splits=splits, dim=48)  # same fingerprint, another D
+    config = make_config("frozen", episodes=4, shot=2, queries=2, heads_options=SMALL, val_every=0, checkpoint_every=2)
+    train(config, cache, tmp_path / "run")
+
+    with pytest.raises(TrainError, match="trained on another cache.*seed"):
+        train(config, other, tmp_path / "run", resume=True)
+    with pytest.raises(TrainError, match="D=32.*D=48"):
+        train(config, wider, tmp_path / "run", resume=True)
+    with pytest.raises(TrainError, match="already holds a run"):
+        train(config, cache, tmp_path / "run")
+
+    runner = CliRunner()
+    common = ["train-heads", "--cache", str(cache), "--heads-option", "trm_dim=32", "--val-every", "0"]
+    result = runner.invoke(app, [*common, "--way", "7", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "train split" in result.output and "needs 7 classes" in result.output
+    result = runner.invoke(app, [*common, "--shot", "3", "--queries", "2", "--val-every", "4", "--out", str(tmp_path / "y")])
+    assert result.exit_code == 2 and "val split" in result.output and "needs 5 classes with >= 4 videos" in result.output
+    result = runner.invoke(app, [*common, "--episodes", "4", "--shot", "2", "--queries", "2", "--lr", "0.5",
+                                 "--out", str(tmp_path / "run"), "--resume"])
+    assert result.exit_code == 2 and "lr: 0.001 in the checkpoint, 0.5 asked" in result.output
+
+
+def test_presets():
+    assert make_config("authors", "ssv2").lr == 1e-3
+    authors = make_config("authors", "hmdb51", val_every=100)
+    assert (authors.lr, authors.optimizer, authors.loss_reduction, authors.tasks_per_step) == (1e-4, "sgd", "sum", 16)
+    assert authors.val_every == 112  # validation happens between optimiser steps
+    frozen = make_config("frozen", "hmdb51", lr=5e-4)
+    assert (frozen.lr, frozen.tasks_per_step, frozen.loss_reduction, frozen.standardize) == (5e-4, 1, "mean", True)
+    with pytest.raises(TrainError, match="multiple of tasks_per_step"):
+        make_config("authors", episodes=20)
+
+
+def test_ddp_on_two_cpu_processes_gives_the_gradients_of_one_process(tmp_path):
+    """One SGD step at lr 1 moves the weights by exactly minus the gradient of the step's 16 tasks."""
+    cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2)}, dim=32)
+    args = ["--cache", str(cache), "--preset", "authors", "--episodes", "16", "--shot", "2", "--queries", "2",
+            "--heads-option", "trm_dim=32", "--val-every", "0", "--device", "cpu"]
+    script = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+              "--no-python", sys.executable, "-c", CLI, "train-heads"]
+    ddp = subprocess.run([*script, *args, "--lr", "1", "--out", str(tmp_path / "ddp")], env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+
+    def one_process(lr: float) -> dict:
+        config = make_config("authors", episodes=16, shot=2, queries=2, heads_options=SMALL, val_every=0, lr=lr, device="cpu")
+        train(config, cache, tmp_path / f"one-{lr}")
+        return torch.load(tmp_path / f"one-{lr}" / "last.pt", weights_only=True)["model"]
+
+    start, single = one_process(0.0), one_process(1.0)
+    distributed = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert distributed["world_size"] == 2
+    moved = 0
+    for key, w0 in start.items():
+        if not w0.is_floating_point() or key.startswith("feature_"):
+            continue
+        grad_one, grad_ddp = w0 - single[key], w0 - distributed["model"][key]
+        torch.testing.assert_close(grad_ddp, grad_one, rtol=1e-4, atol=1e-6, msg=key)
+        moved += int(grad_one.abs().max() > 0)
+    assert moved >= 10
