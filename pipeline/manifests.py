@@ -36,6 +36,7 @@ OFFICIAL_COUNTS: dict[str, tuple[int, int, int]] = {
     "ssv2_cmn": (6400, 1200, 2400),
 }
 
+MISSING_CLASS = "/*"  # video_id suffix of the one row saying a class of a class-level CSV has no videos
 _OTAM_CLASS = re.compile(r"^(train|val|test)\d+$")  # OTAM names a class by split and index: train8
 
 
@@ -195,7 +196,7 @@ def _rows_from_classes(classes: dict[str, str], index: _VideoIndex) -> Iterator[
     for cls, split in classes.items():
         paths = index.by_folder.get(_norm(cls), [])
         if not paths:
-            yield f"{cls}/*", cls, split, "", -1, f"missing: no folder {cls} with videos under {index.root}"
+            yield f"{cls}{MISSING_CLASS}", cls, split, "", -1, f"missing: no folder {cls} with videos under {index.root}"
         seen: set[str] = set()
         for path in paths:
             if path.stem not in seen:  # x.avi and x.mp4 side by side: one video
@@ -276,9 +277,10 @@ def counts_key(dataset: str, df: pd.DataFrame) -> str | None:
 
 
 def split_counts(df: pd.DataFrame, dataset: str | None = None) -> pd.DataFrame:
-    """Per split: videos listed, videos ok, and the official count (NA when not known)."""
+    """Per split: videos listed (a missing class's row is no video), videos ok, and the official count (NA when not known)."""
     official = OFFICIAL_COUNTS.get(counts_key(dataset, df) or "") if dataset else None
-    listed = df["video_id"].groupby(df["split"]).size().reindex(SPLITS, fill_value=0)
+    videos = ~df["video_id"].str.endswith(MISSING_CLASS)
+    listed = videos.groupby(df["split"]).sum().reindex(SPLITS, fill_value=0)
     ok = df["status"].eq("ok").groupby(df["split"]).sum().reindex(SPLITS, fill_value=0)
     table = pd.DataFrame({"listed": listed.astype(int), "ok": ok.astype(int)}, index=list(SPLITS))
     table["official"] = pd.array(list(official) if official else [pd.NA] * len(SPLITS), dtype="Int64")
@@ -287,12 +289,16 @@ def split_counts(df: pd.DataFrame, dataset: str | None = None) -> pd.DataFrame:
 
 def bad_videos(df: pd.DataFrame) -> pd.DataFrame:
     """The rows that are not usable, with their reason: the report written next to a manifest."""
-    return df.loc[df["status"] != "ok", ["video_id", "class", "split", "path", "n_frames", "status"]]
+    return df.loc[df["status"] != "ok", list(COLUMNS)]
 
 
 def bad_kinds(df: pd.DataFrame) -> Counter[str]:
-    """How many bad rows of each kind (the part of the status before the colon)."""
-    return Counter(status.split(":", 1)[0] for status in df["status"] if status != "ok")
+    """How many bad rows of each kind: the part of the status before the colon, or "missing class"."""
+    return Counter(
+        "missing class" if video_id.endswith(MISSING_CLASS) else status.split(":", 1)[0]
+        for video_id, status in zip(df["video_id"], df["status"])
+        if status != "ok"
+    )
 
 
 def write_manifest(df: pd.DataFrame, path: Path) -> Path:

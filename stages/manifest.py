@@ -6,6 +6,7 @@ from typing import Annotated
 
 import enum
 
+import pandas as pd
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -79,23 +80,29 @@ def manifest(
 
     counts = split_counts(table, dataset)
     view = Table(title=f"{dataset}: videos per split", title_justify="left")
-    for column in ("split", "listed", "ok", "official", ""):
-        view.add_column(column, justify="left" if column in ("split", "") else "right")
+    for column in ("split", "listed", "ok", "official", "check"):
+        view.add_column(column, justify="left" if column in ("split", "check") else "right")
     for split, row in counts.iterrows():
-        known = row["official"] is not None and str(row["official"]) != "<NA>"
-        verdict = "" if not known else ("matches" if row["listed"] == row["official"] else "DIFFERS from official")
-        view.add_row(split, str(row["listed"]), str(row["ok"]), str(row["official"]) if known else "-", verdict)
+        listed, ok, official = int(row["listed"]), int(row["ok"]), row["official"]
+        if pd.isna(official):
+            check = ""
+        elif listed != official:
+            check = f"listed DIFFERS from official by {listed - official:+d}"
+        else:
+            check = "complete" if ok == official else f"{official - ok} of the official videos not usable"
+        view.add_row(split, str(listed), str(ok), "-" if pd.isna(official) else str(official), check)
     console.print(view)
 
     kinds = bad_kinds(table)
+    classes = kinds.pop("missing class", 0)
+    summary = f"bad videos: {sum(kinds.values())}"
     if kinds:
-        detail = ", ".join(f"{kind} {n}" for kind, n in kinds.most_common())
-        console.print(
-            f"bad videos: {sum(kinds.values())} ({detail}); listed in {report}",
-            markup=False, highlight=False, soft_wrap=True,
-        )
-    else:
-        console.print("bad videos: none", markup=False, highlight=False)
+        summary += " (" + ", ".join(f"{kind} {n}" for kind, n in kinds.most_common()) + ")"
+    if classes:
+        summary += f"; classes with no videos: {classes}"
+    if kinds or classes:
+        summary += f"; listed in {report}"
+    console.print(summary, markup=False, highlight=False, soft_wrap=True)
     console.print(f"manifest: {out} ({len(table)} rows)", markup=False, highlight=False)
     if counts["ok"].sum() == 0:
         raise _fail(f"no usable video under {videos} (see {report})", 1)

@@ -91,9 +91,10 @@ def test_validation_finds_counts_and_reasons(checked):
     assert rows["cartwheel/gone"]["status"] == "missing: no such file"
     assert sum(ticks) == len(table)
     kinds = bad_kinds(table)
-    assert kinds == {"missing": 49, "too short": 1, "empty": 1, "unreadable": 2}
+    assert kinds == {"missing class": 48, "missing": 1, "too short": 1, "empty": 1, "unreadable": 2}
     assert set(bad_videos(table)["video_id"]) == set(table.loc[table["status"] != "ok", "video_id"])
     counts = split_counts(table, "hmdb51")
+    assert counts["listed"].tolist() == [2, 2, 3]  # the missing classes' rows are no videos
     assert counts.loc["train", "ok"] == 1 and counts.loc["val", "ok"] == 1 and counts.loc["test", "ok"] == 0
     assert tuple(counts["official"]) == OFFICIAL_COUNTS["hmdb51"]
 
