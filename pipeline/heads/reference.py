@@ -13,16 +13,22 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pipeline.heads.fle import MixerEnrich
 from pipeline.heads.model import STRMHeads
-from pipeline.heads.pe import sinusoid_table
+from pipeline.heads.ple import SelfAttentionEnrich
 
 
 def _pe(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """x [N, tokens, D] + 0.1 * sinusoid table, then dropout."""
-    return F.dropout(x + sinusoid_table(x.shape[-1], x.shape[-2]), p, training)
+    """x [N, tokens, D] + pe, pe[pos, 2i] = 0.1 sin(pos / 10000^(2i/D)), pe[pos, 2i+1] = 0.1 cos(..); dropout."""
+    tokens, dim = x.shape[-2], x.shape[-1]
+    angle = torch.arange(tokens, dtype=torch.float64)[:, None] / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    table = torch.zeros(tokens, dim, dtype=torch.float64)
+    table[:, 0::2] = 0.1 * torch.sin(angle)
+    table[:, 1::2] = 0.1 * torch.cos(angle[:, : dim // 2])
+    return F.dropout(x + table.to(x.dtype), p, training)
 
 
-def _self_attention_block(block, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+def _self_attention_block(block: SelfAttentionEnrich, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     x = _pe(x, p, training)
     if block.qkv is not None:
         wq, wk, wv = block.qkv.weight.chunk(3, dim=0)
@@ -35,7 +41,7 @@ def _self_attention_block(block, x: torch.Tensor, p: float, training: bool) -> t
     return psi + x
 
 
-def _mixer_block(block, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+def _mixer_block(block: MixerEnrich, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     x = _pe(x, p, training)
     t1, t2 = block.token_mlp[0], block.token_mlp[2]
     x = x + t2(torch.relu(t1(x.transpose(1, 2)))).transpose(1, 2)
@@ -43,12 +49,14 @@ def _mixer_block(block, x: torch.Tensor, p: float, training: bool) -> torch.Tens
     return x + c2(torch.relu(c1(x)))
 
 
-def _enrich(block, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+def _enrich(block: SelfAttentionEnrich | MixerEnrich | None, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if block is None:
         return x
-    if hasattr(block, "psi"):
+    if isinstance(block, SelfAttentionEnrich):
         return _self_attention_block(block, x, p, training)
-    return _mixer_block(block, x, p, training)
+    if isinstance(block, MixerEnrich):
+        return _mixer_block(block, x, p, training)
+    raise TypeError(f"no reference for enrichment block {type(block).__name__}")
 
 
 def _tuple_vectors(x: torch.Tensor, tuples: list[tuple[int, ...]]) -> torch.Tensor:
