@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from pipeline.heads import VARIANTS, load_authors_checkpoint, save_heads
+from pipeline.heads.checkpoint import trunk_state
 from stages.common import fail
 
 
@@ -49,7 +50,7 @@ def import_checkpoint(
 
     extra = {"source": {"path": str(src), "import_report": asdict(report)}}
     if heads.backbone_state_dict:
-        extra["backbone"] = heads.backbone_state_dict
+        extra["backbone"] = trunk_state(heads.backbone_state_dict)  # as `Backbone.state_dict()` names it
     try:
         save_heads(dst, heads, **extra)
     except OSError as err:

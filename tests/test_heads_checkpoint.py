@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.heads import build_heads, load_authors_checkpoint, load_heads, save_heads
+from pipeline.heads.checkpoint import trunk_state
 
 FIXTURE = Path(__file__).parent / "fixtures" / "strm_official_golden.pt"
 
@@ -56,16 +57,22 @@ def test_released_files_have_no_qc(golden):
 
 
 def test_backbone_weights_come_back_separately(golden):
+    from torchvision.models import resnet50
+
     from pipeline.backbones import get_backbone
 
     trunk = get_backbone("resnet50", pretrained=False).trunk.state_dict()
     source = {f"resnet.{k}": torch.randn_like(v) if v.is_floating_point() else v for k, v in trunk.items()}
     heads = load_authors_checkpoint(multi_gpu_spelling({**golden["strm_state_dict"], **source}))
+    assert torch.equal(heads.backbone_state_dict["layer4.2.conv3.weight"], source["resnet.7.2.conv3.weight"])
+    torchvision = resnet50()
+    missing, unexpected = torchvision.load_state_dict(heads.backbone_state_dict, strict=False)
+    assert not unexpected and set(missing) == {"fc.weight", "fc.bias"}  # torchvision's names, all but the classifier
     backbone = get_backbone("resnet50", pretrained=False)
-    backbone.load_state_dict(heads.backbone_state_dict)  # strict: every key and shape fits
+    backbone.load_state_dict(trunk_state(heads.backbone_state_dict))  # strict: every key and shape fits
     assert torch.equal(backbone.trunk[7][2].conv3.weight, source["resnet.7.2.conv3.weight"])
     assert heads.import_report.backbone_tensors == len(trunk)
-    assert not any(k.startswith("trunk.") for k in heads.state_dict())
+    assert not any(k.startswith(("trunk.", "layer")) for k in heads.state_dict())
 
 
 def test_wrong_or_partial_files_are_refused(golden):
@@ -128,6 +135,7 @@ def test_import_checkpoint_stage(golden, tmp_path):
     src, dst = tmp_path / "authors.pt", tmp_path / "out" / "strm.pt"
     released = {k: v for k, v in golden["strm_state_dict"].items() if not k.startswith("new_dist")}
     released["resnet.0.weight"] = torch.randn(4, 3, 7, 7)
+    released["resnet.7.0.bn1.running_mean"] = torch.randn(4)
     torch.save({"model_state_dict": multi_gpu_spelling(released)}, src)
     result = CliRunner().invoke(app, ["import-checkpoint", str(src), str(dst)])
     assert result.exit_code == 0, result.output
@@ -135,6 +143,7 @@ def test_import_checkpoint_stage(golden, tmp_path):
     assert "norm_v" in result.output  # dropped, and said so
     heads, checkpoint = load_heads(dst)
     assert not heads.has_qc and torch.equal(checkpoint["backbone"]["trunk.0.weight"], released["resnet.0.weight"])
+    assert torch.equal(checkpoint["backbone"]["trunk.7.0.bn1.running_mean"], released["resnet.7.0.bn1.running_mean"])
     close(logits(heads, golden).logits, golden["trm_logits"])
 
     bad = CliRunner().invoke(app, ["import-checkpoint", str(src), str(dst), "--variant", "trx"])

@@ -6,8 +6,8 @@ Authors' files (STRM_SPEC section 9): a bare state dict or {"model_state_dict": 
 carry `.module.` (multi-GPU runs). Every size is read from the tensors' shapes. The PLE's three
 projections are stacked into the one Q|K|V layer used here; the unused `norm_v` and the positional
 tables (recomputed, and checked) are dropped; `resnet.<i>.*` goes to a separate backbone state dict
-keyed `trunk.<i>.*`: the state dict of `pipeline.backbones.get_backbone("resnet50")`, whose trunk is
-the authors' cut, and the `backbone` entry `strm extract --backbone-checkpoint` reads. Released files have no QC weights: the heads are then built without
+under torchvision's ResNet names (`layer4.2.conv3.weight`); `trunk_state` renames that for the
+project's `Backbone` module (`trunk.7.2.conv3.weight`, what `strm extract --backbone-checkpoint` reads). Released files have no QC weights: the heads are then built without
 QC and their logits are the TRM logits alone.
 
 Project format: {"format": "strm-heads/1", "variant", "dim", "options" (the resolved build_heads
@@ -27,6 +27,9 @@ from pipeline.heads.model import STRMHeads, build_heads
 from pipeline.heads.pe import sinusoid_table
 
 FORMAT = "strm-heads/1"
+
+# The authors' `resnet` is nn.Sequential(torchvision resnet50 children up to layer4/avgpool): child i.
+RESNET_CHILDREN = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")
 
 _PLE_KEYS = {"Bot_MLP.inp_fc": "psi.0", "Bot_MLP.hid_fc": "psi.2", "Bot_MLP.out_fc": "psi.4"}
 _FLE_KEYS = {
@@ -154,7 +157,10 @@ def _map_keys(state: dict[str, torch.Tensor], heads: STRMHeads, report: ImportRe
         if key in used:
             continue
         if key.startswith("resnet."):
-            backbone["trunk." + key.removeprefix("resnet.")] = value
+            _, child, rest = key.split(".", 2)
+            if not child.isdigit() or int(child) >= len(RESNET_CHILDREN):
+                raise ValueError(f"{key}: not a ResNet-50 child of the authors' backbone")
+            backbone[f"{RESNET_CHILDREN[int(child)]}.{rest}"] = value
         elif key.endswith(".pe.pe"):
             tokens = heads.patches if key.startswith("attn_pat.") else heads.frames
             _check_pe(key, value, tokens, report)
@@ -182,8 +188,8 @@ def load_authors_checkpoint(
 ) -> STRMHeads:
     """Heads (eval mode) from an authors' STRM/TRX checkpoint; sizes are read from the tensors.
 
-    The returned module also carries `backbone_state_dict` (the file's `resnet.<i>.*` weights as
-    `trunk.<i>.*`, i.e. loadable into `get_backbone("resnet50")`; empty when the file has none) and
+    The returned module also carries `backbone_state_dict` (the file's `resnet.<i>.*` weights under
+    torchvision ResNet-50 names, e.g. `layer4.2.conv3.weight`; empty when the file has none) and
     `import_report` (an ImportReport). Without QC weights in the file `has_qc` is False and the
     logits are the TRM logits alone. Missing weights for the requested variant raise ValueError.
     """
@@ -227,6 +233,15 @@ def load_authors_checkpoint(
     heads.backbone_state_dict = backbone
     heads.import_report = report
     return heads
+
+
+def trunk_state(torchvision_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision ResNet names -> `trunk.<child>.*`, the keys of `pipeline.backbones.get_backbone("resnet50")`."""
+    out = {}
+    for key, value in torchvision_state.items():
+        name, rest = key.split(".", 1)
+        out[f"trunk.{RESNET_CHILDREN.index(name)}.{rest}"] = value
+    return out
 
 
 def save_heads(path: str | os.PathLike, heads: STRMHeads, **extra) -> None:
