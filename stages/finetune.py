@@ -1,6 +1,218 @@
-"""Placeholder until its issue lands: registers nothing."""
+"""`strm finetune`: backbone and heads trained together on raw video, from a train-heads or authors' checkpoint.
+
+Settings left out come from the starting checkpoint (the backbone, its layer, input size and
+normalisation that its heads were trained on) and otherwise from the authors' recipe; with
+`--resume` they come from the run's own config.json, and one given that differs is an error.
+On CPU with a real backbone the first tasks are timed and a run estimated past an hour needs --yes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import torch
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from pipeline.backbones import WeightsUnavailable
+from pipeline.finetune import (
+    Estimate,
+    FinetuneAborted,
+    FinetuneError,
+    FinetuneProgress,
+    finetune,
+    load_start,
+    make_finetune_config,
+)
+from pipeline.manifests import ManifestError, build_manifest, read_manifest, validate_manifest
+from pipeline.train import CONFIG, LAST, init_distributed
+from stages.common import fail
+
+console = Console(stderr=True)
+CPU_LIMIT_S = 3600  # past this estimate a CPU run needs --yes
+
+
+class BatchNorm(str, Enum):
+    train = "train"
+    frozen = "frozen"
+
+
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adam = "adam"
+    adamw = "adamw"
+
+
+class Amp(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    off = "off"
+
+
+def _default_out(source: Path) -> Path:
+    """runs/NAME/best.pt -> runs/NAME-ft; an authors' file x.pt -> runs/x-ft."""
+    name = source.parent.name if source.stem in ("best", "last") and source.parent.name else source.stem
+    return Path("runs") / f"{name}-ft"
+
+
+def _saved_settings(out: Path) -> dict:
+    """The settings the run in `out` was started with (empty when there is none)."""
+    path = out / CONFIG
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())["config"]
+    return {k: v for k, v in saved.items() if k not in ("dataset", "dim", "frames", "variant", "device", "workers")}
+
+
+def _manifest(dataset: str, videos: Path, manifest: Path | None, rank: int, world: int):
+    """The manifest, with the frame counts of usable train/val rows filled in (once, on rank 0)."""
+    table = None
+    if rank == 0:
+        table = read_manifest(manifest) if manifest is not None else build_manifest(dataset, videos)
+        unknown = table["split"].isin(["train", "val"]) & table["status"].eq("ok") & (table["n_frames"] < 0)
+        if unknown.any():
+            with Progress(TextColumn("counting frames"), BarColumn(), MofNCompleteColumn(), console=console) as bar:
+                task = bar.add_task("count", total=int(unknown.sum()))
+                checked = validate_manifest(table[unknown], progress=lambda k: bar.advance(task, k))
+            for column in ("n_frames", "status"):
+                table.loc[unknown, column] = checked[column]
+            console.print(f"counted the frames of {int(unknown.sum())} videos "
+                          "(a manifest from `strm manifest` already holds them)", highlight=False)
+    if world > 1:
+        box = [table]
+        torch.distributed.broadcast_object_list(box, src=0)
+        table = box[0]
+    return table
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def _refresh_command(dataset: str, videos: Path, manifest: Path | None, config, checkpoint: Path) -> str:
+    parts = ["strm extract", dataset, "--videos", str(videos)]
+    if manifest is not None:
+        parts += ["--manifest", str(manifest)]
+    parts += ["--backbone", config.backbone, "--layer", str(config.layer), "--short-side", str(config.short_side),
+              "--crop", str(config.crop), "--patches", str(config.patches)]
+    if not config.normalize:
+        parts.append("--no-normalize")
+    return " ".join(parts + ["--backbone-checkpoint", str(checkpoint)])
+
+
+def finetune_command(
+    dataset: str = typer.Argument(..., help="Dataset name (hmdb51, ucf101, kinetics100, ssv2, synthetic, folder); sets the authors' lr and queries."),
+    source: Path = typer.Option(..., "--from", help="Starting point: a train-heads checkpoint (runs/NAME/best.pt), an earlier fine-tune, or an authors' STRM/TRX file (backbone + heads)."),
+    videos: Path = typer.Option(..., "--videos", help="Folder holding the videos; relative manifest paths are under it."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest from `strm manifest` (frame counts known); built from --videos when not given."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Backbone name. [default: the one the heads were trained on, else resnet50]"),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Feature layer. [default: as the heads were trained]"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Local backbone weights instead of the pretrained download."),
+    episodes: Optional[int] = typer.Option(None, "--episodes", help="Training tasks. [default: 75000 SSv2, 10000 others]"),
+    way: Optional[int] = typer.Option(None, "--way", help="Classes a task. [default: 5]"),
+    shot: Optional[int] = typer.Option(None, "--shot", help="Support videos a class. [default: 5]"),
+    queries: Optional[int] = typer.Option(None, "--queries", help="Query videos a class. [default: 5 Kinetics, 4 others]"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate. [default: 1e-3 SSv2, 1e-4 others]"),
+    optimizer: Optional[Optimizer] = typer.Option(None, "--optimizer", help="Optimiser, without momentum or weight decay. [default: sgd, the authors']"),
+    tasks_per_step: Optional[int] = typer.Option(None, "--tasks-per-step", help="Tasks accumulated a step. [default: 16]"),
+    freeze_stages: Optional[int] = typer.Option(None, "--freeze-stages", help="Freeze the first K backbone stages (ResNet: stem, layer1..4). [default: 0]"),
+    bn: Optional[BatchNorm] = typer.Option(None, "--bn", help="BatchNorm: train (synchronised across GPUs) or frozen. [default: train]"),
+    amp: Optional[Amp] = typer.Option(None, "--amp", help="CUDA autocast: bf16, fp16 (loss scaling) or off (the authors'). CPU runs float32. [default: bf16]"),
+    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="Backbone mean/std on the pixels. [default: as the heads were trained]"),
+    short_side: Optional[int] = typer.Option(None, "--short-side", help="Resize the shorter side to this. [default: as the heads were trained, else 256]"),
+    crop: Optional[int] = typer.Option(None, "--crop", help="Square crop. [default: as the heads were trained, else 224]"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the tasks, views and dropout. [default: 0]"),
+    val_every: Optional[int] = typer.Option(None, "--val-every", help="Validate every N tasks; 0 = never. [default: 1000]"),
+    val_episodes: Optional[int] = typer.Option(None, "--val-episodes", help="Validation tasks (fixed seed). [default: 1000]"),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write last.pt every N tasks. [default: 160]"),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="A metrics line every N tasks. [default: 16]"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes. [default: CPUs - 1, at most 8]"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder. [default: runs/NAME-ft]"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... [default: cuda when available]"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
+    yes: bool = typer.Option(False, "--yes", help="Start even when a CPU run is estimated past an hour."),
+) -> None:
+    """Fine-tune backbone and heads end to end on episodic tasks decoded from the videos; write last.pt and best.pt.
+
+    Frames are sampled and augmented exactly as `strm extract` does. best.pt holds the backbone too:
+    `strm extract ... --backbone-checkpoint OUT/best.pt` refreshes the cache for `strm evaluate`.
+    Under torchrun the 16 tasks of a step are split across the processes.
+    """
+    given = dict(backbone=backbone, layer=layer, weights=str(weights) if weights else None, episodes=episodes, way=way,
+                 shot=shot, queries=queries, lr=lr, optimizer=optimizer.value if optimizer else None, tasks_per_step=tasks_per_step, freeze_stages=freeze_stages,
+                 bn=bn.value if bn else None, amp=amp.value if amp else None, normalize=normalize,
+                 short_side=short_side, crop=crop, seed=seed, val_every=val_every, val_episodes=val_episodes,
+                 checkpoint_every=checkpoint_every, log_every=log_every, device=device,
+                 workers=workers if workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1)))
+    out = out or _default_out(source)
+    rank = 0
+    try:
+        rank, world = init_distributed(device or "auto")
+        quiet = rank != 0
+        saved = _saved_settings(out) if resume else {}
+        start = None
+        defaults: dict = {}
+        if not (resume and (out / LAST).exists()):
+            start = load_start(source)
+            defaults = {k: v for k, v in start.settings.items() if v is not None}
+            if backbone and defaults.get("backbone") not in (None, backbone) and not quiet:
+                console.print(f"note: the heads of {source} were trained on {defaults['backbone']} features, "
+                              f"not {backbone}", highlight=False)
+        config = make_finetune_config(dataset, **{**defaults, **saved, **{k: v for k, v in given.items() if v is not None},
+                                                  "source": str(source)})
+        table = _manifest(dataset, videos, manifest, rank, world)
+        on_cpu = not torch.cuda.is_available() if config.device == "auto" else torch.device(config.device).type == "cpu"
+        if not quiet:
+            console.print(f"fine-tuning {config.backbone} + heads from {source} on {dataset} -> {out} "
+                          f"({config.optimizer} lr {config.lr:g}, {config.tasks_per_step} tasks a step"
+                          + (f", {world} processes" if world > 1 else "") + ")", highlight=False)
+            if on_cpu and config.amp != "off":
+                console.print("note: mixed precision is CUDA-only; this CPU run is float32", highlight=False)
+            for note in start.notes if start else ():
+                console.print(f"note: {note}", highlight=False)
+
+        def confirm(estimate: Estimate) -> bool:
+            console.print(f"timed: {estimate.seconds_per_task:.1f} s a task on {estimate.device}; "
+                          f"{estimate.tasks_left} tasks left ≈ {_hours(estimate.seconds_left)}", highlight=False)
+            return yes or estimate.seconds_left <= CPU_LIMIT_S
+
+        with Progress(
+            TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(), TextColumn("tasks"),
+            TextColumn("{task.fields[rate]:.2f} tasks/s"), TextColumn("loss {task.fields[loss]:.4g}"),
+            TextColumn("acc {task.fields[acc]:.1f}%"), TextColumn("{task.fields[memory]}"), TextColumn("{task.fields[val]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet,
+        ) as bar:
+            bar_id = bar.add_task("finetune", total=config.episodes, rate=0.0, loss=float("nan"), acc=0.0,
+                                  memory="GPU -", val="")
+
+            def show(p: FinetuneProgress) -> None:
+                memory = f"GPU {p.gpu_memory_gib:.1f} GiB" if p.gpu_memory_gib is not None else "GPU -"
+                val = f"val {p.val_accuracy:.1f}% (best {p.best_val_accuracy:.1f}%)" if p.val_accuracy is not None else ""
+                bar.update(bar_id, completed=p.task, rate=p.tasks_per_s, loss=p.loss, acc=p.accuracy, memory=memory, val=val)
+
+            real_cpu_run = on_cpu and config.backbone != "tiny"
+            result = finetune(config, table, out, start=start, resume=resume, videos_root=videos, progress=show,
+                              confirm=confirm if real_cpu_run else None)
+    except FinetuneAborted:
+        fail(f"this run is estimated past {_hours(CPU_LIMIT_S)} on CPU: pass --yes to start it anyway, or use a GPU")
+    except (FinetuneError, ManifestError, WeightsUnavailable, FileNotFoundError) as err:
+        fail(str(err), 2 if isinstance(err, (FinetuneError, ManifestError)) else 1)
+    if rank != 0:
+        return
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    best = (f"best validation {result.best_val_accuracy:.2f}% at task {result.best_task}"
+            if result.best_val_accuracy is not None else "no validation")
+    console.print(f"done: {result.tasks_done} tasks; {best}; best: {result.best_checkpoint}; last: {result.last_checkpoint}",
+                  highlight=False)
+    console.print("refresh the feature cache with the fine-tuned backbone:", highlight=False)
+    typer.echo(_refresh_command(dataset, videos, manifest, result.config, result.best_checkpoint))
 
 
 def register(app: typer.Typer) -> None:
-    """Add this stage's command(s) to the app."""
+    """Add `strm finetune` to the app."""
+    app.command("finetune", help=finetune_command.__doc__)(finetune_command)
