@@ -272,28 +272,32 @@ def task_inputs(
 
 
 def feature_stats(
-    features: torch.Tensor | _StreamedSplit, views: int | None = None, block: int = 64
+    features: torch.Tensor | _StreamedSplit, views: int | None = None, max_videos: int = 2048, block: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std over every video, frame and patch of the first `views` views (float64 sums)."""
-    if isinstance(features, _StreamedSplit):
-        n, dim = len(features.rows), features.array.shape[-1]
-        blocks = (torch.from_numpy(features.array.oindex[features.rows[s : s + block]]) for s in range(0, n, block))
-    else:
-        n, dim = features.shape[0], features.shape[-1]
-        blocks = (features[s : s + block] for s in range(0, n, block))
-    blocks = (x[:, :views] for x in blocks)
-    total = torch.zeros(dim, dtype=torch.float64)
-    squares = torch.zeros(dim, dtype=torch.float64)
-    count = 0
-    for x in blocks:
-        x = x.reshape(-1, dim).double()
-        total += x.sum(0)
-        squares += (x * x).sum(0)
-        count += x.shape[0]
-    if count == 0:
+    """Per-channel mean and std over the frames and patches of the first `views` views (float64 sums).
+
+    At most `max_videos` evenly spaced videos are read: plenty for D means and stds, and it keeps a
+    streamed split (SSv2 at D=2048 is ~140 GB) from being read once just for its statistics. RAM and
+    streamed splits use the same videos, so the loading mode never changes the numbers.
+    """
+    n = len(features.rows) if isinstance(features, _StreamedSplit) else features.shape[0]
+    if n == 0:
         raise TrainError("the training split has no extracted videos")
+    picks = np.unique(np.linspace(0, n - 1, min(n, max_videos)).round().astype(np.int64))
+    total = squares = None
+    count = 0
+    for start in range(0, len(picks), block):
+        chosen = picks[start : start + block]
+        if isinstance(features, _StreamedSplit):
+            x = torch.from_numpy(features.array.oindex[features.rows[chosen]])
+        else:
+            x = features[torch.from_numpy(chosen)]
+        x = x[:, :views].reshape(-1, x.shape[-1]).double()
+        total = x.sum(0) if total is None else total + x.sum(0)
+        squares = (x * x).sum(0) if squares is None else squares + (x * x).sum(0)
+        count += x.shape[0]
     mean = total / count
-    std = (squares / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+    std = (squares / count - mean * mean).clamp_min(0).sqrt()
     return mean.float(), std.float()
 
 
@@ -391,6 +395,219 @@ def _load_split(cache: FeatureCache, split: str, loading: str, views: int | None
     return cache.load_split(split, views=views) if loading == "ram" else _StreamedSplit(cache, split)
 
 
+class _Run:
+    """One training run's model, optimiser, schedule, bookkeeping and files; `fit` is the loop."""
+
+    def __init__(
+        self, config: TrainConfig, cache: FeatureCache, out: Path, *, resume: bool,
+        source: SplitFeatures | _StreamedSplit, sampler: EpisodeSampler, val_split: SplitFeatures | None,
+    ) -> None:
+        self.config, self.cache, self.out = config, cache, out
+        self.source, self.sampler, self.val_split = source, sampler, val_split
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if config.tasks_per_step % self.world:
+            raise TrainError(
+                f"{self.world} processes share the {config.tasks_per_step} tasks of an optimiser step: "
+                "tasks_per_step must be a multiple of the number of processes"
+            )
+        self.device = _device(config.device)
+        amp = self.device.type == "cuda" and config.amp
+        if amp:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
+        self.last_path, self.best_path = out / LAST, out / BEST
+        self.record = {**asdict(config), "dim": cache.dim, "frames": cache.frames, "patches": cache.patches}
+
+        if not resume and self.last_path.exists():
+            raise TrainError(f"{self.last_path}: the run folder already holds a run; resume it or choose another folder")
+        ckpt = torch.load(self.last_path, map_location="cpu", weights_only=True) if resume and self.last_path.exists() else None
+        if ckpt is not None:
+            _check_resume(ckpt, config, cache, self.last_path)
+            self.heads, _ = load_heads(ckpt)
+        else:
+            self.heads = self._fresh_heads()
+        self.heads.to(self.device).train()
+        self.model = torch.nn.parallel.DistributedDataParallel(self.heads) if self.world > 1 else self.heads
+        self.params = [p for p in self.heads.parameters() if p.requires_grad]
+        self.optimizer = _optimizer(config, self.params)
+        steps = config.episodes // config.tasks_per_step
+        factor = (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))) if config.schedule == "cosine" else (lambda s: 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.state = {"best_val": None, "best_task": None, "bad_validations": 0, "last_val": None, "stopped": False,
+                      "window": _empty_window()}
+        self.done = 0
+        if ckpt is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            _set_rng_state(ckpt["rng"])
+            self.state = ckpt["state"]
+            self.done = int(ckpt["task_index"])
+        if self.rank == 0:
+            self._start_files(resumed=ckpt is not None)
+
+    def _fresh_heads(self) -> torch.nn.Module:
+        config, cache = self.config, self.cache
+        torch.manual_seed(_torch_seed(config.seed, 0x1417))  # the initial weights, too, come from the seed
+        try:
+            heads = build_heads(config.variant, dim=cache.dim, frames=cache.frames, patches=cache.patches,
+                                lambda_qc=config.lambda_qc, **config.heads_options)
+        except (TypeError, ValueError) as e:
+            raise TrainError(f"heads: {e}") from None
+        if config.standardize:
+            features = self.source.features if isinstance(self.source, SplitFeatures) else self.source
+            heads.set_feature_stats(*feature_stats(features, None if config.augment else 1))
+        return heads
+
+    def _start_files(self, resumed: bool) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resumed:
+            _truncate_metrics(self.out, self.done)
+        else:
+            (self.out / METRICS).write_text("")
+            self.best_path.unlink(missing_ok=True)  # left by a run killed before its first last.pt
+        cache = self.cache
+        info = {"config": self.record, "cache": {"path": str(cache.path), "key": cache.key, "fingerprint": cache.fingerprint},
+                "world_size": self.world, "device": str(self.device), "torch": torch.__version__,
+                "resumed_from_task": self.done}
+        (self.out / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+
+    def _save(self, path: Path, **more) -> None:
+        save_heads(  # temp file + os.replace: a kill never leaves a half-written checkpoint
+            path, self.heads, optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            rng=_rng_state(), task_index=self.done, config=self.record, cache_fingerprint=self.cache.fingerprint,
+            state=self.state, world_size=self.world, **more,
+        )
+
+    def _append(self, line: dict) -> None:
+        with open(self.out / METRICS, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def _task(self, index: int, task: Task, x: torch.Tensor, sync: bool) -> None:
+        """Forward and backward of one task; gradients add up until the optimiser step."""
+        config, device = self.config, self.device
+        n_s = config.way * config.shot
+        x = x.to(device, non_blocking=True).float()
+        s_lab = torch.from_numpy(task.support_labels).to(device)
+        q_lab = torch.from_numpy(task.query_labels).to(device)
+        torch.manual_seed(task_seed(config.seed, index))  # dropout: the same masks on any rank, after any resume
+        with nullcontext() if sync or self.world == 1 else self.model.no_sync():
+            with self.autocast():
+                output = self.model(x[:n_s], s_lab, x[n_s:])
+            loss = F.cross_entropy(output.trm_logits.float(), q_lab, reduction=config.loss_reduction)
+            if output.qc_logits is not None and config.lambda_qc:
+                loss = loss + config.lambda_qc * F.cross_entropy(output.qc_logits.float(), q_lab, reduction=config.loss_reduction)
+            # Each task's share of the step; DDP averages over ranks, hence the factor world.
+            (loss * (self.world / config.tasks_per_step)).backward()
+        w = self.state["window"]
+        w["loss"] += float(loss.detach())
+        w["correct"] += float((output.logits.detach().argmax(-1) == q_lab).sum())
+        w["queries"] += len(q_lab)
+        w["tasks"] += 1
+
+    def _log(self, rate: float) -> None:
+        """A train line in metrics.jsonl: means over the tasks since the previous one, all ranks."""
+        w = self.state["window"]
+        sums = torch.tensor([w["loss"], w["correct"], w["queries"], w["tasks"]], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(sums)
+        loss, correct, queries, tasks = sums.tolist()
+        self.state["window"] = _empty_window()
+        if self.rank == 0:
+            self._append({"kind": "train", "task": self.done, "loss": loss / max(tasks, 1),
+                          "accuracy": 100 * correct / max(queries, 1), "lr": self.scheduler.get_last_lr()[0],
+                          "tasks_per_s": rate})
+
+    def _validate(self) -> None:
+        """Rank 0 evaluates the fixed validation tasks; every rank learns the verdict (best? stop?)."""
+        config = self.config
+        verdict = torch.zeros(3, dtype=torch.float64)
+        if self.rank == 0:
+            result = evaluate(self.heads, self.val_split, episodes=config.val_episodes, way=config.way, shot=config.shot,
+                              queries=config.val_queries, seed=config.val_seed, device=str(self.device))
+            self.heads.train()
+            best = self.state["best_val"]
+            verdict[:] = torch.tensor([result.mean, result.ci95, float(best is None or result.mean > best)])
+        if self.world > 1:
+            dist.broadcast(verdict, 0)
+        accuracy, ci95, improved = verdict[0].item(), verdict[1].item(), bool(verdict[2].item())
+        state = self.state
+        state["last_val"] = accuracy
+        if improved:
+            state["best_val"], state["best_task"], state["bad_validations"] = accuracy, self.done, 0
+        else:
+            state["bad_validations"] += 1
+        state["stopped"] = bool(config.patience) and state["bad_validations"] >= config.patience
+        if self.rank == 0:
+            self._append({"kind": "val", "task": self.done, "accuracy": accuracy, "ci95": ci95, "best": improved})
+            if improved:
+                self._save(self.best_path, val={"accuracy": accuracy, "ci95": ci95,
+                                                "episodes": config.val_episodes, "seed": config.val_seed})
+            plot_curve(self.out, config.way)
+
+    def fit(self, progress: Callable[[TrainProgress], None] | None) -> TrainResult:
+        """Train from task `done` to the end (or the early stop); this rank takes its share of each step."""
+        config, state = self.config, self.state
+        tps, per_rank = config.tasks_per_step, config.tasks_per_step // self.world
+        end = self.done if state["stopped"] else config.episodes  # a run that stopped early stays stopped
+        mine = [i for s in range(self.done, end, tps) for i in range(s + self.rank, s + tps, self.world)]
+        inputs = task_inputs(
+            self.sampler, mine, features=self.source.features if isinstance(self.source, SplitFeatures) else None,
+            streamed=self.source if isinstance(self.source, _StreamedSplit) else None, read_ahead=config.read_ahead,
+        )
+        window_start, window_tasks = time.perf_counter(), 0
+        try:
+            for step_start in range(self.done, end, tps):
+                for k in range(per_rank):
+                    index, task, x = next(inputs)
+                    self._task(index, task, x, sync=k == per_rank - 1)
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                self.done = step_start + tps
+                window_tasks += tps
+                rate = window_tasks / max(time.perf_counter() - window_start, 1e-9)
+                if progress is not None:
+                    w = state["window"]
+                    progress(TrainProgress(self.done, config.episodes, w["loss"] / max(w["tasks"], 1),
+                                           100 * w["correct"] / max(w["queries"], 1), rate,
+                                           state["last_val"], state["best_val"]))
+                final = self.done == config.episodes
+                if self.done % config.log_every == 0 or final:
+                    self._log(rate)
+                    window_start, window_tasks = time.perf_counter(), 0
+                validate = bool(config.val_every) and (self.done % config.val_every == 0 or final)
+                if validate:
+                    self._validate()
+                if self.rank == 0 and (validate or final or state["stopped"] or self.done % config.checkpoint_every == 0):
+                    self._save(self.last_path)
+                if state["stopped"]:
+                    break
+        finally:
+            inputs.close()
+        if self.rank == 0:
+            plot_curve(self.out, config.way)
+        return TrainResult(
+            out=self.out, tasks_done=self.done, stopped_early=state["stopped"], best_val_accuracy=state["best_val"],
+            best_task=state["best_task"], last_checkpoint=self.last_path,
+            best_checkpoint=self.best_path if state["best_task"] is not None else None,
+        )
+
+
+def _empty_window() -> dict:
+    return {"loss": 0.0, "correct": 0.0, "queries": 0.0, "tasks": 0.0}
+
+
+def _optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
 def train(
     config: TrainConfig,
     cache: FeatureCache | Path | str,
@@ -406,35 +623,18 @@ def train(
     `resume` continues from `out/last.pt` when there is one (and starts afresh otherwise).
     `train_split` / `val_split` skip loading those splits (tensors already in memory).
     Under torchrun (after `init_distributed`) the tasks of each optimiser step are split across
-    ranks; rank 0 writes the files.
+    ranks; rank 0 validates and writes the files.
     """
     _check(config)
     cache = cache if isinstance(cache, FeatureCache) else open_cache(cache)
-    out = Path(out)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if config.tasks_per_step % world:
-        raise TrainError(
-            f"{world} processes share the {config.tasks_per_step} tasks of an optimiser step: "
-            "tasks_per_step must be a multiple of the number of processes"
-        )
-    device = _device(config.device)
-    cuda = device.type == "cuda"
-    if cuda and config.amp:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and config.amp else nullcontext()
-
-    # ---- data
     if "train" not in cache.splits:
         raise TrainError(f"{cache.path}: no train split")
     views = None if config.augment else 1
     source = train_split if train_split is not None else _load_split(cache, "train", config.loading, views)
-    labels = source.labels.numpy()
+    n_views = source.features.shape[1] if isinstance(source, SplitFeatures) else cache.views("train")
     try:
-        sampler = EpisodeSampler(
-            labels, way=config.way, shot=config.shot, queries=config.queries, seed=config.seed,
-            views=(source.features.shape[1] if isinstance(source, SplitFeatures) else cache.views("train")) if config.augment else 1,
-        )
+        sampler = EpisodeSampler(source.labels.numpy(), way=config.way, shot=config.shot, queries=config.queries,
+                                 seed=config.seed, views=n_views if config.augment else 1)
     except ValueError as e:
         raise TrainError(f"{cache.path} train split: {e}") from None
     if config.val_every:
@@ -446,171 +646,5 @@ def train(
             EpisodeSampler(val_split.labels.numpy(), way=config.way, shot=config.shot, queries=config.val_queries, seed=0)
         except ValueError as e:
             raise TrainError(f"{cache.path} val split: {e}") from None
-
-    # ---- model, optimiser, schedule: fresh or from last.pt
-    last_path, best_path = out / LAST, out / BEST
-    record = {**asdict(config), "dim": cache.dim, "frames": cache.frames, "patches": cache.patches}
-    ckpt = torch.load(last_path, map_location="cpu", weights_only=True) if resume and last_path.exists() else None
-    if not resume and last_path.exists():
-        raise TrainError(f"{last_path}: the run folder already holds a run; resume it or choose another folder")
-    if ckpt is not None:
-        _check_resume(ckpt, config, cache, last_path)
-        heads, _ = load_heads(ckpt)
-    else:
-        torch.manual_seed(_torch_seed(config.seed, 0x1417))  # the initial weights, too, come from the seed
-        try:
-            heads = build_heads(config.variant, dim=cache.dim, frames=cache.frames, patches=cache.patches,
-                                lambda_qc=config.lambda_qc, **config.heads_options)
-        except (TypeError, ValueError) as e:
-            raise TrainError(f"heads: {e}") from None
-        if config.standardize:
-            heads.set_feature_stats(*feature_stats(source.features if isinstance(source, SplitFeatures) else source, views))
-    heads.to(device).train()
-    model = torch.nn.parallel.DistributedDataParallel(heads) if world > 1 else heads
-
-    params = [p for p in heads.parameters() if p.requires_grad]
-    if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    elif config.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps = config.episodes // config.tasks_per_step
-    if config.schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-
-    state = {"best_val": None, "best_task": None, "bad_validations": 0, "last_val": None, "stopped": False,
-             "window": {"loss": 0.0, "correct": 0.0, "queries": 0.0, "tasks": 0.0}}
-    start = 0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
-        state = ckpt["state"]
-        start = int(ckpt["task_index"])
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if ckpt is None:
-            (out / METRICS).write_text("")
-            best_path.unlink(missing_ok=True)  # left by a run killed before its first last.pt
-        else:
-            _truncate_metrics(out, start)
-        info = {"config": record, "cache": {"path": str(cache.path), "key": cache.key, "fingerprint": cache.fingerprint},
-                "world_size": world, "device": str(device), "torch": torch.__version__, "resumed_from_task": start}
-        (out / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
-
-    def save(path: Path, **more) -> None:
-        save_heads(  # temp file + os.replace: a kill never leaves a half-written checkpoint
-            path, heads, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=_rng_state(),
-            task_index=done, config=record, cache_fingerprint=cache.fingerprint, state=state, world_size=world, **more,
-        )
-
-    # ---- the loop: this rank's share of every step's tasks
-    tps = config.tasks_per_step
-    end = start if state["stopped"] else config.episodes  # a run that stopped early stays stopped
-    mine = [i for s in range(start, end, tps) for i in range(s + rank, s + tps, world)]
-    inputs = task_inputs(
-        sampler, mine, features=source.features if isinstance(source, SplitFeatures) else None,
-        streamed=None if isinstance(source, SplitFeatures) else source, read_ahead=config.read_ahead,
-    )
-    n_s = config.way * config.shot
-    per_rank = tps // world
-    done, stopped = start, state["stopped"]
-    window_start = time.perf_counter()
-    window_tasks = 0
-    try:
-        for s in range(start, end, tps):
-            for k in range(per_rank):
-                i, task, x = next(inputs)
-                x = x.to(device, non_blocking=True).float()
-                s_lab = torch.from_numpy(task.support_labels).to(device)
-                q_lab = torch.from_numpy(task.query_labels).to(device)
-                torch.manual_seed(task_seed(config.seed, i))
-                sync = model.no_sync() if world > 1 and k < per_rank - 1 else nullcontext()
-                with sync:
-                    with autocast:
-                        output = model(x[:n_s], s_lab, x[n_s:])
-                    loss = F.cross_entropy(output.trm_logits.float(), q_lab, reduction=config.loss_reduction)
-                    if output.qc_logits is not None and config.lambda_qc:
-                        loss = loss + config.lambda_qc * F.cross_entropy(
-                            output.qc_logits.float(), q_lab, reduction=config.loss_reduction)
-                    (loss * (world / tps)).backward()
-                w = state["window"]
-                w["loss"] += float(loss.detach())
-                w["correct"] += float((output.logits.detach().argmax(-1) == q_lab).sum())
-                w["queries"] += len(q_lab)
-                w["tasks"] += 1
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            done = s + tps
-            window_tasks += tps
-            elapsed = time.perf_counter() - window_start
-            rate = window_tasks / elapsed if elapsed > 0 else 0.0
-            if progress is not None:
-                w = state["window"]
-                progress(TrainProgress(done, config.episodes, w["loss"] / max(w["tasks"], 1),
-                                       100 * w["correct"] / max(w["queries"], 1), rate, state["last_val"], state["best_val"]))
-
-            if done % config.log_every == 0 or done == config.episodes:
-                w = state["window"]
-                sums = torch.tensor([w["loss"], w["correct"], w["queries"], w["tasks"]], dtype=torch.float64)
-                if world > 1:
-                    dist.all_reduce(sums)
-                line = {"kind": "train", "task": done, "loss": sums[0].item() / max(sums[3].item(), 1),
-                        "accuracy": 100 * sums[1].item() / max(sums[2].item(), 1), "lr": scheduler.get_last_lr()[0],
-                        "tasks_per_s": rate}
-                state["window"] = {"loss": 0.0, "correct": 0.0, "queries": 0.0, "tasks": 0.0}
-                window_start, window_tasks = time.perf_counter(), 0
-                if rank == 0:
-                    with open(out / METRICS, "a") as f:
-                        f.write(json.dumps(line) + "\n")
-
-            validated = bool(config.val_every) and (done % config.val_every == 0 or done == config.episodes)
-            if validated:
-                improved = False
-                if rank == 0:
-                    heads.eval()
-                    result = evaluate(heads, val_split, episodes=config.val_episodes, way=config.way, shot=config.shot,
-                                      queries=config.val_queries, seed=config.val_seed, device=str(device))
-                    heads.train()
-                    accuracy = float(result.mean)
-                    improved = state["best_val"] is None or accuracy > state["best_val"]
-                    with open(out / METRICS, "a") as f:
-                        f.write(json.dumps({"kind": "val", "task": done, "accuracy": accuracy,
-                                            "ci95": float(result.ci95), "best": improved}) + "\n")
-                    verdict = torch.tensor([accuracy, float(improved)], dtype=torch.float64)
-                else:
-                    verdict = torch.zeros(2, dtype=torch.float64)
-                if world > 1:
-                    dist.broadcast(verdict, 0)
-                accuracy, improved = verdict[0].item(), bool(verdict[1].item())
-                state["last_val"] = accuracy
-                if improved:
-                    state["best_val"], state["best_task"], state["bad_validations"] = accuracy, done, 0
-                    if rank == 0:
-                        save(best_path, val={"accuracy": accuracy, "ci95": float(result.ci95),
-                                             "episodes": config.val_episodes, "seed": config.val_seed})
-                else:
-                    state["bad_validations"] += 1
-                stopped = state["stopped"] = bool(config.patience) and state["bad_validations"] >= config.patience
-                if rank == 0:
-                    plot_curve(out, config.way)
-
-            if rank == 0 and (done % config.checkpoint_every == 0 or validated or done == config.episodes or stopped):
-                save(last_path)
-            if stopped:
-                break
-    finally:
-        inputs.close()
-    if rank == 0:
-        plot_curve(out, config.way)
-    return TrainResult(
-        out=out, tasks_done=done, stopped_early=stopped, best_val_accuracy=state["best_val"],
-        best_task=state["best_task"], last_checkpoint=last_path,
-        best_checkpoint=best_path if state["best_task"] is not None else None,
-    )
+    run = _Run(config, cache, Path(out), resume=resume, source=source, sampler=sampler, val_split=val_split)
+    return run.fit(progress)
