@@ -316,10 +316,10 @@ class EvalResult:
 
 
 def _default_batch_tasks(embedding: Any, n_videos: int, videos_per_task: int) -> int:
-    """Tasks a batch so the gathered embeddings stay near 256 MB: big enough to keep BLAS busy."""
+    """Tasks a batch so the gathered embeddings stay near 128 MB: enough work per call to keep BLAS busy."""
     tensors = [embedding] if isinstance(embedding, torch.Tensor) else list(_tensors(embedding))
     per_video = sum(t.element_size() * t.numel() for t in tensors) / max(n_videos, 1)
-    return int(max(1, min(512, (256 << 20) // max(per_video * videos_per_task, 1))))
+    return int(max(1, min(512, (128 << 20) // max(per_video * videos_per_task, 1))))
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
