@@ -119,31 +119,47 @@ def resize_short_side(frames: torch.Tensor, spec: ViewSpec = ViewSpec()) -> torc
     return F.resize(frames, [spec.short_side], interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
+@dataclass(frozen=True)
+class Crop:
+    """Where a view's square sits in the resized frames, and whether it is mirrored."""
+
+    top: int
+    left: int
+    size: int
+    flip: bool
+
+    def apply(self, frames: torch.Tensor) -> torch.Tensor:
+        """[..., H, W] -> [..., size, size]; a view unless flipped."""
+        square = frames[..., self.top : self.top + self.size, self.left : self.left + self.size]
+        return square.flip(-1) if self.flip else square
+
+
+def draw_crop(
+    height: int, width: int, train: bool, rng: np.random.Generator | None, spec: ViewSpec = ViewSpec()
+) -> Crop:
+    """The centre square (test), or one random square then one horizontal flip (p = 0.5), drawn from
+    `rng` in that order (train); one Crop is shared by all 8 frames of a view, as the authors do."""
+    if not train:  # torchvision's center_crop rounding
+        return Crop(int(round((height - spec.crop) / 2.0)), int(round((width - spec.crop) / 2.0)), spec.crop, False)
+    if rng is None:
+        raise ValueError("a training view is random: pass rng=view_rng(seed, video_id, view)")
+    top = int(rng.integers(0, height - spec.crop, endpoint=True))
+    left = int(rng.integers(0, width - spec.crop, endpoint=True))
+    return Crop(top, left, spec.crop, bool(rng.random() < 0.5))
+
+
 def crop_view(
     frames: torch.Tensor, train: bool, rng: np.random.Generator | None, spec: ViewSpec = ViewSpec()
 ) -> torch.Tensor:
-    """Resized frames -> [T, 3, crop, crop]: the centre crop (test), or one random crop and one
-    horizontal flip (p = 0.5), drawn from `rng` in that order and shared by all T frames (train)."""
-    from torchvision.transforms.v2 import functional as F
-
-    if not train:
-        return F.center_crop(frames, [spec.crop, spec.crop]).contiguous()
-    if rng is None:
-        raise ValueError("a training view is random: pass rng=view_rng(seed, video_id, view)")
-    height, width = frames.shape[-2:]
-    top = int(rng.integers(0, height - spec.crop, endpoint=True))
-    left = int(rng.integers(0, width - spec.crop, endpoint=True))
-    frames = F.crop(frames, top, left, spec.crop, spec.crop)
-    if rng.random() < 0.5:
-        frames = F.horizontal_flip(frames)
-    return frames.contiguous()
+    """Resized frames [T, 3, H, W] -> [T, 3, crop, crop]: draw_crop, then apply it to every frame."""
+    return draw_crop(*frames.shape[-2:], train, rng, spec).apply(frames)
 
 
 def transform_view(
     frames: torch.Tensor, train: bool, rng: np.random.Generator | None, spec: ViewSpec = ViewSpec()
 ) -> torch.Tensor:
-    """Frames uint8 [T, 3, H, W] -> [T, 3, crop, crop]: resize_short_side, then crop_view."""
-    return crop_view(resize_short_side(frames, spec), train, rng, spec)
+    """Frames uint8 [T, 3, H, W] -> [T, 3, crop, crop] (contiguous): resize_short_side, then crop_view."""
+    return crop_view(resize_short_side(frames, spec), train, rng, spec).contiguous()
 
 
 def load_views(
@@ -169,11 +185,14 @@ def load_views(
         rng = view_rng(seed, video_id, view)
         plans.append((view > 0, rng, sample_indices(n_frames, train=view > 0, rng=rng, repeat_short=repeat_short)))
     union = sorted({i for _, _, indices in plans for i in indices})
-    frames = resize_short_side(decode_frames(path, union), spec)
+    frames = resize_short_side(decode_frames(path, union), spec)  # decoders give NHWC-strided frames: kept
     position = {index: k for k, index in enumerate(union)}
-    return torch.stack(
-        [crop_view(frames[[position[i] for i in indices]], train, rng, spec) for train, rng, indices in plans]
-    )
+    out = torch.empty((len(plans), FRAMES, 3, spec.crop, spec.crop), dtype=torch.uint8)
+    for k, (train, rng, indices) in enumerate(plans):
+        crop = draw_crop(*frames.shape[-2:], train, rng, spec)
+        for j, index in enumerate(indices):
+            out[k, j] = crop.apply(frames[position[index]])  # the one copy of each frame
+    return out
 
 
 def load_view(
@@ -245,6 +264,8 @@ def decode_frames(path: Path | str, indices: Sequence[int]) -> torch.Tensor:
         frames = _decode_torchcodec(path, unique)
     else:
         frames = _decode_pyav(path, unique)
+    if wanted == unique:
+        return frames
     position = {index: k for k, index in enumerate(unique)}
     return frames[[position[i] for i in wanted]]
 
