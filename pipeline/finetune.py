@@ -17,7 +17,8 @@ Why it is built this way:
   own keys), so `strm evaluate` reads them as heads and `strm extract --backbone-checkpoint`
   (backbones.load_backbone_checkpoint) reads the backbone to refresh the cache.
 - Under torchrun each rank trains its share of every step's tasks (DistributedDataParallel);
-  BatchNorm is synchronised across GPUs (SyncBatchNorm, CUDA only) unless frozen.
+  BatchNorm is synchronised across GPUs (SyncBatchNorm) unless frozen; SyncBatchNorm is CUDA-only,
+  so CPU ranks (gloo, for tests) normalise their own tasks.
 """
 from __future__ import annotations
 
@@ -429,7 +430,7 @@ class FinetuneProgress:
     total: int
     loss: float  # mean per task (summed over its queries) since the last log line
     accuracy: float  # % on the training queries since the last log line
-    tasks_per_s: float
+    tasks_per_s: float  # all processes together
     gpu_memory_gib: float | None  # peak allocated on this process's GPU; None on CPU
     val_accuracy: float | None
     best_val_accuracy: float | None
@@ -528,9 +529,9 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune backbone and heads on the manifest's training videos; files go to `out`.
 
-    `start` is required unless `resume` finds `out/last.pt`. `confirm`, when given, is asked once
-    (rank 0) after the first PROBE_TASKS tasks with the measured speed; False stops the run
-    (FinetuneAborted) before anything is saved. Under torchrun (after train.init_distributed) the
+    `start` is required unless `resume` finds `out/last.pt`; its heads are trained in place.
+    `confirm`, when given, is asked once (rank 0) after the first PROBE_TASKS tasks with the
+    measured speed; False stops the run (FinetuneAborted) before any checkpoint is written. Under torchrun (after train.init_distributed) the
     tasks of each optimiser step are split across ranks; rank 0 writes the files.
     """
     _check(config)
@@ -690,7 +691,7 @@ def finetune(
         if progress is not None:
             w = state["window"]
             progress(FinetuneProgress(done, config.episodes, w["loss"] / max(w["tasks"], 1),
-                                      100 * w["correct"] / max(w["queries"], 1), rate, memory,
+                                      100 * w["correct"] / max(w["queries"], 1), rate * world, memory,
                                       state["last_val"], state["best_val"]))
 
         if done % config.log_every == 0 or done == config.episodes:

