@@ -133,6 +133,7 @@ def fingerprint(dataset: str, manifest: pd.DataFrame, backbone: Backbone, settin
         "weights": backbone.weights_id,
         "short_side": settings.spec.short_side,
         "crop": settings.spec.crop,
+        "flip": settings.spec.flip,
         "normalize": f"mean={list(backbone.mean)} std={list(backbone.std)}" if settings.normalize else "none: [0, 1]",
         "frames": FRAMES,
         "patches": settings.patches,

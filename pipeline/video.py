@@ -49,10 +49,15 @@ class VideoError(RuntimeError):
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """Pixel geometry of a view: shorter side resized to `short_side`, then a `crop` square."""
+    """Pixel geometry of a view: shorter side resized to `short_side`, then a `crop` square.
+
+    `flip=False` turns off the training views' horizontal flip, for datasets where left and right
+    are different classes (the synthetic benchmark's enter_left / enter_right).
+    """
 
     short_side: int = 256
     crop: int = 224
+    flip: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.crop <= self.short_side:
@@ -145,7 +150,8 @@ def draw_crop(
         raise ValueError("a training view is random: pass rng=view_rng(seed, video_id, view)")
     top = int(rng.integers(0, height - spec.crop, endpoint=True))
     left = int(rng.integers(0, width - spec.crop, endpoint=True))
-    return Crop(top, left, spec.crop, bool(rng.random() < 0.5))
+    flip = bool(rng.random() < 0.5)  # drawn even when unused: the crops stay the same either way
+    return Crop(top, left, spec.crop, flip and spec.flip)
 
 
 def crop_view(

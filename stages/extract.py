@@ -65,6 +65,7 @@ def extract_command(
     views: int = typer.Option(4, "--views", min=1, help="Views per training video: the test view plus views-1 augmented ones."),
     short_side: int = typer.Option(256, "--short-side", min=1, help="Resize the shorter side to this many pixels."),
     crop: int = typer.Option(224, "--crop", min=1, help="Square crop size."),
+    flip: bool = typer.Option(True, "--flip/--no-flip", help="Mirror training views at random (p=0.5); turn off where left/right are different classes."),
     patches: int = typer.Option(4, "--patches", min=1, help="P: max-pool each map to P x P patches."),
     no_normalize: bool = typer.Option(False, "--no-normalize", help="Feed raw [0, 1] pixels (the authors' input) instead of the backbone's mean/std."),
     seed: int = typer.Option(0, "--seed", help="Seed of the augmented views."),
@@ -90,7 +91,7 @@ def extract_command(
         table = _manifest(dataset, videos, manifest, split_dir, classes)
     except (WeightsUnavailable, FileNotFoundError, ValueError, OSError) as err:
         fail(str(err))
-    settings = ExtractSettings(views=views, spec=ViewSpec(short_side=short_side, crop=crop), patches=patches,
+    settings = ExtractSettings(views=views, spec=ViewSpec(short_side=short_side, crop=crop, flip=flip), patches=patches,
                                normalize=not no_normalize, seed=seed)
     options = RunOptions(batch_size=batch_size, workers=workers, device=device, precision=precision)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _VideosPerSecond(),

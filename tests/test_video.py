@@ -381,3 +381,15 @@ def test_changing_the_rule_needs_a_new_version():
             digest.update(str(sample_indices(n, train=True, rng=rng)).encode())
             digest.update(str(decode_xy(crop_view(frames, True, rng)[0])).encode())
     assert RULE_DIGESTS.get(SAMPLING_RULE_VERSION) == digest.hexdigest()[:16]
+
+
+def test_no_flip_spec_keeps_the_same_crops_and_never_mirrors():
+    """ViewSpec(flip=False) draws the same random crops as the default, only unmirrored."""
+    from pipeline.video import ViewSpec, draw_crop, view_rng
+
+    on, off = ViewSpec(128, 112), ViewSpec(128, 112, flip=False)
+    crops_on = [draw_crop(128, 170, True, view_rng(0, f"v{i}", 1), on) for i in range(40)]
+    crops_off = [draw_crop(128, 170, True, view_rng(0, f"v{i}", 1), off) for i in range(40)]
+    assert any(c.flip for c in crops_on)
+    assert not any(c.flip for c in crops_off)
+    assert [(c.top, c.left) for c in crops_on] == [(c.top, c.left) for c in crops_off]
