@@ -44,6 +44,7 @@ from pipeline.episodes import EpisodeSampler
 from pipeline.evaluate import evaluate
 from pipeline.extract import pool_patches, split_layouts
 from pipeline.heads import STRMHeads, VARIANTS, load_authors_checkpoint, load_heads, save_heads
+from pipeline.heads.checkpoint import trunk_state
 from pipeline.train import (
     BEST,
     CONFIG,
@@ -66,7 +67,6 @@ RUNTIME_FIELDS = ("device", "workers")  # may change on resume: they do not chan
 VIEW_DRAWS = 2**31 - 1  # training views are 1..VIEW_DRAWS: in effect a fresh augmentation per use
 PROBE_TASKS = 2  # tasks run before `confirm` is asked; the first one includes the warm-up
 # torchvision's ResNet children in order; the extraction trunk is children[:8] numbered 0..7.
-RESNET_CHILDREN = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
 
 class FinetuneError(ValueError):
@@ -181,19 +181,6 @@ class Start:
     notes: list[str] = field(default_factory=list)
 
 
-def resnet_trunk_state(state: dict[str, torch.Tensor], children: int = 8) -> dict[str, torch.Tensor]:
-    """torchvision ResNet names (`layer4.2.conv3.weight`) -> the extraction trunk's (`trunk.7.2.conv3.weight`).
-
-    Keys of children past the cut (`children`) and of the classifier are dropped.
-    """
-    out = {}
-    for key, value in state.items():
-        name, rest = key.split(".", 1)
-        if name in RESNET_CHILDREN and RESNET_CHILDREN.index(name) < children:
-            out[f"trunk.{RESNET_CHILDREN.index(name)}.{rest}"] = value
-    return out
-
-
 def _settings_from_fingerprint(fp: dict) -> dict:
     """A cache fingerprint (pipeline.extract.fingerprint) -> the backbone settings its features came from."""
     settings = {k: fp[k] for k in ("backbone", "layer", "short_side", "crop", "patches") if k in fp}
@@ -236,7 +223,7 @@ def load_start(path: Path | str) -> Start:
         notes = [] if heads.has_qc else ["the authors' file has no QC weights: the loss and logits are TRM alone"]
         # The released backbones were trained on raw [0, 1] pixels (STRM_SPEC section 1).
         settings = {"backbone": "resnet50", "layer": "layer4", "normalize": False, "patches": 4}
-        state = resnet_trunk_state(heads.backbone_state_dict) if heads.backbone_state_dict else None
+        state = trunk_state(heads.backbone_state_dict) if heads.backbone_state_dict else None
         if state is None:
             notes.append("the authors' file holds no backbone weights: starting from ImageNet's")
         return Start(heads, "authors", str(path), state, settings, None, notes)

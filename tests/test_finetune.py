@@ -33,10 +33,10 @@ from pipeline.finetune import (
     load_start,
     make_finetune_config,
     pool_train,
-    resnet_trunk_state,
     split_videos,
 )
 from pipeline.heads import build_heads, load_heads, save_heads
+from pipeline.heads.checkpoint import trunk_state
 from pipeline.synth import write_mp4
 from pipeline.train import make_config, read_metrics, train
 from pipeline.video import ViewSpec
@@ -257,7 +257,7 @@ def test_freeze_stages_and_frozen_batchnorm():
     from torchvision.models import resnet50
 
     reference = resnet50().state_dict()
-    mapped = resnet_trunk_state(reference)
+    mapped = trunk_state(reference)
     assert "trunk.7.2.conv3.weight" in mapped and not any(k.startswith("trunk.8") for k in mapped)
     fresh = get_backbone("resnet50", pretrained=False)
     fresh.load_state_dict(mapped)

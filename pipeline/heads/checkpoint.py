@@ -236,11 +236,16 @@ def load_authors_checkpoint(
 
 
 def trunk_state(torchvision_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """torchvision ResNet names -> `trunk.<child>.*`, the keys of `pipeline.backbones.get_backbone("resnet50")`."""
+    """torchvision ResNet names -> `trunk.<child>.*`, the keys of `pipeline.backbones.get_backbone("resnet50")`.
+
+    Children past layer4 (avgpool, the fc classifier) are not part of the trunk and are dropped.
+    """
+    trunk = RESNET_CHILDREN[: RESNET_CHILDREN.index("layer4") + 1]
     out = {}
     for key, value in torchvision_state.items():
         name, rest = key.split(".", 1)
-        out[f"trunk.{RESNET_CHILDREN.index(name)}.{rest}"] = value
+        if name in trunk:
+            out[f"trunk.{trunk.index(name)}.{rest}"] = value
     return out
 
 
