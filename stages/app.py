@@ -39,3 +39,7 @@ for _name in STAGES:
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()
