@@ -508,7 +508,7 @@ class _Run:
     def _log(self, rate: float) -> None:
         """A train line in metrics.jsonl: means over the tasks since the previous one, all ranks."""
         w = self.state["window"]
-        sums = torch.tensor([w["loss"], w["correct"], w["queries"], w["tasks"]], dtype=torch.float64)
+        sums = torch.tensor([w["loss"], w["correct"], w["queries"], w["tasks"]], dtype=torch.float64, device=self.device)
         if self.world > 1:
             dist.all_reduce(sums)
         loss, correct, queries, tasks = sums.tolist()
@@ -521,16 +521,17 @@ class _Run:
     def _validate(self) -> None:
         """Rank 0 evaluates the fixed validation tasks; every rank learns the verdict (best? stop?)."""
         config = self.config
-        verdict = torch.zeros(3, dtype=torch.float64)
+        verdict = torch.zeros(3, dtype=torch.float64, device=self.device)  # NCCL only moves CUDA tensors
         if self.rank == 0:
             result = evaluate(self.heads, self.val_split, episodes=config.val_episodes, way=config.way, shot=config.shot,
                               queries=config.val_queries, seed=config.val_seed, device=str(self.device))
             self.heads.train()
             best = self.state["best_val"]
-            verdict[:] = torch.tensor([result.mean, result.ci95, float(best is None or result.mean > best)])
+            verdict[:] = torch.tensor([result.mean, result.ci95, float(best is None or result.mean > best)], dtype=torch.float64)
         if self.world > 1:
             dist.broadcast(verdict, 0)
-        accuracy, ci95, improved = verdict[0].item(), verdict[1].item(), bool(verdict[2].item())
+        accuracy, ci95, improved = verdict.tolist()
+        improved = bool(improved)
         state = self.state
         state["last_val"] = accuracy
         if improved:
