@@ -150,8 +150,8 @@ class TrainProgress:
 
     task: int  # tasks done
     total: int
-    loss: float  # mean over the tasks since the last log line
-    accuracy: float  # % on the training queries since the last log line
+    loss: float  # mean over the tasks since the last log line (nan before the first task)
+    accuracy: float  # % on the training queries since the last log line (nan before the first task)
     tasks_per_s: float
     val_accuracy: float | None  # the latest validation, %
     best_val_accuracy: float | None
@@ -557,6 +557,8 @@ class _Run:
             streamed=self.source if isinstance(self.source, _StreamedSplit) else None, read_ahead=config.read_ahead,
         )
         window_start, window_tasks = time.perf_counter(), 0
+        if progress is not None:  # where the run starts (a resumed run starts part-way)
+            progress(TrainProgress(self.done, config.episodes, math.nan, math.nan, 0.0, state["last_val"], state["best_val"]))
         try:
             for step_start in range(self.done, end, tps):
                 for k in range(per_rank):

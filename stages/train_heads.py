@@ -7,6 +7,7 @@ silently become another run.
 from __future__ import annotations
 
 import json
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -121,11 +122,13 @@ def train_heads(
             TextColumn("acc {task.fields[acc]:.1f}%"), TextColumn("{task.fields[val]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=rank != 0,
         ) as bar:
-            bar_id = bar.add_task("train", total=config.episodes, rate=0.0, loss=float("nan"), acc=0.0, val="")
+            bar_ids: list = []  # the bar appears with the first progress report, after the checks passed
 
             def show(p: TrainProgress) -> None:
+                if not bar_ids:
+                    bar_ids.append(bar.add_task("train", total=p.total, rate=0.0, loss=math.nan, acc=math.nan, val=""))
                 val = f"val {p.val_accuracy:.1f}% (best {p.best_val_accuracy:.1f}%)" if p.val_accuracy is not None else ""
-                bar.update(bar_id, completed=p.task, rate=p.tasks_per_s, loss=p.loss, acc=p.accuracy, val=val)
+                bar.update(bar_ids[0], completed=p.task, rate=p.tasks_per_s, loss=p.loss, acc=p.accuracy, val=val)
 
             result = train(config, features, out, resume=resume, progress=show)
     except (TrainError, CacheError) as err:
