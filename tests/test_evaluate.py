@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -185,8 +186,12 @@ def test_cli_evaluate_sweep_files_and_compare(tmp_path):
     assert "5-way 3-shot" in out.output and "seed 0" in out.output and "±" in out.output
     record = ev.read_run(tmp_path / "a.json")
     assert [r["shot"] for r in record["results"]] == [1, 3] and len(record["results"][0]["task_accuracy"]) == 40
-    for name in ("a.csv", "a.png", "ep_shot1.json", "ep_shot3.json"):
+    for name in ("a.png", "ep_shot1.json", "ep_shot3.json"):
         assert (tmp_path / name).stat().st_size > 0, name
+    table = pd.read_csv(tmp_path / "a.csv")
+    overall = table[table.scope == "all"].set_index("shot")
+    assert overall.loc[3, "accuracy"] == pytest.approx(record["results"][1]["mean"])
+    assert set(table.scope) - {"all"} == set(record["results"][0]["per_class"])
 
     out = runner.invoke(app, ["evaluate", "--cache", str(cache), "--baseline", "proto", "--device", "cpu",
                               "--episodes-file", str(tmp_path / "ep_shot3.json"), "--json", str(tmp_path / "b.json")])
@@ -235,3 +240,14 @@ def test_cli_detects_authors_checkpoints(tmp_path):
     out = runner.invoke(app, ["evaluate", "--cache", str(write_random_cache(tmp_path / "c32", splits={"test": (5, 3, 1)}, dim=32)),
                               "--checkpoint", str(tmp_path / "trx_authors.pt"), "--episodes", "4"])
     assert out.exit_code == 1 and f"D={dim}" in out.output
+
+
+def test_autocast_runs_and_mostly_agrees():
+    """Mixed precision (bfloat16 on CPU here, float16 on CUDA) is an option; on separable classes it changes little."""
+    structured = _split(signal=1.0, seed=2)
+    torch.manual_seed(0)
+    model = build_heads("strm", dim=DIM, trm_dim=TRM_DIM)
+    exact = ev.evaluate(model, structured, episodes=30, way=5, shot=2, seed=0)
+    mixed = ev.evaluate(model, structured, episodes=30, way=5, shot=2, seed=0, autocast=True)
+    assert mixed.settings["autocast"] and not exact.settings["autocast"]
+    assert abs(mixed.mean - exact.mean) <= 10
