@@ -1,0 +1,122 @@
+"""The demo: its report says what the numbers say, and a miniature `strm demo` runs every stage and resumes."""
+from __future__ import annotations
+
+import json
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from pipeline import report, synth
+from pipeline.evaluate import EvalResult
+from stages import demo
+from stages.app import app
+
+SETTINGS = {"split": "test", "way": 5, "shot": 5, "queries": 1, "seed": 0, "episodes": 400, "episodes_digest": "abc"}
+
+
+def _result(mean: float, spread: float = 20.0, seed: int = 0) -> EvalResult:
+    """400 task accuracies around `mean` (each a multiple of 20, as with 5 queries)."""
+    rng = np.random.default_rng(seed)
+    acc = np.clip(np.round((mean + spread * rng.standard_normal(400)) / 20) * 20, 0, 100)
+    acc += mean - acc.mean()  # exact mean, for readable assertions
+    return EvalResult(task_accuracy=acc, per_class={"a_then_b": mean, "b_then_a": mean - 5}, confusion=np.zeros((2, 2), int),
+                      class_names=["a_then_b", "b_then_a"], settings=dict(SETTINGS))
+
+
+def _facts(main: dict[str, EvalResult], ablation: dict[str, EvalResult], gamma: float = 0.004) -> report.DemoFacts:
+    table = report.ablation_table(ablation, "trm")
+    return report.DemoFacts(
+        main=main, winner="strm", ablation=table, ablation_reference="trm", ablation_results=ablation,
+        contrasts=demo.CONTRASTS, gamma=gamma, training={"strm": {"tasks_trained": 300, "best_val": 91.0}},
+        sizes=demo.DemoSizes().rows(), timings={"synth": 40.0, "extract": 120.5}, figures={"accuracy": "figures/accuracy.png"},
+        notes=["flips are off"],
+    )
+
+
+def test_report_says_strm_beats_when_intervals_do_not_overlap_and_names_every_row():
+    main = {"proto": _result(57.0, seed=1), "trm": _result(66.0, seed=2), "strm": _result(94.0, 8, seed=3)}
+    ablation = {**main, "ple-trm": _result(70.0, seed=4), "fle-trm": _result(80.0, seed=5), "ple-fle-trm": _result(93.0, seed=6),
+                "strm, gamma forced to 0": _result(94.0, 8, seed=3), "strm, no QC": _result(93.9, 8, seed=3)}
+    text = report.demo_report(_facts(main, ablation))
+    assert "**strm beats proto and trm with 95% intervals that do not overlap.**" in text
+    assert "NOT" not in text.split("## Training")[0]
+    for label, result in ablation.items():
+        assert f"| {label} |" in text and f"{result.mean:.2f}" in text
+    # Identical task accuracies: forcing gamma to 0 changed nothing, and the report says so plainly.
+    assert "Forcing PLE's attention gate gamma to 0 after training does not change accuracy measurably (+0.00 ± 0.00 points)" in text
+    assert "PLE's self-attention between patches contributes nothing measurable" in text
+    assert "ended training at +0.0040" in text
+    assert "| extract | 120.5 |" in text and "| total | 160.5 |" in text
+    assert "![Accuracy with its 95% interval" in text and "not drawn in this run" in text  # missing figures are said
+
+
+def test_report_says_plainly_when_strm_does_not_beat_a_baseline():
+    main = {"proto": _result(60.0, seed=1), "trm": _result(70.0, seed=2), "strm": _result(70.5, seed=3)}
+    text = report.demo_report(_facts(main, dict(main)))
+    assert "**strm does NOT beat trm with non-overlapping intervals.**" in text
+    assert "strm beats proto" in text
+    assert "Why: strm is ahead of trm by 0.50 points, but that is within the two intervals" in text
+    worse = {"proto": _result(80.0, seed=1), "trm": _result(70.0, seed=2), "strm": _result(65.0, seed=3)}
+    text = report.demo_report(_facts(worse, dict(worse)))
+    assert "**strm does NOT beat proto and trm" in text and "is not better than proto at all" in text
+
+
+def test_ablation_table_pairs_every_row_with_the_reference():
+    a, b = _result(70.0, seed=1), _result(60.0, seed=2)
+    table = report.ablation_table({"trm": b, "strm": a}, "trm", {"strm": {"variant": "strm"}})
+    row = table.set_index("row").loc["strm"]
+    diff = a.task_accuracy - b.task_accuracy
+    assert row["difference"] == pytest.approx(diff.mean())
+    assert row["difference_ci95"] == pytest.approx(1.96 * diff.std() / np.sqrt(len(diff)))
+    assert row["tasks_better"] == int((diff > 0).sum()) and row["variant"] == "strm"
+    other = _result(50.0)
+    other.settings["episodes_digest"] = "other tasks"
+    with pytest.raises(ValueError, match="same tasks"):
+        report.ablation_table({"trm": b, "x": other}, "trm")
+    markdown = report.markdown_table(table[["row", "accuracy"]], {"accuracy": ".1f"})
+    assert markdown.splitlines()[2] == "| trm | 60.0 |"
+
+
+@pytest.fixture
+def small_benchmark(monkeypatch):
+    """Five classes a split and the tiny random backbone: the whole demo in well under a minute of CPU."""
+    split = synth.class_split()
+    classes = tuple(c for s in ("train", "val", "test") for c in [c for c in synth.CLASSES if split[c] == s][:5])
+    monkeypatch.setattr(synth, "CLASSES", classes)
+    monkeypatch.setattr(demo, "BACKBONE", "tiny")
+    monkeypatch.setattr(demo, "LAYER", None)
+    return classes
+
+
+def test_mini_demo_runs_every_stage_and_resumes(small_benchmark, tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--cache-root", str(tmp_path / "cache"), "--videos-per-class", "9", "--views", "2",
+            "--train-episodes", "4", "--val-every", "2", "--val-episodes", "5", "--episodes", "60", "--shot-episodes", "10",
+            "--trm-dim", "16", "--workers", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = (out / "report.md").read_text()
+    table = pd.read_csv(out / "ablation.csv")
+    assert list(table["row"]) == ["proto", "trm", "strm", "ple-trm", "fle-trm", "ple-fle-trm",
+                                  "strm, gamma forced to 0", "strm, no QC"]
+    for _, row in table.iterrows():
+        assert f"| {row['row']} |" in text and f"{row['accuracy']:.2f}" in text
+    assert "strm beats" in text or "strm does NOT beat" in text
+    assert "Flips are off" in text
+    for name in ("accuracy", "training", "shots", "per_class", "ablation", "activation_0", "tuples_0"):
+        path = out / "figures" / f"{name}.png"
+        assert path.stat().st_size > 10_000 and mpimg.imread(path).std() > 0.02
+        assert f"figures/{name}.png" in text
+    first = json.loads((out / "timings.json").read_text())
+    assert not any(first["reused"].values())
+
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    second = json.loads((out / "timings.json").read_text())
+    for stage in ("synth", "manifest", "extract", "train strm, trm", "evaluate proto, trm, strm", "train ablation variants",
+                  "evaluate ablation rows", "accuracy against shots"):
+        assert second["reused"][stage], stage
+    assert pd.read_csv(out / "ablation.csv")["accuracy"].tolist() == table["accuracy"].tolist()
