@@ -138,6 +138,13 @@ def test_video_embedding_indexing_and_cat():
     torch.testing.assert_close(parts.trm_v[0], emb.trm_v[0])
     torch.testing.assert_close(parts.ple_patches, emb.ple_patches)
     assert torch.equal(picked.tuples[0], emb.tuples[0])
+    for index in (idx, torch.tensor([-1, 0, -7], dtype=torch.int32), torch.tensor(4), torch.tensor([True] * 3 + [False] * 4)):
+        got = emb[index]
+        for name in ("trm_k", "trm_v", "qc"):
+            assert torch.equal(getattr(got, name)[0], getattr(emb, name)[0][index])
+        assert torch.equal(got.H, emb.H[index])
+    with pytest.raises(IndexError):
+        emb[torch.tensor([7])]
 
 
 def test_encode_leading_dims_and_half_input():

@@ -54,6 +54,14 @@ def _unflatten(t: torch.Tensor | None, lead: Sequence[int]) -> torch.Tensor | No
     return None if t is None else t.reshape(*lead, *t.shape[1:])
 
 
+def _select_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t[index] for an integer index of any shape, as index_select: negative indices count from the end
+    as in t[index] (rewritten without a device sync); out-of-range ones still raise."""
+    flat = index.reshape(-1).to(device=t.device, dtype=torch.long)
+    flat = torch.where(flat < 0, flat + t.shape[0], flat)
+    return t.index_select(0, flat).view(*index.shape, *t.shape[1:])
+
+
 @dataclass(frozen=True)
 class VideoEmbedding:
     """Per-video outputs of `encode`; every tensor's leading dims index videos (any shape, e.g. [n] or [B, n]).
@@ -84,7 +92,13 @@ class VideoEmbedding:
         return replace(self, **changes)
 
     def __getitem__(self, index) -> VideoEmbedding:
-        """Select videos: `emb[idx]` with a LongTensor idx of any shape gives leading dims idx.shape."""
+        """Select videos: `emb[idx]` with a LongTensor idx of any shape gives leading dims idx.shape.
+
+        An integer tensor index is one `index_select` of whole rows (several times faster than
+        advanced indexing `t[idx]` for the gathers of a task batch); anything else is `t[index]`.
+        """
+        if isinstance(index, torch.Tensor) and index.dtype in (torch.int64, torch.int32):  # not masks
+            return self._map(lambda t: _select_rows(t, index))
         return self._map(lambda t: t[index])
 
     def __len__(self) -> int:
