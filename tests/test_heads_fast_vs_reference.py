@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import pipeline.heads.trm as trm_module
 from pipeline.heads import VARIANTS, VideoEmbedding, build_heads
 from pipeline.heads.reference import reference_forward
 
@@ -84,6 +86,37 @@ def test_with_feature_standardisation():
     heads = make_heads("strm")
     heads.set_feature_stats(torch.linspace(-1, 1, DIM), torch.linspace(0.5, 2, DIM))
     assert_matches_reference(heads, *random_task(4, 2, 2, seed=4))
+
+
+def test_gradients_match_reference():
+    """The fast relate works in place on its temporaries; autograd must still give the oracle's gradients."""
+    support, labels, query = random_task(3, 2, 2, seed=7)
+    query_labels = torch.arange(3).repeat_interleave(2)
+    grads = []
+    for side in ("fast", "reference"):
+        heads = make_heads("strm")
+        if side == "fast":
+            out = heads(support, labels, query)
+            logits, trm, qc = out.logits, out.trm_logits, out.qc_logits
+        else:
+            ref = reference_forward(heads, support, labels, query)
+            logits, trm, qc = ref["logits"], ref["trm_logits"], ref["qc_logits"]
+        (F.cross_entropy(trm, query_labels) + 0.1 * F.cross_entropy(qc, query_labels)).backward()
+        grads.append({name: p.grad for name, p in heads.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "trm.0.k_linear.weight" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_trm_in_cpu_steps_equals_all_at_once(monkeypatch):
+    heads = make_heads("trx")
+    features, support, labels, query = _pool_and_tasks(30, batch=5, way=3, shot=2, queries=2, seed=8)
+    with torch.no_grad():
+        emb = heads.encode(features)
+        whole = heads.relate(emb[support], labels, emb[query], 3).trm_logits
+        monkeypatch.setattr(trm_module, "CPU_STEP_ELEMENTS", 2 * 3 * 6 * 28 * 12)  # two tasks a step for pairs
+        stepped = heads.relate(emb[support], labels, emb[query], 3).trm_logits
+    torch.testing.assert_close(stepped, whole, rtol=1e-6, atol=1e-6)
 
 
 def _pool_and_tasks(n_videos: int, batch: int, way: int, shot: int, queries: int, seed: int):
