@@ -138,6 +138,19 @@ def test_feature_stats_are_applied_and_kept_in_the_state_dict():
         heads.set_feature_stats(torch.zeros(3), torch.ones(3))
 
 
+def test_feature_std_has_a_relative_floor():
+    """Near-constant channels are not blown up: std is floored at 1e-2 x the median of the live channels."""
+    heads = build_heads("strm", DIM, **SMALL)
+    std = torch.full((DIM,), 2.0)
+    std[0], std[1], std[2], std[3] = 3e-5, 0.01, 0.03, 0.0  # median of the channels above 1e-6: 2.0
+    heads.set_feature_stats(torch.zeros(DIM), std)
+    assert heads.feature_std[0] == pytest.approx(0.02) and heads.feature_std[1] == pytest.approx(0.02)
+    assert heads.feature_std[2] == pytest.approx(0.03) and heads.feature_std[3] == 1.0
+    assert torch.equal(heads.feature_std[4:], std[4:])
+    heads.set_feature_stats(torch.zeros(DIM), torch.zeros(DIM))  # nothing varies: centring only
+    assert torch.equal(heads.feature_std, torch.ones(DIM))
+
+
 def test_intermediates_for_visualisation():
     heads = build_heads("strm", DIM, **SMALL).eval()
     x = torch.randn(3, FRAMES, PATCHES, DIM)

@@ -50,6 +50,12 @@ DEFAULT_OPTIONS = MappingProxyType(
 )
 
 
+# set_feature_stats: channels at or below the absolute floor are left unscaled; the others are
+# divided by at least this fraction of the median std (see its docstring).
+STD_ABSOLUTE_FLOOR = 1e-6
+STD_RELATIVE_FLOOR = 1e-2
+
+
 def _unflatten(t: torch.Tensor | None, lead: Sequence[int]) -> torch.Tensor | None:
     return None if t is None else t.reshape(*lead, *t.shape[1:])
 
@@ -241,14 +247,22 @@ class STRMHeads(nn.Module):
         """Per-channel standardisation applied at the start of `encode` (training-split statistics).
 
         Channels with std <= 1e-6 (e.g. ReLU channels that are always 0) are centred but not scaled.
+        The others are divided by max(std, 1e-2 * median std of those channels): the gradient that
+        reaches the backbone through a channel is scaled by 1/std, and a near-constant channel
+        (std 3e-5 on a random backbone) would otherwise get ~10^4 times the typical gradient and
+        blow up end-to-end fine-tuning; with the floor no channel is amplified more than 100x
+        beyond a typical one.
         """
         mean = torch.as_tensor(mean, dtype=self.feature_mean.dtype).flatten()
         std = torch.as_tensor(std, dtype=self.feature_std.dtype).flatten()
         if mean.shape != (self.dim,) or std.shape != (self.dim,):
             raise ValueError(f"feature stats must be [{self.dim}], got {tuple(mean.shape)} and {tuple(std.shape)}")
+        varying = std > STD_ABSOLUTE_FLOOR
+        if varying.any():
+            std = torch.where(varying, std.clamp_min(STD_RELATIVE_FLOOR * std[varying].median()), std)
         with torch.no_grad():
             self.feature_mean.copy_(mean)
-            self.feature_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+            self.feature_std.copy_(torch.where(varying, std, torch.ones_like(std)))
 
     def kept_tuples(self, cardinality_index: int) -> torch.Tensor | None:
         """Indices of the tuples kept (Fig. 6 right), or None for all: random in training, fixed in eval."""
