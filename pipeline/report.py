@@ -24,6 +24,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from pipeline.evaluate import EvalResult, PairedDifference, compare_results  # noqa: E402
 
 DPI = 110
+NEGLIGIBLE = 0.5  # points: a paired difference clear of 0 but smaller than this is called negligible
 
 
 def save_figure(fig: Figure, path: Path | str) -> Path:
@@ -255,7 +256,10 @@ class Contrast:
     what: str  # subject of the sentence, e.g. "adding PLE to TRM"
     changed: str  # row label
     base: str  # row label
-    flat_means: str = ""  # what it means when the difference is not measurable (said in the summary)
+    role: str = ""  # in the summary: "total" (the whole gain), "alone" (a block added to the base), "on top"
+    #                 (a block added to the other block), "" (said on its own), "detail" (listed only)
+    block: str = ""  # the block's short name, for "alone" and "on top"
+    flat_means: str = ""  # what it means when the difference is not measurable or negligible (said in the summary)
 
 
 def findings(results: Mapping[str, EvalResult], contrasts: Sequence[Contrast]) -> list[tuple[Contrast, PairedDifference, str]]:
@@ -304,7 +308,7 @@ class DemoFacts:
     gamma: float | None  # PLE's learned gate in the winner's checkpoint
     training: Mapping[str, Mapping[str, object]]  # label -> tasks, best_val, best_task, stopped_early, checkpoint
     sizes: Sequence[tuple[str, str, str]]  # (setting, value, why)
-    timings: Mapping[str, float]  # stage -> seconds
+    timings: Sequence[Mapping[str, object]]  # rows: stage, wall_s, cpu_s (and any other columns)
     figures: Mapping[str, str]  # figure key -> path relative to the report
     notes: Sequence[str] = ()  # anything else a reader must know (the flip, the machine, ...)
     command: str = "strm demo"
@@ -405,34 +409,64 @@ def demo_report(facts: DemoFacts) -> str:
     lines += [f"- {sentence}" for _, _, sentence in said]
     if facts.gamma is not None:
         lines.append(f"- PLE's attention gate gamma (initialised at 0) ended training at {facts.gamma:+.4f}.")
-    lines += ["", "**Plainly:** " + _ablation_summary(said, facts.gamma), ""]
+    lines += ["", f"**Plainly:** {_ablation_summary(said, facts.gamma)} ('negligible': under {NEGLIGIBLE} points.)", ""]
     lines += ["## What was run, and why these sizes", "", markdown_table(pd.DataFrame(facts.sizes, columns=["setting", "value", "why"])), ""]
     if facts.notes:
         lines += [f"- {n}" for n in facts.notes] + [""]
-    lines += ["## Time per stage", ""]
-    total = sum(facts.timings.values())
-    table = pd.DataFrame([{"stage": k, "seconds": v} for k, v in facts.timings.items()] + [{"stage": "total", "seconds": total}])
-    lines += [markdown_table(table, {"seconds": ".1f"}), ""]
+    lines += ["## Time per stage", "",
+              "Wall-clock seconds and the CPU seconds the stage used (this process and its worker processes) when "
+              "the stage was computed: on a shared machine the wall time includes waiting for the CPU, the CPU time "
+              "does not. The report's own writing is not counted.", ""]
+    table = pd.DataFrame(list(facts.timings))
+    if not table.empty:
+        numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+        total = {"stage": "total", **{c: table[c].sum() for c in numeric}}
+        table = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
+        lines += [markdown_table(table, {c: ".1f" for c in numeric}), ""]
     return "\n".join(lines)
 
 
+def _amount(p: PairedDifference) -> str:
+    return f"{p.difference:+.2f} ± {p.ci95:.2f} points"
+
+
+def _weight(p: PairedDifference) -> str:
+    """'none' (interval includes 0), 'negligible' (clear of 0 but under NEGLIGIBLE points) or 'real'."""
+    if not clear_of_zero(p):
+        return "none"
+    return "negligible" if abs(p.difference) < NEGLIGIBLE else "real"
+
+
 def _ablation_summary(said: Sequence[tuple[Contrast, PairedDifference, str]], gamma: float | None) -> str:
-    """One paragraph: which changes helped measurably, which did not, largest first."""
-    helped = sorted((x for x in said if clear_of_zero(x[1]) and x[1].difference > 0), key=lambda x: -x[1].difference)
-    hurt = [x for x in said if clear_of_zero(x[1]) and x[1].difference < 0]
-    flat = [x for x in said if not clear_of_zero(x[1])]
+    """A plain paragraph: the whole gain, each block alone and on top of the other, then the rest, weighed."""
+    by_role: dict[str, list[tuple[Contrast, PairedDifference]]] = {}
+    for c, p, _ in said:
+        by_role.setdefault(c.role, []).append((c, p))
     parts = []
-    if helped:
-        parts.append("measurable gains come from " + "; ".join(f"{c.what} ({p.difference:+.2f} ± {p.ci95:.2f})" for c, p, _ in helped))
-    if flat:
-        parts.append("no measurable effect from " + "; ".join(f"{c.what} ({p.difference:+.2f} ± {p.ci95:.2f})" for c, p, _ in flat))
-    if hurt:
-        parts.append("measurable losses from " + "; ".join(f"{c.what} ({p.difference:+.2f} ± {p.ci95:.2f})" for c, p, _ in hurt))
-    text = "; ".join(parts) + "." if parts else "the ablation rows are missing."
-    text = text[0].upper() + text[1:]
-    meanings = [c.flat_means for c, p, _ in flat if c.flat_means]
-    if meanings:
-        text += " " + " ".join(meanings)
+    total = by_role.get("total", [None])[0]
+    if total:
+        c, p = total
+        parts.append(f"{c.changed} is {_amount(p)} {'above' if p.difference >= 0 else 'below'} {c.base} on the same tasks.")
+    alone = sorted(by_role.get("alone", []), key=lambda x: -x[1].difference)
+    if alone:
+        share = total is not None and total[1].difference > 0 and _weight(total[1]) == "real"
+        parts.append(f"Added alone to {alone[0][0].base}, " + "; ".join(
+            f"{c.block} gives {_amount(p)}" + (f" ({p.difference / total[1].difference:.0%} of the whole)" if share else "")
+            for c, p in alone) + ".")
+        if share and alone[0][1].difference >= 0.5 * total[1].difference and _weight(alone[0][1]) == "real":
+            parts.append(f"So the gain comes mostly from {alone[0][0].block}.")
+    on_top = by_role.get("on top", [])
+    if on_top:
+        parts.append("Added on top of the other block, " + "; ".join(f"{c.block} gives {_amount(p)}" for c, p in on_top) + ".")
+    meanings = []
+    for c, p in by_role.get("", []):
+        weight = _weight(p)
+        verdict = {"none": "no measurable effect", "negligible": "measurable but negligible",
+                   "real": "a real effect"}[weight]
+        parts.append(f"{c.what[0].upper()}{c.what[1:]}: {verdict} ({_amount(p)}).")
+        if weight != "real" and c.flat_means:
+            meanings.append(c.flat_means)
+    text = " ".join(parts + meanings) if parts else "The ablation rows are missing."
     if gamma is not None:
-        text += f" (The learned gate gamma is {gamma:+.4f}.)"
+        text += f" (PLE's learned gate gamma is {gamma:+.4f}.)"
     return text

@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,16 +49,16 @@ MAIN = ("proto", "trm", "strm")
 ABLATION = ("proto", "trm", "ple-trm", "fle-trm", "ple-fle-trm", "strm", "strm:gamma0", "strm:no-qc")
 REFERENCE = "trm"
 CONTRASTS = (
-    report.Contrast("the whole of STRM over the TRM baseline", "strm", "trm"),
-    report.Contrast("adding PLE (patch attention + per-patch MLP) to TRM", "ple-trm", "trm"),
-    report.Contrast("adding FLE (frame mixer) to TRM", "fle-trm", "trm"),
-    report.Contrast("adding PLE and FLE to TRM", "ple-fle-trm", "trm"),
-    report.Contrast("adding FLE on top of PLE", "ple-fle-trm", "ple-trm"),
-    report.Contrast("adding PLE on top of FLE", "ple-fle-trm", "fle-trm"),
+    report.Contrast("the whole of STRM over the TRM baseline", "strm", "trm", role="total"),
+    report.Contrast("adding PLE (patch attention + per-patch MLP) to TRM", "ple-trm", "trm", role="alone", block="PLE"),
+    report.Contrast("adding FLE (frame mixer) to TRM", "fle-trm", "trm", role="alone", block="FLE"),
+    report.Contrast("adding PLE and FLE to TRM", "ple-fle-trm", "trm", role="detail"),
+    report.Contrast("adding FLE on top of PLE", "ple-fle-trm", "ple-trm", role="on top", block="FLE"),
+    report.Contrast("adding PLE on top of FLE", "ple-fle-trm", "fle-trm", role="on top", block="PLE"),
     report.Contrast("training with QC (strm against ple-fle-trm)", "strm", "ple-fle-trm",
-                    flat_means="Training with the QC loss brings nothing measurable here."),
+                    flat_means="Training with the QC loss brings nothing that matters here."),
     report.Contrast("forcing PLE's attention gate gamma to 0 after training", "strm, gamma forced to 0", "strm",
-                    flat_means="PLE's self-attention between patches contributes nothing measurable: whatever PLE adds "
+                    flat_means="PLE's self-attention between patches contributes nothing that matters: whatever PLE adds "
                     "comes from its per-patch MLP (psi) and its positional encoding."),
     report.Contrast("dropping the QC logits after training", "strm, no QC", "strm",
                     flat_means="QC's logits do not matter at test time: TRM's logits decide."),
@@ -101,22 +102,53 @@ class DemoSizes:
         ]
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (decoding and synthesis workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 @dataclass
 class StageClock:
-    """Seconds per stage in this run, and which stages found their outputs already there."""
+    """Wall and CPU seconds per stage, and which stages found their outputs already there.
 
-    seconds: dict[str, float]
-    reused: dict[str, bool]
+    CPU seconds do not depend on what else runs on the machine: on a shared machine they tell
+    what a stage would cost on an idle one (about CPU / cores for the parallel stages). A stage
+    whose outputs were reused keeps the cost recorded when it was computed (`computed`, from
+    timings.json), so the report of a resumed run still tells what each stage costs.
+    """
+
+    path: Path  # timings.json
+    this_run: dict[str, dict] = field(default_factory=dict)  # stage -> wall_s, cpu_s, reused
+    computed: dict[str, dict] = field(default_factory=dict)  # stage -> wall_s, cpu_s of the run that computed it
+
+    def __post_init__(self) -> None:
+        if self.path.exists():
+            try:
+                self.computed = dict(json.loads(self.path.read_text()).get("computed", {}))
+            except (OSError, ValueError, AttributeError):
+                self.computed = {}
 
     @contextmanager
     def stage(self, name: str):
         console.rule(f"[bold]{name}")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_seconds()
         state = {"reused": False}
         yield state
-        self.seconds[name] = time.perf_counter() - start
-        self.reused[name] = state["reused"]
-        console.print(f"[bold green]{name}[/]: {self.seconds[name]:.1f} s" + (" (outputs found, reused)" if state["reused"] else ""))
+        spent = {"wall_s": time.perf_counter() - start, "cpu_s": _cpu_seconds() - cpu}
+        self.this_run[name] = {**spent, "reused": state["reused"]}
+        if not state["reused"] or name not in self.computed:
+            self.computed[name] = spent
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"computed": self.computed, "this_run": self.this_run}, indent=2) + "\n")
+        console.print(f"[bold green]{name}[/]: {spent['wall_s']:.1f} s (CPU {spent['cpu_s']:.1f} s)"
+                      + (" (outputs found, reused)" if state["reused"] else ""))
+
+    def rows(self) -> list[dict]:
+        """Per stage: the cost when computed, and this run's wall time."""
+        return [{"stage": k, "wall_s": self.computed[k]["wall_s"], "cpu_s": self.computed[k]["cpu_s"],
+                 "this_run_wall_s": v["wall_s"], "reused_now": "yes" if v["reused"] else ""}
+                for k, v in self.this_run.items()]
 
 
 def _bar(description: str, total: int) -> Progress:
@@ -222,7 +254,7 @@ def _shot_sweep(label: str, checkpoint: Path | None, test, sizes: DemoSizes, rec
 
 def run_demo(out: Path, sizes: DemoSizes, workers: int, cache_root: Path) -> Path:
     """Every stage in order; returns the report's path."""
-    clock = StageClock({}, {})
+    clock = StageClock(out / "timings.json")
     videos, eval_dir, fig_dir = out / "videos", out / "eval", out / "figures"
     with clock.stage("synth") as state:
         _synth(videos, sizes, workers, state)
@@ -295,15 +327,13 @@ def run_demo(out: Path, sizes: DemoSizes, workers: int, cache_root: Path) -> Pat
         figures["ablation"] = _save(report.ablation_figure(table, REFERENCE), out, "figures/ablation.png")
         strm_ckpt = torch.load(checkpoints["strm"], map_location="cpu", weights_only=True)
         gamma = strm_ckpt["model"].get("ple.gamma")
-        timings = {f"{k}{' (reused)' if clock.reused.get(k) else ''}": v for k, v in clock.seconds.items()}
         facts = report.DemoFacts(
             main=main, winner="strm", ablation=table, ablation_reference=REFERENCE, ablation_results=results,
             contrasts=CONTRASTS, gamma=None if gamma is None else float(gamma.reshape(-1)[0]),
-            training={k: _training_summary(v) for k, v in checkpoints.items()}, sizes=sizes.rows(), timings=timings,
+            training={k: _training_summary(v) for k, v in checkpoints.items()}, sizes=sizes.rows(), timings=clock.rows(),
             figures=figures, notes=_notes(cache_path, workers), command="strm demo",
         )
         path = report.write_markdown(out / "report.md", report.demo_report(facts))
-    (out / "timings.json").write_text(json.dumps({"seconds": clock.seconds, "reused": clock.reused}, indent=2) + "\n")
     _print_summary(results, table, clock)
     return path
 
@@ -333,12 +363,14 @@ def _print_summary(results: dict[str, ev.EvalResult], table, clock: StageClock) 
     for _, row in table.iterrows():
         view.add_row(row["row"], f"{row['accuracy']:.2f}", f"± {row['ci95']:.2f}",
                      f"{row['difference']:+.2f} ± {row['difference_ci95']:.2f}")
-    times = Table(title="time per stage", title_justify="left")
-    times.add_column("stage")
-    times.add_column("seconds", justify="right")
-    for name, seconds in clock.seconds.items():
-        times.add_row(name + (" (reused)" if clock.reused.get(name) else ""), f"{seconds:.1f}")
-    times.add_row("total", f"{sum(clock.seconds.values()):.1f}")
+    times = Table(title="time per stage (when computed; this run)", title_justify="left")
+    for column in ("stage", "wall s", "CPU s", "this run, wall s"):
+        times.add_column(column, justify="left" if column == "stage" else "right")
+    rows = clock.rows()
+    for row in rows:
+        times.add_row(row["stage"], f"{row['wall_s']:.1f}", f"{row['cpu_s']:.1f}",
+                      f"{row['this_run_wall_s']:.1f}" + (" (reused)" if row["reused_now"] else ""))
+    times.add_row("total", *(f"{sum(r[k] for r in rows):.1f}" for k in ("wall_s", "cpu_s", "this_run_wall_s")))
     out = Console()
     out.print(view)
     out.print(times)
