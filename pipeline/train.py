@@ -38,7 +38,8 @@ from pipeline.heads import build_heads, load_heads, save_heads
 
 LAST, BEST, CONFIG, METRICS, CURVE = "last.pt", "best.pt", "config.json", "metrics.jsonl", "curve.png"
 
-# Settings a resumed run may change: they do not change the numbers.
+# Settings a resumed run may change: they do not change the numbers (nor does `episodes` under a
+# constant schedule: a run can be extended or cut short).
 RUNTIME_FIELDS = ("device", "loading", "read_ahead")
 
 
@@ -377,7 +378,8 @@ def _check_resume(ckpt: dict, config: TrainConfig, cache: FeatureCache, path: Pa
             f"{cache.path} holds D={cache.dim}, L={cache.frames}, P*P={cache.patches}"
         )
     mine = asdict(config)
-    differ = [k for k in mine if k not in RUNTIME_FIELDS and saved.get(k) != mine[k]]
+    free = RUNTIME_FIELDS + (("episodes",) if config.schedule == "constant" else ())  # a constant lr: extend or cut a run
+    differ = [k for k in mine if k not in free and saved.get(k) != mine[k]]
     if differ:
         raise TrainError(
             f"{path}: the run was started with other settings: "

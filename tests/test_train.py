@@ -4,6 +4,7 @@ computes the same gradients as one process accumulating the step's 16 tasks."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 import signal
 import subprocess
@@ -163,6 +164,8 @@ def test_caches_and_options_that_do_not_fit_are_clear_errors(tmp_path):
         train(config, wider, tmp_path / "run", resume=True)
     with pytest.raises(TrainError, match="already holds a run"):
         train(config, cache, tmp_path / "run")
+    longer = train(replace(config, episodes=6), cache, tmp_path / "run", resume=True)  # constant lr: may extend
+    assert longer.tasks_done == 6 and read_metrics(tmp_path / "run")[-1]["task"] == 6
 
     runner = CliRunner()
     common = ["train-heads", "--cache", str(cache), "--heads-option", "trm_dim=32", "--val-every", "0"]
