@@ -319,19 +319,34 @@ def _set_rng_state(state: dict) -> None:
 
 
 def read_metrics(out: Path) -> list[dict]:
-    """The records of a run's metrics.jsonl (train and val lines), in order."""
+    """The records of a run's metrics.jsonl (train and val lines), in order.
+
+    A last line cut short by a kill is dropped: the resumed run writes it again.
+    """
     path = Path(out) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines) - 1:
+                raise
+    return records
 
 
 def _truncate_metrics(out: Path, task: int) -> None:
     """Drop the lines written after the checkpoint a run resumes from (they will be written again)."""
     keep = [r for r in read_metrics(out) if r["task"] <= task]
-    tmp = out / (METRICS + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    os.replace(tmp, out / METRICS)
+    _write_atomic(out / METRICS, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def plot_curve(out: Path, way: int | None = None) -> Path:
@@ -466,13 +481,13 @@ class _Run:
         if resumed:
             _truncate_metrics(self.out, self.done)
         else:
-            (self.out / METRICS).write_text("")
+            _write_atomic(self.out / METRICS, "")
             self.best_path.unlink(missing_ok=True)  # left by a run killed before its first last.pt
         cache = self.cache
         info = {"config": self.record, "cache": {"path": str(cache.path), "key": cache.key, "fingerprint": cache.fingerprint},
                 "world_size": self.world, "device": str(self.device), "torch": torch.__version__,
                 "resumed_from_task": self.done}
-        (self.out / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+        _write_atomic(self.out / CONFIG, json.dumps(info, indent=2) + "\n")
 
     def _save(self, path: Path, **more) -> None:
         save_heads(  # temp file + os.replace: a kill never leaves a half-written checkpoint

@@ -117,6 +117,8 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
     assert killed.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     at_kill = torch.load(last, weights_only=True)["task_index"]
     assert 10 <= at_kill < 80
+    with open(tmp_path / "killed" / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "ta')  # as if the kill had landed mid-line
 
     resumed = subprocess.run(_cli(*args, "--out", str(tmp_path / "killed"), "--resume"), env=_env(),
                              capture_output=True, text=True, timeout=300)
