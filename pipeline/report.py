@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from pipeline.evaluate import EvalResult, PairedDifference, compare_results  # noqa: E402
+from pipeline.evaluate import EvalResult, PairedDifference, compare_results, interval95  # noqa: E402
 
 DPI = 110
 NEGLIGIBLE = 0.5  # points: a paired difference clear of 0 but smaller than this is called negligible
@@ -214,6 +214,16 @@ def markdown_table(table: pd.DataFrame, formats: Mapping[str, str] | None = None
     return "\n".join(lines)
 
 
+def subset_table(results: Mapping[str, EvalResult], tasks: np.ndarray) -> pd.DataFrame:
+    """model, tasks, accuracy, ci95 over a subset of the tasks (a boolean mask over every result's tasks)."""
+    rows = []
+    for k, r in results.items():
+        chosen = r.task_accuracy[tasks]
+        rows.append({"model": k, "tasks": int(tasks.sum()), "accuracy": float(chosen.mean()) if len(chosen) else float("nan"),
+                     "ci95": interval95(chosen) if len(chosen) else float("nan")})
+    return pd.DataFrame(rows)
+
+
 def accuracy_table(results: Mapping[str, EvalResult]) -> pd.DataFrame:
     """model, accuracy, ci95, and the interval as text: the summary a report opens with."""
     return pd.DataFrame([
@@ -311,6 +321,7 @@ class DemoFacts:
     timings: Sequence[Mapping[str, object]]  # rows: stage, wall_s, cpu_s (and any other columns)
     figures: Mapping[str, str]  # figure key -> path relative to the report
     notes: Sequence[str] = ()  # anything else a reader must know (the flip, the machine, ...)
+    subsets: Sequence[tuple[str, pd.DataFrame]] = ()  # (what the subset is, subset_table of the main models)
     command: str = "strm demo"
 
 
@@ -354,11 +365,18 @@ def demo_report(facts: DemoFacts) -> str:
         lines.append(f"**{w} does NOT beat {' and '.join(missing)} with non-overlapping intervals.** "
                      + comparison_sentence(w, others, main) + " Why: "
                      + "; ".join(_not_beaten_reason(main[w], main[k], k, w) for k in missing) + ".")
+    said = findings(facts.ablation_results, facts.contrasts)
     lines += [
+        "",
+        f"Where the gain comes from (details in the ablation below): {_ablation_summary(said, facts.gamma)}",
         "",
         "The interval is 1.96 std / sqrt(tasks) over tasks (the field's convention); it measures the task "
         "sampling only, not the finite set of test videos or the training seed.",
         "",
+    ]
+    for what, table in facts.subsets:
+        lines += [f"On {what}:", "", markdown_table(table, {"accuracy": ".2f", "ci95": ".2f"}), ""]
+    lines += [
         _figure(facts, "accuracy", "Accuracy with its 95% interval, per model, on the same test tasks"),
         "## Training",
         "",
@@ -405,7 +423,6 @@ def demo_report(facts: DemoFacts) -> str:
         "of the difference excludes 0):",
         "",
     ]
-    said = findings(facts.ablation_results, facts.contrasts)
     lines += [f"- {sentence}" for _, _, sentence in said]
     if facts.gamma is not None:
         lines.append(f"- PLE's attention gate gamma (initialised at 0) ended training at {facts.gamma:+.4f}.")
@@ -414,9 +431,9 @@ def demo_report(facts: DemoFacts) -> str:
     if facts.notes:
         lines += [f"- {n}" for n in facts.notes] + [""]
     lines += ["## Time per stage", "",
-              "Wall-clock seconds and the CPU seconds the stage used (this process and its worker processes) when "
-              "the stage was computed: on a shared machine the wall time includes waiting for the CPU, the CPU time "
-              "does not. The report's own writing is not counted.", ""]
+              "Wall-clock seconds, and the CPU seconds of the main process (all its threads; not the synthesis and "
+              "decoding worker processes), when the stage was computed. On a shared machine the wall time includes "
+              "waiting for the CPU and the CPU time does not. The report's own writing is not counted.", ""]
     table = pd.DataFrame(list(facts.timings))
     if not table.empty:
         numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]

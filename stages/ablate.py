@@ -348,16 +348,16 @@ def ablate_command(
         help=f"Rows: heads variants ({', '.join(VARIANTS)}), `proto`, or a trained variant with a post-training "
         "change (strm:gamma0, strm:no-qc). Comma-separated or repeated."),
     cardinalities: Optional[list[str]] = typer.Option(
-        None, "--cardinalities", help="Tuple cardinality sets to cross with the variants, e.g. 1,2,3,2+3. [default: each variant's own]"),
-    lambdas: Optional[list[str]] = typer.Option(None, "--lambdas", help="QC loss/logit weights to cross, e.g. 0,0.1,0.5. [default: 0.1]"),
-    retain: Optional[list[str]] = typer.Option(None, "--retain", help="Fractions of tuples kept to cross, e.g. 0.25,0.5,1. [default: 1]"),
-    reference: Optional[str] = typer.Option(None, "--reference", help="Row label the paired differences are taken against. [default: the first row]"),
+        None, "--cardinalities", help="Tuple cardinality sets to cross with the variants, e.g. 1,2,3,2+3. (default: each variant's own)"),
+    lambdas: Optional[list[str]] = typer.Option(None, "--lambdas", help="QC loss/logit weights to cross, e.g. 0,0.1,0.5. (default: 0.1)"),
+    retain: Optional[list[str]] = typer.Option(None, "--retain", help="Fractions of tuples kept to cross, e.g. 0.25,0.5,1. (default: 1)"),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Row label the paired differences are taken against. (default: the first row)"),
     train_episodes: int = typer.Option(10_000, "--train-episodes", min=1, help="Training tasks a grid point (frozen preset; it may stop early)."),
     val_every: int = typer.Option(500, "--val-every", min=0, help="Validate every N training tasks (best.pt is evaluated); 0 = never."),
     val_episodes: int = typer.Option(500, "--val-episodes", min=1, help="Validation tasks."),
     episodes: int = typer.Option(10_000, "--episodes", min=1, help="Test tasks, the same for every row."),
     seed: int = typer.Option(0, "--seed", help="Seed of the training tasks and initial weights, and of the test tasks."),
-    trm_dim: Optional[int] = typer.Option(None, "--trm-dim", min=1, help="TRM's key/value width D' for every row. [default: 1152]"),
+    trm_dim: Optional[int] = typer.Option(None, "--trm-dim", min=1, help="TRM's key/value width D' for every row. (default: 1152)"),
     out: Path = typer.Option(Path("runs/ablate"), "--out", help="Folder for the runs, evaluations and the table."),
 ) -> None:
     """Train and evaluate a grid of heads on one cache; write ablation.md / .csv / .png with paired intervals."""

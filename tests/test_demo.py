@@ -69,6 +69,18 @@ def test_report_says_plainly_when_strm_does_not_beat_a_baseline():
     assert "**strm does NOT beat proto and trm" in text and "is not better than proto at all" in text
 
 
+def test_reversed_pair_tasks_are_those_with_a_class_and_its_reverse():
+    names = ["grow_then_shrink", "shrink_then_grow", "cover_then_cover", "appear_then_grow", "grow_then_cover"]
+    classes = np.array([[0, 1, 2], [0, 2, 3], [2, 3, 4], [1, 4, 0]])
+    tasks = type("Tasks", (), {"classes": classes})()
+    assert demo.reversed_pair_tasks(tasks, names).tolist() == [True, False, False, True]
+    acc = _result(70.0)
+    mask = np.zeros(400, bool)
+    mask[:100] = True
+    table = report.subset_table({"strm": acc}, mask)
+    assert table.loc[0, "tasks"] == 100 and table.loc[0, "accuracy"] == pytest.approx(acc.task_accuracy[:100].mean())
+
+
 def test_ablation_table_pairs_every_row_with_the_reference():
     a, b = _result(70.0, seed=1), _result(60.0, seed=2)
     table = report.ablation_table({"trm": b, "strm": a}, "trm", {"strm": {"variant": "strm"}})
@@ -111,10 +123,11 @@ def test_mini_demo_runs_every_stage_and_resumes(small_benchmark, tmp_path):
         assert f"| {row['row']} |" in text and f"{row['accuracy']:.2f}" in text
     assert "strm beats" in text or "strm does NOT beat" in text
     assert "Flips are off" in text
-    for name in ("accuracy", "training", "shots", "per_class", "ablation", "activation_0", "tuples_0"):
-        path = out / "figures" / f"{name}.png"
+    for name in ("figures/accuracy", "figures/training", "figures/shots", "figures/per_class", "ablation",
+                 "figures/activation_0", "figures/tuples_0"):
+        path = out / f"{name}.png"
         assert path.stat().st_size > 10_000 and mpimg.imread(path).std() > 0.02
-        assert f"figures/{name}.png" in text
+        assert f"]({name}.png)" in text
     first = json.loads((out / "timings.json").read_text())
     assert not any(stage["reused"] for stage in first["this_run"].values())
 
