@@ -18,8 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline import evaluate as ev
 from pipeline.cache import CacheError, open_cache
-from pipeline.heads import VARIANTS, build_heads, load_authors_checkpoint, load_heads
-from stages.common import fail
+from pipeline.heads import VARIANTS, build_heads
+from stages.common import fail, load_model
 
 console = Console(stderr=True)
 # Cache fingerprint fields that decide what a feature means: heads trained on one do not fit another.
@@ -51,43 +51,6 @@ def _device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {name}: CUDA is not available on this machine", 2)
     return device
-
-
-def _load_model(checkpoint: Path, variant: str | None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Heads from a project checkpoint or, detected by its keys, an authors' file (via the importer)."""
-    try:
-        raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
-        fail(f"{checkpoint}: not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})")
-    if not isinstance(raw, dict):
-        fail(f"{checkpoint}: holds a {type(raw).__name__}, not a checkpoint dict")
-    if "format" in raw:
-        try:
-            heads, saved = load_heads(raw)
-        except (ValueError, KeyError, RuntimeError) as err:
-            fail(f"{checkpoint}: {err}")
-        about = {"checkpoint": str(checkpoint), "checkpoint_format": saved["format"], "variant": saved["variant"]}
-        if "cache_fingerprint" in saved:
-            about["trained_on_cache"] = saved["cache_fingerprint"]
-        return heads, about
-    # An authors' file has no format tag. Its variant is the first whose weights it holds exactly and
-    # whose cardinalities it has (the importer reads them from the tensors, so trm loads a TRX file too).
-    errors, loaded = [], []
-    for name in [variant] if variant else list(VARIANTS):
-        try:
-            heads = load_authors_checkpoint(raw, variant=name)
-        except ValueError as err:
-            errors.append(f"{name}: {err}")
-            continue
-        if variant or tuple(VARIANTS[name]["cardinalities"]) == tuple(heads.cardinalities):
-            loaded.insert(0, (name, heads))
-            break
-        loaded.append((name, heads))
-    if not loaded:
-        fail(f"{checkpoint}: not a project checkpoint and not an authors' one ({'; '.join(errors)})")
-    name, heads = loaded[0]
-    note = "" if heads.has_qc else "the file has no QC weights: logits are the TRM logits alone"
-    return heads, {"checkpoint": str(checkpoint), "checkpoint_format": "authors", "variant": name, "note": note}
 
 
 def _default_stem(label: str, split: str, way: int, seed: int) -> Path:
@@ -156,7 +119,7 @@ def evaluate_command(
         model = build_heads(name, dim=features.dim, frames=features.frames, patches=features.patches)
         about, label = {"baseline": "untrained", "variant": name, "init_seed": seed}, f"untrained-{name}"
     else:
-        model, about = _load_model(checkpoint, variant)
+        model, about = load_model(checkpoint, variant)
         label = checkpoint.stem
         trained = about.get("trained_on_cache") or {}
         differ = [k for k in FEATURE_KEYS if k in trained and trained[k] != features.fingerprint.get(k)]

@@ -9,29 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 from rich.console import Console
 
 from pipeline.cache import CacheError, FeatureCache, open_cache
-from pipeline.heads import load_authors_checkpoint, load_heads
 from pipeline.manifests import ManifestError, build_manifest, read_manifest
 from pipeline.visualize import FrameSource, render
-from stages.common import fail
-
-
-def load_any_heads(checkpoint: Path) -> torch.nn.Module:
-    """Heads from a project checkpoint, or from an authors' STRM file (imported); exits with one line otherwise."""
-    try:
-        raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
-        fail(f"{checkpoint}: not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})")
-    if not isinstance(raw, dict):
-        fail(f"{checkpoint}: holds a {type(raw).__name__}, not a checkpoint dict")
-    try:
-        return load_heads(raw)[0] if "format" in raw else load_authors_checkpoint(raw, variant="strm")
-    except (ValueError, KeyError, RuntimeError) as err:
-        fail(f"{checkpoint}: {err}")
+from stages.common import fail, load_model
 
 
 def frame_source(videos: Path, cache: FeatureCache) -> FrameSource:
@@ -69,7 +53,7 @@ def visualize_command(
         data = features.load_split(split, views=1)
     except CacheError as err:
         fail(str(err))
-    heads = load_any_heads(checkpoint)
+    heads = load_model(checkpoint)[0]
     if getattr(heads, "dim", features.dim) != features.dim:
         fail(f"{checkpoint}: heads for D={heads.dim}, but {cache} holds D={features.dim}", 2)
     frames = frame_source(videos, features) if videos is not None else None
