@@ -384,6 +384,12 @@ def demo_report(facts: DemoFacts) -> str:
     rows = pd.DataFrame([{"heads": k, **v} for k, v in facts.training.items()])
     if not rows.empty:
         lines += [markdown_table(rows, {"best_val": ".2f"}), ""]
+        rising = [k for k, v in facts.training.items()
+                  if v.get("best_task") is not None and v.get("best_task") == v.get("tasks_trained") and not v.get("stopped_early")]
+        if rising:
+            lines += [f"Still improving at the last validation (best = last): {', '.join(rising)}. These heads are "
+                      "not trained to convergence; with more training tasks their accuracy could still rise, so "
+                      "the gaps between them are measured at equal, short training, not at their best.", ""]
     lines += [
         _figure(facts, "training", "Training loss and validation accuracy against training tasks"),
         "## Accuracy against shots",

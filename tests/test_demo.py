@@ -30,7 +30,9 @@ def _facts(main: dict[str, EvalResult], ablation: dict[str, EvalResult], gamma: 
     table = report.ablation_table(ablation, "trm")
     return report.DemoFacts(
         main=main, winner="strm", ablation=table, ablation_reference="trm", ablation_results=ablation,
-        contrasts=demo.CONTRASTS, gamma=gamma, training={"strm": {"tasks_trained": 300, "best_val": 91.0}},
+        contrasts=demo.CONTRASTS, gamma=gamma,
+        training={"strm": {"tasks_trained": 300, "best_val": 91.0, "best_task": 200, "stopped_early": False},
+                  "trm": {"tasks_trained": 300, "best_val": 60.0, "best_task": 300, "stopped_early": False}},
         sizes=demo.DemoSizes().rows(), timings=[{"stage": "synth", "wall_s": 40.0, "cpu_s": 30.0},
                                                      {"stage": "extract", "wall_s": 120.5, "cpu_s": 200.25}], figures={"accuracy": "figures/accuracy.png"},
         notes=["flips are off"],
@@ -54,6 +56,7 @@ def test_report_says_strm_beats_when_intervals_do_not_overlap_and_names_every_ro
     # FLE alone (84 - 66 = 18 of 94 - 66 = 28 points) is most of the gain: the summary says where it comes from.
     assert "strm is +28.00 ± " in text and "FLE gives +18.00 ± " in text and "(64% of the whole)" in text
     assert "So the gain comes mostly from FLE." in text
+    assert "Still improving at the last validation (best = last): trm." in text
     assert "| extract | 120.5 | 200.2 |" in text and "| total | 160.5 | 230.2 |" in text
     assert "![Accuracy with its 95% interval" in text and "not drawn in this run" in text  # missing figures are said
 
