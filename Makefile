@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed
 DATASET ?= hmdb51
 VIDEOS  ?=
 ONLY    ?=
+# Spin-waiting OpenMP threads slow torch's small operations several-fold on a shared CPU.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install test demo extract bench clean
 
