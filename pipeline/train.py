@@ -453,13 +453,13 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.state = {"best_val": None, "best_task": None, "bad_validations": 0, "last_val": None, "stopped": False,
                       "window": _empty_window()}
-        self.done = 0
+        self.done = self.saved = 0  # tasks trained; tasks in last.pt
         if ckpt is not None:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             _set_rng_state(ckpt["rng"])
             self.state = ckpt["state"]
-            self.done = int(ckpt["task_index"])
+            self.done = self.saved = int(ckpt["task_index"])
         if self.rank == 0:
             self._start_files(resumed=ckpt is not None)
 
@@ -490,6 +490,8 @@ class _Run:
         _write_atomic(self.out / CONFIG, json.dumps(info, indent=2) + "\n")
 
     def _save(self, path: Path, **more) -> None:
+        if path == self.last_path:
+            self.saved = self.done
         save_heads(  # temp file + os.replace: a kill never leaves a half-written checkpoint
             path, self.heads, optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             rng=_rng_state(), task_index=self.done, config=self.record, cache_fingerprint=self.cache.fingerprint,
@@ -581,8 +583,16 @@ class _Run:
                 for k in range(per_rank):
                     index, task, x = next(inputs)
                     self._task(index, task, x, sync=k == per_rank - 1)
+                grads = [p.grad for p in self.params if p.grad is not None]
+                norm = torch.nn.utils.get_total_norm(grads)  # the same on every rank: DDP averaged the gradients
+                if not torch.isfinite(norm):
+                    kept = f"{self.last_path} holds task {self.saved}" if self.saved else "no checkpoint was written yet"
+                    raise TrainError(
+                        f"training diverged: the gradient of tasks {step_start}-{step_start + tps - 1} is not finite; "
+                        f"{kept}; lower the learning rate (now {config.lr:g})"
+                    )
                 if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip)
+                    torch.nn.utils.clip_grads_with_norm_(self.params, config.grad_clip, norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()

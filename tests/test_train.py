@@ -169,6 +169,10 @@ def test_caches_and_options_that_do_not_fit_are_clear_errors(tmp_path):
     longer = train(replace(config, episodes=6), cache, tmp_path / "run", resume=True)  # constant lr: may extend
     assert longer.tasks_done == 6 and read_metrics(tmp_path / "run")[-1]["task"] == 6
 
+    with pytest.raises(TrainError, match=r"diverged.*no checkpoint was written yet; lower the learning rate \(now 1e\+06\)"):
+        train(make_config("authors", lr=1e6, tasks_per_step=1, episodes=30, shot=2, queries=2, heads_options=SMALL,
+                          val_every=0), cache, tmp_path / "diverge")
+
     runner = CliRunner()
     common = ["train-heads", "--cache", str(cache), "--heads-option", "trm_dim=32", "--val-every", "0"]
     result = runner.invoke(app, [*common, "--way", "7", "--out", str(tmp_path / "x")])
