@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from pipeline.heads import build_heads
 from pipeline.heads.model import group_by_class
+from pipeline.heads.trm import tuple_sum
 
 DIM, FRAMES, PATCHES = 16, 8, 4
 SMALL = {"frames": FRAMES, "patches": PATCHES, "trm_dim": 12}
@@ -77,7 +78,7 @@ def test_tuple_retention():
     kept = heads.kept_tuples(0)
     assert len(kept) == 14 and len(set(kept.tolist())) == 14 and kept[0] == 0 and kept[-1] == 27
     emb = heads.encode(torch.randn(2, FRAMES, PATCHES, DIM))
-    assert emb.trm_k[0].shape[1] == 14 and emb.qc[0].shape[1] == 14
+    assert emb.trm_k_stats[0].shape[1] == 14 and emb.qc[0].shape[1] == 14
     assert torch.equal(emb.tuples[0], heads.trm[0].tuples[kept])
     heads.train()
     torch.manual_seed(1)
@@ -174,9 +175,9 @@ def test_trm_attention_weights_rebuild_the_trm_logits():
     assert attention.shape == (3, 3, 28, 2, 28)
     torch.testing.assert_close(attention.sum(dim=(-2, -1)), torch.ones(3, 3, 28))
     order = torch.argsort(labels, stable=True)
-    values = s.trm_v[0][order].reshape(3, 2 * 28, -1)  # [way, shot*T, D']
+    values = tuple_sum(s.trm_v[0], s.tuples[0])[order].reshape(3, 2 * 28, -1)  # [way, shot*T, D']
     prototypes = torch.einsum("qctj,cjd->qctd", attention.flatten(-2), values)
-    rebuilt = -((q.trm_v[0][:, None] - prototypes) ** 2).sum(dim=(-2, -1)) / 28
+    rebuilt = -((tuple_sum(q.trm_v[0], q.tuples[0])[:, None] - prototypes) ** 2).sum(dim=(-2, -1)) / 28
     torch.testing.assert_close(rebuilt, logits, rtol=1e-4, atol=1e-4)
 
 

@@ -119,6 +119,28 @@ def test_trm_in_cpu_steps_equals_all_at_once(monkeypatch):
     torch.testing.assert_close(stepped, whole, rtol=1e-6, atol=1e-6)
 
 
+def test_trm_when_query_and_support_keep_different_tuples():
+    """Random retention in training gives the query and the support their own tuple subsets: relate
+    must take each side's tuples (checked against the tuple-level attention written out)."""
+    kept = make_heads("trm", tuple_keep=0.5)
+    full = make_heads("trm", tuple_keep=1.0)
+    full.load_state_dict(kept.state_dict())
+    support, labels, query = random_task(3, 2, 2, seed=9)
+    order = torch.argsort(labels, stable=True)
+    with torch.no_grad():
+        s, q = kept.encode(support[order]), full.encode(query)
+        logits = kept.relate(s, labels[order], q).trm_logits
+        trm = kept.trm[0]
+        assert len(s.tuples[0]) == 14 and len(q.tuples[0]) == 28
+        class_k = trm.keys(s.trm_k[0], s.tuples[0]).reshape(3, 2 * 14, -1)
+        class_v = trm_module.tuple_sum(s.trm_v[0], s.tuples[0]).reshape(3, 2 * 14, -1)
+        query_k, query_v = trm.keys(q.trm_k[0], q.tuples[0]), trm_module.tuple_sum(q.trm_v[0], q.tuples[0])
+        attention = torch.einsum("qtd,cjd->qctj", query_k, class_k).div(12**0.5).softmax(-1)
+        prototypes = torch.einsum("qctj,cjd->qctd", attention, class_v)
+        expected = -((query_v[:, None] - prototypes) ** 2).sum(dim=(-2, -1)) / 28
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+
+
 def _pool_and_tasks(n_videos: int, batch: int, way: int, shot: int, queries: int, seed: int):
     """Videos 0..n-1, each task draws way*(shot+queries) distinct ones; support labels shuffled."""
     g = torch.Generator().manual_seed(seed)
@@ -173,7 +195,7 @@ def test_video_embedding_indexing_and_cat():
     assert torch.equal(picked.tuples[0], emb.tuples[0])
     for index in (idx, torch.tensor([-1, 0, -7], dtype=torch.int32), torch.tensor(4), torch.tensor([True] * 3 + [False] * 4)):
         got = emb[index]
-        for name in ("trm_k", "trm_v", "qc"):
+        for name in ("trm_k", "trm_k_stats", "trm_v", "qc"):
             assert torch.equal(getattr(got, name)[0], getattr(emb, name)[0][index])
         assert torch.equal(got.H, emb.H[index])
     with pytest.raises(IndexError):
@@ -186,5 +208,5 @@ def test_encode_leading_dims_and_half_input():
     with torch.no_grad():
         nested = heads.encode(features)
         flat = heads.encode(features.reshape(6, FRAMES, PATCHES, DIM))
-    assert nested.trm_k[0].shape == (2, 3, 28, 12)
-    torch.testing.assert_close(nested.trm_k[0].reshape(6, 28, 12), flat.trm_k[0])
+    assert nested.trm_k[0].shape == (2, 3, 2, FRAMES, 12) and nested.trm_k_stats[0].shape == (2, 3, 28, 2)
+    torch.testing.assert_close(nested.trm_k[0].reshape(6, 2, FRAMES, 12), flat.trm_k[0])

@@ -72,20 +72,25 @@ def _select_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class VideoEmbedding:
     """Per-video outputs of `encode`; every tensor's leading dims index videos (any shape, e.g. [n] or [B, n]).
 
-    trm_k, trm_v: one tensor [.., T, D'] per cardinality; qc: one [.., T, D''] per cardinality
-    (empty without QC); tuples: the frame indices [T, w] of the tuples held (shared by all videos).
+    Per cardinality: trm_k and trm_v, the key (before LayerNorm) and value rows per tuple position
+    and frame [.., w, L, D'] (`trm.tuple_sum` of them gives the tuples' projections, `TRM.keys`
+    the keys); trm_k_stats, each tuple's key LayerNorm mean and 1/std [.., T, 2]; qc [.., T, D'']
+    and its squared norms qc_norms [.., T] (empty without QC). tuples: the frame indices [T, w] of
+    the tuples held (shared by all videos).
     ple_patches [.., L, P, D], H and E [.., L, D] only when `encode(..., intermediates=True)`.
     """
 
     trm_k: tuple[torch.Tensor, ...]
+    trm_k_stats: tuple[torch.Tensor, ...]
     trm_v: tuple[torch.Tensor, ...]
     qc: tuple[torch.Tensor, ...]
+    qc_norms: tuple[torch.Tensor, ...]
     tuples: tuple[torch.Tensor, ...]
     ple_patches: torch.Tensor | None = None
     H: torch.Tensor | None = None
     E: torch.Tensor | None = None
 
-    _PER_VIDEO = ("trm_k", "trm_v", "qc", "ple_patches", "H", "E")
+    _PER_VIDEO = ("trm_k", "trm_k_stats", "trm_v", "qc", "qc_norms", "ple_patches", "H", "E")
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> VideoEmbedding:
         changes = {}
@@ -292,16 +297,19 @@ class STRMHeads(nn.Module):
         patches = patches.reshape(n, self.frames, self.patches, self.dim)
         h = patches.mean(dim=2)
         e = h if self.fle is None else self.fle(h)
-        trm_k, trm_v, qc, tuples = [], [], [], []
+        trm_k, trm_k_stats, trm_v, qc, qc_norms, tuples = [], [], [], [], [], []
         for i, trm in enumerate(self.trm):
             keep = self.kept_tuples(i)
-            k, v = trm(e, keep)
+            k, stats, v = trm(e, keep)
             trm_k.append(k)
+            trm_k_stats.append(stats)
             trm_v.append(v)
             tuples.append(trm.tuples if keep is None else trm.tuples[keep])
             if self.qc is not None:
-                qc.append(self.qc[i](h, keep))
-        emb = VideoEmbedding(tuple(trm_k), tuple(trm_v), tuple(qc), tuple(tuples))
+                z, norms = self.qc[i](h, keep)
+                qc.append(z)
+                qc_norms.append(norms)
+        emb = VideoEmbedding(*map(tuple, (trm_k, trm_k_stats, trm_v, qc, qc_norms, tuples)))
         if intermediates:
             emb = replace(emb, ple_patches=None if self.ple is None else patches, H=h, E=e)
         return emb._map(lambda t: _unflatten(t, lead))
@@ -332,7 +340,7 @@ class STRMHeads(nn.Module):
                 f"support embedding has leading dims {tuple(support.trm_k[0].shape[:2])}, labels {(batch, n_s)}"
             )
         n_q = query.trm_k[0].shape[1]
-        per_task = max(way * n_q * k.shape[-2] * k.shape[-1] for k in query.trm_k)
+        per_task = max(way * n_q * len(t) * k.shape[-1] for k, t in zip(query.trm_k, query.tuples))
         step = max(1, max_elements // max(per_task, 1))
         chunks = []
         for start in range(0, batch, step):
@@ -354,18 +362,32 @@ class STRMHeads(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """support sorted by class [B, way*shot, ..], query [B, n_q, ..] -> (TRM, QC or None) logits [B, n_q, way]."""
 
-        def by_class(t: torch.Tensor) -> torch.Tensor:  # [B, way*shot, T, C] -> [B, way, shot*T, C]
-            return t.reshape(t.shape[0], way, shot * t.shape[2], t.shape[3])
+        def by_class(t: torch.Tensor) -> torch.Tensor:  # [B, way*shot, ...] -> [B, way, shot, ...]
+            return t.reshape(t.shape[0], way, shot, *t.shape[2:])
 
         trm = torch.stack(
             [
-                relate_trm(qk, qv, by_class(sk), by_class(sv))
-                for qk, qv, sk, sv in zip(query.trm_k, query.trm_v, support.trm_k, support.trm_v)
+                relate_trm(
+                    module,
+                    query.trm_k[i],
+                    query.trm_v[i],
+                    query.tuples[i],
+                    by_class(support.trm_k[i]),
+                    by_class(support.trm_k_stats[i]),
+                    by_class(support.trm_v[i]),
+                    support.tuples[i],
+                )
+                for i, module in enumerate(self.trm)
             ]
         ).mean(0)
         if self.qc is None:
             return trm, None
-        qc = torch.stack([relate_qc(qz, by_class(sz)) for qz, sz in zip(query.qc, support.qc)]).mean(0)
+        qc = torch.stack(
+            [
+                relate_qc(qz, qn, by_class(sz).flatten(2, 3), by_class(sn).flatten(2))
+                for qz, qn, sz, sn in zip(query.qc, query.qc_norms, support.qc, support.qc_norms)
+            ]
+        ).mean(0)
         return trm, qc
 
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> HeadsOutput:
@@ -388,9 +410,11 @@ class STRMHeads(nn.Module):
         [n_q, way, T_q, shot, T_s]; tuple t's frames are `support.tuples[i][t]` (i the cardinality's index)."""
         i = self.cardinalities.index(cardinality if cardinality is not None else self.cardinalities[0])
         order, way, shot = group_by_class(support_labels[None], None)
-        class_k = support.trm_k[i] if order is None else support.trm_k[i][order[0]]
+        trm = self.trm[i]
+        class_k = trm.keys(support.trm_k[i], support.tuples[i])
+        class_k = class_k if order is None else class_k[order[0]]
         t_s = class_k.shape[1]
-        weights = trm_attention_weights(query.trm_k[i], class_k.reshape(way, shot * t_s, -1))
+        weights = trm_attention_weights(trm.keys(query.trm_k[i], query.tuples[i]), class_k.reshape(way, shot * t_s, -1))
         return weights.reshape(*weights.shape[:3], shot, t_s)
 
 

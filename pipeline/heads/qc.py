@@ -5,9 +5,10 @@ Across videos: for each query tuple the Euclidean distance to the nearest tuple 
 class, averaged over query tuples; logit = -that mean. Registered as a normal submodule (the
 released code kept it in a Python list: never trained, never saved, dropout active at test).
 
-The nearest-tuple search uses squared distances from one batched matmul (||a||^2 + ||b||^2 - 2ab,
-clamped at 0), takes the minimum, and only then the square root, with a gradient that stays finite
-at distance 0.
+The nearest-tuple search uses squared distances from one batched matmul: ||b||^2 - 2ab for every
+support tuple b (the squared norms kept per video by `encode`, so a task never reads its support
+embeddings twice), the minimum over the class, then + ||a||^2, clamped at 0, and only then the
+square root, with a gradient that stays finite at distance 0.
 """
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ class QC(nn.Module):
         self.register_buffer("tuples", frame_tuples(frames, cardinality), persistent=False)
         self.proj = nn.Linear(cardinality * dim, out_dim)
 
-    def forward(self, frames: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """H [n, L, D] -> z [n, T, D'']; `keep` selects tuple indices (retention)."""
+    def forward(self, frames: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """H [n, L, D] -> (z [n, T, D''], ||z||^2 [n, T]); `keep` selects tuple indices (retention)."""
         tuples = self.tuples if keep is None else self.tuples[keep]
-        return torch.relu(tuple_linear(self.dropout(frames), self.proj, tuples))
+        z = torch.relu(tuple_linear(self.dropout(frames), self.proj, tuples))
+        return z, _squared_norm(z)
 
 
 def _sqrt_finite_grad(squared: torch.Tensor) -> torch.Tensor:
@@ -44,17 +46,15 @@ def _squared_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=-1).square()
 
 
-def relate_qc(query_z: torch.Tensor, class_z: torch.Tensor) -> torch.Tensor:
-    """QC logits [B, n_q, way] from query z [B, n_q, T_q, C] and class z [B, way, K*T_s, C]."""
+def relate_qc(
+    query_z: torch.Tensor, query_norms: torch.Tensor, class_z: torch.Tensor, class_norms: torch.Tensor
+) -> torch.Tensor:
+    """QC logits [B, n_q, way] from query z [B, n_q, T_q, C] with squared norms [B, n_q, T_q] and
+    class z [B, way, K*T_s, C] with squared norms [B, way, K*T_s]."""
     batch, n_q, t_q, width = query_z.shape
     way, per_class = class_z.shape[1], class_z.shape[2]
     queries = query_z.reshape(batch, n_q * t_q, width)
     support = class_z.reshape(batch, way * per_class, width)
-    squared = torch.baddbmm(
-        _squared_norm(queries).unsqueeze(2) + _squared_norm(support).unsqueeze(1),
-        queries,
-        support.transpose(1, 2),
-        alpha=-2.0,
-    )
-    nearest = squared.view(batch, n_q, t_q, way, per_class).amin(dim=-1).clamp_min(0.0)
-    return -_sqrt_finite_grad(nearest).mean(dim=2)
+    partial = torch.baddbmm(class_norms.reshape(batch, 1, way * per_class), queries, support.transpose(1, 2), alpha=-2.0)
+    nearest = partial.view(batch, n_q, t_q, way, per_class).amin(dim=-1) + query_norms.unsqueeze(-1)
+    return -_sqrt_finite_grad(nearest.clamp_min(0.0)).mean(dim=2)

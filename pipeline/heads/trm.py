@@ -7,10 +7,17 @@ each query tuple attends over all tuples of all shots of a class (softmax over K
 is -||v_q - prototype||_F^2 / T.
 
 Speed: Linear(w*D, D') of a concatenation is the sum of w per-position projections, so each frame
-is projected once (L rows) and tuples are formed by gathering (T rows): 3.5x fewer flops for pairs.
-The cross-video step scores all query tuples of a task against all its support tuples in one
-matmul, then a softmax and a values product per class; nothing of size n_q x way x T x K*T x D'
-is formed.
+is projected once per tuple position (w*L rows, `frame_projections`) and a tuple's projection is the
+sum of its frames' rows (`tuple_sum`). The cross-video step never forms a support tuple's key or
+value, only per-frame rows (16 instead of 28 per video at L = 8 pairs: 4/7 of the products and of
+the rows to gather):
+- values are linear: a prototype is the attention summed onto each (position, frame) row of the
+  class (a product with a 0/1 matrix), times those rows;
+- keys are LayerNorm(x), x = the tuple's projection: with y = g * k_q for a query tuple,
+  k_q . k_s = rstd_s * (y . x_s - mean_s * sum(y)) + k_q . beta, and y . x_s is the sum of y's
+  products with the tuple's frame rows; the last term is the same for every support tuple, so the
+  softmax over them drops it. Each video keeps its tuples' LayerNorm mean and 1/std (`key_stats`).
+All query tuples of a task meet all its support frame rows in one matmul, then a softmax per class.
 """
 from __future__ import annotations
 
@@ -30,22 +37,47 @@ def frame_tuples(frames: int, cardinality: int) -> torch.Tensor:
     return torch.tensor(list(itertools.combinations(range(frames), cardinality)), dtype=torch.long)
 
 
-def tuple_linear(x: torch.Tensor, linear: nn.Linear, tuples: torch.Tensor) -> torch.Tensor:
-    """linear(concat of the frames of each tuple) for x [n, L, D], tuples [T, w] -> [n, T, out]."""
+def frame_projections(x: torch.Tensor, linear: nn.Linear, width: int) -> torch.Tensor:
+    """Each frame projected by the columns of `linear` that act on tuple position p: x [n, L, D] ->
+    [n, w, L, out], the bias added at position 0, so `tuple_sum` of it is linear(concatenated tuple)."""
     n, frames, dim = x.shape
-    width = tuples.shape[1]
     out_dim = linear.weight.shape[0]
-    # Row o*w + i of weight.view(out*w, D) holds the columns acting on a tuple's i-th frame: one matmul
+    # Row o*w + p of weight.view(out*w, D) holds the columns acting on a tuple's p-th frame: one matmul
     # projects every frame for every tuple position, with no copy of the weight.
     per_frame = F.linear(x, linear.weight.view(out_dim * width, dim)).view(n, frames, out_dim, width)
-    out = linear.bias
-    for position in range(width):
-        out = out + per_frame[..., position].index_select(1, tuples[:, position])
+    bias = F.pad(linear.bias.view(1, 1, out_dim), (0, 0, 0, 0, 0, width - 1))  # [w, 1, out], zero after p = 0
+    return per_frame.permute(0, 3, 1, 2) + bias  # contiguous [n, w, L, out]
+
+
+def tuple_sum(per_frame: torch.Tensor, tuples: torch.Tensor) -> torch.Tensor:
+    """Sum over positions p of per_frame[..., p, tuples[:, p], :]: [..., w, L, C], tuples [T, w] -> [..., T, C]."""
+    out = per_frame.select(-3, 0).index_select(-2, tuples[:, 0])
+    for position in range(1, tuples.shape[1]):
+        out = out + per_frame.select(-3, position).index_select(-2, tuples[:, position])
     return out
 
 
+def tuple_linear(x: torch.Tensor, linear: nn.Linear, tuples: torch.Tensor) -> torch.Tensor:
+    """linear(concat of the frames of each tuple) for x [n, L, D], tuples [T, w] -> [n, T, out]."""
+    return tuple_sum(frame_projections(x, linear, tuples.shape[1]), tuples)
+
+
+def tuple_selection(tuples: torch.Tensor, frames: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """0/1 matrix [T, w*L]: row t has a one at p*L + tuples[t, p] for each position p."""
+    width = tuples.shape[1]
+    columns = tuples + frames * torch.arange(width, device=tuples.device)
+    return torch.zeros(len(tuples), width * frames, dtype=dtype, device=tuples.device).scatter_(1, columns, 1.0)
+
+
+def key_stats(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm's mean and 1/sqrt(var + eps) over the last dim: x [..., C] -> [..., 2]."""
+    var, mean = torch.var_mean(x, dim=-1, correction=0)
+    return torch.stack([mean, (var + eps).rsqrt()], dim=-1)
+
+
 class TRM(nn.Module):
-    """Keys and values of one cardinality's tuples; `relate_trm` does the cross-video step."""
+    """Per-frame key and value rows of one cardinality and its tuples' key statistics (see the
+    module docstring); `relate_trm` does the cross-video step."""
 
     def __init__(self, dim: int, frames: int, cardinality: int, out_dim: int, *, dropout: float = 0.1) -> None:
         super().__init__()
@@ -57,11 +89,22 @@ class TRM(nn.Module):
         # The released code also builds norm_v but never applies it: not created here.
         self.norm_k = nn.LayerNorm(out_dim)
 
-    def forward(self, frames: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """frames [n, L, D] -> (k, v), each [n, T, D']; `keep` selects tuple indices (retention)."""
+    def forward(
+        self, frames: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """frames [n, L, D] -> (key rows [n, w, L, D'], key stats [n, T, 2], value rows [n, w, L, D']);
+        `keep` selects tuple indices (retention)."""
         x = self.pe(frames)
         tuples = self.tuples if keep is None else self.tuples[keep]
-        return self.norm_k(tuple_linear(x, self.k_linear, tuples)), tuple_linear(x, self.v_linear, tuples)
+        k_rows = frame_projections(x, self.k_linear, self.cardinality)
+        stats = key_stats(tuple_sum(k_rows, tuples), self.norm_k.eps)
+        return k_rows, stats, frame_projections(x, self.v_linear, self.cardinality)
+
+    def keys(self, k_rows: torch.Tensor, tuples: torch.Tensor) -> torch.Tensor:
+        """The tuples' keys LayerNorm(x) [..., T, D'] from key rows [..., w, L, D'] (the query side,
+        and inspection)."""
+        norm = self.norm_k
+        return F.layer_norm(tuple_sum(k_rows, tuples), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 # Tasks a step on CPU: at most this many prototype elements (4 MB of float32), so that one task's
@@ -71,38 +114,77 @@ CPU_STEP_ELEMENTS = 1 << 20
 
 
 def relate_trm(
-    query_k: torch.Tensor, query_v: torch.Tensor, class_k: torch.Tensor, class_v: torch.Tensor
+    trm: TRM,
+    query_k: torch.Tensor,
+    query_v: torch.Tensor,
+    query_tuples: torch.Tensor,
+    class_k: torch.Tensor,
+    class_stats: torch.Tensor,
+    class_v: torch.Tensor,
+    class_tuples: torch.Tensor,
 ) -> torch.Tensor:
-    """TRM logits [B, n_q, way] from query k/v [B, n_q, T_q, D'] and class k/v [B, way, K*T_s, D']."""
-    batch, n_q, t_q, width = query_k.shape
+    """TRM logits [B, n_q, way] from the query's key and value rows [B, n_q, w, L, D'] and the classes'
+    key rows [B, way, K, w, L, D'], key stats [B, way, K, T_s, 2] and value rows; each side's tuples
+    [T, w] are those its encode kept (the same, except under random retention in training)."""
+    batch, n_q = query_k.shape[:2]
+    t_q, width = len(query_tuples), query_k.shape[-1]
+    # y = g * k_q / sqrt(D') for every query tuple (the softmax scale folded in), and sum(y).
+    y = trm.keys(query_k, query_tuples) * (trm.norm_k.weight * width**-0.5)
+    y_sum = y.sum(-1)
+    query_v = tuple_sum(query_v, query_tuples)
+    selection = tuple_selection(class_tuples, class_v.shape[-2], class_v.dtype)
     step = batch
     if query_k.device.type == "cpu":
         step = max(1, CPU_STEP_ELEMENTS // max(1, class_k.shape[1] * n_q * t_q * width))
-    if step >= batch:
-        return _relate_trm_tasks(query_k, query_v, class_k, class_v)
     parts = [
-        _relate_trm_tasks(query_k[i : i + step], query_v[i : i + step], class_k[i : i + step], class_v[i : i + step])
+        _relate_trm_tasks(
+            y[i : i + step],
+            y_sum[i : i + step],
+            query_v[i : i + step],
+            class_k[i : i + step],
+            class_stats[i : i + step],
+            class_v[i : i + step],
+            selection,
+        )
         for i in range(0, batch, step)
     ]
-    return torch.cat(parts)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _relate_trm_tasks(
-    query_k: torch.Tensor, query_v: torch.Tensor, class_k: torch.Tensor, class_v: torch.Tensor
+    y: torch.Tensor,
+    y_sum: torch.Tensor,
+    query_v: torch.Tensor,
+    class_k: torch.Tensor,
+    class_stats: torch.Tensor,
+    class_v: torch.Tensor,
+    selection: torch.Tensor,
 ) -> torch.Tensor:
-    """`relate_trm` for a group of tasks: the scores of all query tuples of a task against all its
-    classes' support tuples are one matmul [n_q*T_q, way*K*T_s] (larger, so faster, than one per
-    class: 1.7x with the steps below over the fused per-class attention call), then a softmax per
-    class and the per-class products with the values."""
-    batch, n_q, t_q, width = query_k.shape
-    way, per_class = class_k.shape[1], class_k.shape[2]
-    queries = query_k.reshape(batch, n_q * t_q, width)
-    scores = torch.bmm(queries, class_k.reshape(batch, way * per_class, width).transpose(1, 2))
-    scores = scores.mul_(width**-0.5)  # in place: bmm's backward needs its inputs, not its output
-    weights = scores.view(batch, n_q * t_q, way, per_class).softmax(dim=-1).transpose(1, 2)  # [B, way, M, K*T_s]
-    # prototype - v_q in place (matmul's backward does not need its output either); the norm is
-    # the same as that of v_q - prototype, bit for bit.
-    diff = torch.matmul(weights, class_v).sub_(query_v.reshape(batch, 1, n_q * t_q, width))
+    """`relate_trm` for a group of tasks, with y [B, n_q, T_q, D'], sum(y) [B, n_q, T_q] and the query
+    values per tuple [B, n_q, T_q, D'] (module docstring for the algebra).
+
+    The products of all query tuples of a task with all its classes' key rows are one matmul
+    [n_q*T, way*K*w*L]; the attention of each query tuple on the tuples of a shot, times
+    `selection` [T, w*L], is the weight of each of the shot's value rows, so the prototypes are
+    one product with those rows.
+    """
+    batch, n_q, t_q, width = y.shape
+    way, shots = class_k.shape[1:3]
+    rows_per_shot = selection.shape[1]
+    queries = y.reshape(batch, n_q * t_q, width)
+    products = torch.bmm(queries, class_k.reshape(batch, way * shots * rows_per_shot, width).transpose(1, 2))
+    # y . x_s [B, M, way, K, T]: each tuple's frame rows summed, as one product with the 0/1 matrix
+    # (an index_select along the last dim is several times slower).
+    dot = torch.matmul(products.view(batch, n_q * t_q, way, shots, rows_per_shot), selection.T)
+    mean, rstd = class_stats.unsqueeze(1).unbind(-1)  # [B, 1, way, K, T]
+    scores = (dot - y_sum.reshape(batch, n_q * t_q, 1, 1, 1) * mean) * rstd
+    weights = scores.view(batch, n_q * t_q, way, -1).softmax(dim=-1)  # over the class's K*T_s tuples
+    rows = torch.matmul(weights.view(batch, n_q * t_q, way, shots, -1), selection)  # [B, M, way, K, w*L]
+    rows = rows.view(batch, n_q * t_q, way, shots * rows_per_shot).transpose(1, 2)  # [B, way, M, K*w*L]
+    # prototype - v_q in place (matmul's backward does not need its output); the norm is the same
+    # as that of v_q - prototype, bit for bit.
+    values = class_v.reshape(batch, way, shots * rows_per_shot, width)
+    diff = torch.matmul(rows, values).sub_(query_v.reshape(batch, 1, n_q * t_q, width))
     squared = torch.linalg.vector_norm(diff, dim=-1).square()  # a reduction: no second [.., D'] temporary
     distance = squared.view(batch, way, n_q, t_q).sum(-1) / t_q
     return -distance.transpose(1, 2)
