@@ -21,14 +21,18 @@ def _registry() -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", help="run one figure by name")
+    parser.add_argument("--only", help="run only these figures: names or name prefixes, comma-separated")
     parser.add_argument("--out", type=Path, default=Path("runs/bench.json"))
     args = parser.parse_args(argv)
     registry = _registry()
-    if args.only and args.only not in registry:
-        print(f"bench: unknown figure {args.only!r}; known: {', '.join(sorted(registry))}", file=sys.stderr)
-        return 2
-    names = [args.only] if args.only else list(registry)
+    names = list(registry)
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        unknown = [w for w in wanted if not any(name.startswith(w) for name in registry)]
+        if unknown:
+            print(f"bench: unknown figure {unknown[0]!r}; known: {', '.join(sorted(registry))}", file=sys.stderr)
+            return 2
+        names = [name for name in registry if any(name.startswith(w) for w in wanted)]
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name in names:
         figure = registry[name]()

@@ -180,10 +180,18 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
     return torch.autocast(device.type, enabled=enabled) if enabled else contextlib.nullcontext()
 
 
+# Videos per `encode` call. On CPU 16 keeps PLE's [16*8*16, 3D] activations (25 MB) near the
+# cache, and the calls run as one single-threaded stream per core (`_cpu_streams`): 19.6 ms a
+# video at D = 2048 on the 2-core bench machine, against 23.3 ms with both cores inside each call
+# and 28.1 ms in calls of 64.
+CPU_EMBED_BATCH = 16
+DEVICE_EMBED_BATCH = 256
+
+
 def embed_split(
     heads: nn.Module,
     features: torch.Tensor,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: str | torch.device = "cpu",
     *,
     autocast: bool = False,
@@ -191,15 +199,22 @@ def embed_split(
 ) -> VideoEmbedding:
     """The per-video pass: `heads.encode` over features [N, L, P, D] (one view) in eval mode, no grad."""
     device = torch.device(device)
+    if batch_size is None:
+        batch_size = CPU_EMBED_BATCH if device.type == "cpu" else DEVICE_EMBED_BATCH
     heads.eval()
-    parts = []
     n = len(features)
-    with torch.inference_mode(), _autocast(device, autocast):
-        for start in range(0, n, batch_size):
+
+    def encode(start: int) -> Any:
+        with torch.inference_mode(), _autocast(device, autocast):  # both are per thread
             x = features[start : start + batch_size].to(device=device, dtype=torch.float32, non_blocking=True)
-            parts.append(heads.encode(x))
+            return heads.encode(x)
+
+    parts = []
+    with _cpu_streams(device) as streams:
+        for part in streams(encode, range(0, n, batch_size)):
+            parts.append(part)
             if progress:
-                progress("embed", min(start + batch_size, n), n)
+                progress("embed", min(len(parts) * batch_size, n), n)
     return _cat(parts)
 
 
@@ -317,11 +332,13 @@ class EvalResult:
 
 
 def _default_batch_tasks(embedding: Any, n_videos: int, videos_per_task: int) -> int:
-    """Tasks a batch so its gathered embeddings stay near 32 MB (4 tasks at D = 2048): measured on this
-    2-core CPU, bigger batches only add memory traffic; one task per call already amortises Python."""
+    """Tasks a batch so its gathered embeddings stay near 16 MB (2 tasks at D = 2048): on the 2-core
+    bench machine one stream ran 1 or 2 tasks a call ~10% faster than 4 (what a call gathers is
+    still in cache when the products read it), and 1 no faster than 2 with two streams sharing
+    Python; small D gets up to 512."""
     tensors = [embedding] if isinstance(embedding, torch.Tensor) else list(_tensors(embedding))
     per_video = sum(t.element_size() * t.numel() for t in tensors) / max(n_videos, 1)
-    return int(max(1, min(512, (32 << 20) // max(per_video * videos_per_task, 1))))
+    return int(max(1, min(512, (16 << 20) // max(per_video * videos_per_task, 1))))
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -379,7 +396,7 @@ def evaluate(
         return start, relate_tasks(heads, embedding, batch, device, autocast=autocast).logits.argmax(-1).cpu().numpy()
 
     starts = range(0, len(tasks), batch_tasks)
-    with _task_streams(device) as streams:
+    with _cpu_streams(device) as streams:
         for start, labels in streams(predict, starts):
             predicted[start : start + len(labels)] = labels
             if progress:
@@ -388,13 +405,14 @@ def evaluate(
 
 
 @contextlib.contextmanager
-def _task_streams(device: torch.device) -> Iterator[Callable]:
-    """How batches of tasks run: on CPU, one single-threaded stream per core; elsewhere one stream.
+def _cpu_streams(device: torch.device) -> Iterator[Callable]:
+    """How chunks of work (videos to encode, batches of tasks) run: on CPU, one single-threaded
+    stream per core; elsewhere one stream. Yields a `map` that returns results in order.
 
     A task's ops are small (a few [140, 140] x 1152 products): split across cores inside each op
     they spend much of their time in OpenMP barriers, and on a shared machine several times their
-    CPU time spinning. Whole batches on separate threads (ops release the GIL) keep every core busy.
-    Results come back in order.
+    CPU time spinning. Even encode's large products run 1.2x faster as one call per core than
+    split across cores. Whole chunks on separate threads (ops release the GIL) keep every core busy.
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
@@ -402,10 +420,19 @@ def _task_streams(device: torch.device) -> Iterator[Callable]:
         return
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(threads) as pool:
+        with ThreadPoolExecutor(threads, initializer=_single_threaded_worker) as pool:
             yield pool.map
     finally:
         torch.set_num_threads(threads)
+
+
+def _single_threaded_worker() -> None:
+    """Per-thread settings of a CPU stream: one BLAS thread (a new thread's BLAS would otherwise use
+    every core), and subnormal floats flushed to zero. A trained TRM's attention is peaked: most
+    support tuples get weights below 1e-38, and products with such subnormals ran 20x slower here
+    (26.7 ms against 1.2 ms a task for the prototypes); flushing changes a logit by < 1e-30."""
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
 
 
 def _score(tasks: TaskBatch, predicted: np.ndarray, split: SplitFeatures, settings: dict[str, Any]) -> EvalResult:
