@@ -60,12 +60,16 @@ def _unflatten(t: torch.Tensor | None, lead: Sequence[int]) -> torch.Tensor | No
     return None if t is None else t.reshape(*lead, *t.shape[1:])
 
 
-def _select_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """t[index] for an integer index of any shape, as index_select: negative indices count from the end
-    as in t[index] (rewritten without a device sync); out-of-range ones still raise."""
-    flat = index.reshape(-1).to(device=t.device, dtype=torch.long)
-    flat = torch.where(flat < 0, flat + t.shape[0], flat)
-    return t.index_select(0, flat).view(*index.shape, *t.shape[1:])
+def _mean(logits: list[torch.Tensor]) -> torch.Tensor:
+    """The mean over cardinalities of their logits (one cardinality: itself, no copy)."""
+    return logits[0] if len(logits) == 1 else torch.stack(logits).mean(0)
+
+
+def _row_index(index: torch.Tensor, rows: int, device: torch.device) -> torch.Tensor:
+    """An integer index of any shape, flat, for index_select over `rows` rows: negative indices count
+    from the end as in t[index] (rewritten without a device sync); out-of-range ones still raise."""
+    flat = index.reshape(-1).to(device=device, dtype=torch.long)
+    return torch.where(flat < 0, flat + rows, flat)
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,8 @@ class VideoEmbedding:
         advanced indexing `t[idx]` for the gathers of a task batch); anything else is `t[index]`.
         """
         if isinstance(index, torch.Tensor) and index.dtype in (torch.int64, torch.int32):  # not masks
-            return self._map(lambda t: _select_rows(t, index))
+            flat = _row_index(index, len(self), self.trm_k[0].device)  # once for every field
+            return self._map(lambda t: t.index_select(0, flat).view(*index.shape, *t.shape[1:]))
         return self._map(lambda t: t[index])
 
     def __len__(self) -> int:
@@ -365,7 +370,7 @@ class STRMHeads(nn.Module):
         def by_class(t: torch.Tensor) -> torch.Tensor:  # [B, way*shot, ...] -> [B, way, shot, ...]
             return t.reshape(t.shape[0], way, shot, *t.shape[2:])
 
-        trm = torch.stack(
+        trm = _mean(
             [
                 relate_trm(
                     module,
@@ -379,15 +384,15 @@ class STRMHeads(nn.Module):
                 )
                 for i, module in enumerate(self.trm)
             ]
-        ).mean(0)
+        )
         if self.qc is None:
             return trm, None
-        qc = torch.stack(
+        qc = _mean(
             [
                 relate_qc(qz, qn, by_class(sz).flatten(2, 3), by_class(sn).flatten(2))
                 for qz, qn, sz, sn in zip(query.qc, query.qc_norms, support.qc, support.qc_norms)
             ]
-        ).mean(0)
+        )
         return trm, qc
 
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> HeadsOutput:
