@@ -61,10 +61,10 @@ def _matmul_gflops(size: int = 2048, repeats: int = 8) -> float:
 def _arithmetic_gflop(heads: torch.nn.Module) -> float:
     """FLOPs of the evaluation's products: encode every video once (counted), relate every task (analytic).
 
-    Per task, TRM multiplies the n_q*T query tuples with the way*K*w*L support key rows, then each
-    class's attention-weighted rows [n_q*T, K*w*L] with its K*w*L value rows, both of width D'
-    (pipeline/heads/trm.py); QC one [n_q*T, way*K*T] distance matmul of width D''. FlopCounterMode
-    does not count CPU SDPA.
+    Per task, TRM multiplies the query's n_q*w*L key rows (and one shared row) with the way*K*w*L
+    support key rows, then each class's attention-weighted rows [n_q*T, K*w*L] with its K*w*L value
+    rows, both of width D' (pipeline/heads/trm.py); QC one [n_q*T, way*K*T] distance matmul of width
+    D''. FlopCounterMode does not count CPU SDPA.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -75,7 +75,9 @@ def _arithmetic_gflop(heads: torch.nn.Module) -> float:
     tuples, width = trm.tuples.shape
     trm_dim, qc_dim = trm.k_linear.out_features, heads.qc[0].proj.out_features
     query_tuples, rows = WAY * QUERIES * tuples, SHOT * width * FRAMES
-    relate = 2 * query_tuples * (WAY * rows) * trm_dim * 2 + 2 * query_tuples * (WAY * SHOT * tuples) * qc_dim
+    query_rows = WAY * QUERIES * width * FRAMES + 1
+    trm_products = 2 * (query_rows + query_tuples) * (WAY * rows) * trm_dim
+    relate = trm_products + 2 * query_tuples * (WAY * SHOT * tuples) * qc_dim
     return (encode + relate * EPISODES) / 1e9
 
 

@@ -78,7 +78,7 @@ def test_tuple_retention():
     kept = heads.kept_tuples(0)
     assert len(kept) == 14 and len(set(kept.tolist())) == 14 and kept[0] == 0 and kept[-1] == 27
     emb = heads.encode(torch.randn(2, FRAMES, PATCHES, DIM))
-    assert emb.trm_k_stats[0].shape[1] == 14 and emb.qc[0].shape[1] == 14
+    assert emb.trm_k_rstd[0].shape[1] == 14 and emb.qc[0].shape[1] == 14
     assert torch.equal(emb.tuples[0], heads.trm[0].tuples[kept])
     heads.train()
     torch.manual_seed(1)

@@ -2,6 +2,8 @@
 and the batched task path against one task at a time."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -141,6 +143,22 @@ def test_trm_when_query_and_support_keep_different_tuples():
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_keys_with_a_large_mean_against_float64():
+    """Key projections far from zero mean (a shifted bias) and a non-unit LayerNorm: the key algebra
+    must not subtract large means across a product (centred rows), checked against the reference
+    run in float64."""
+    heads = make_heads("strm", seed=11)
+    with torch.no_grad():
+        heads.trm[0].k_linear.bias.add_(30.0)
+        heads.trm[0].norm_k.weight.mul_(3.0)
+        heads.trm[0].norm_k.bias.add_(0.5)
+    support, labels, query = random_task(5, 3, 2, seed=12)
+    with torch.no_grad():
+        fast = heads(support, labels, query).trm_logits.double()
+        ref = reference_forward(copy.deepcopy(heads).double(), support.double(), labels, query.double())
+    torch.testing.assert_close(fast, ref["trm_logits"], rtol=1e-5, atol=1e-6)
+
+
 def _pool_and_tasks(n_videos: int, batch: int, way: int, shot: int, queries: int, seed: int):
     """Videos 0..n-1, each task draws way*(shot+queries) distinct ones; support labels shuffled."""
     g = torch.Generator().manual_seed(seed)
@@ -195,7 +213,7 @@ def test_video_embedding_indexing_and_cat():
     assert torch.equal(picked.tuples[0], emb.tuples[0])
     for index in (idx, torch.tensor([-1, 0, -7], dtype=torch.int32), torch.tensor(4), torch.tensor([True] * 3 + [False] * 4)):
         got = emb[index]
-        for name in ("trm_k", "trm_k_stats", "trm_v", "qc"):
+        for name in ("trm_k", "trm_k_rstd", "trm_v", "qc"):
             assert torch.equal(getattr(got, name)[0], getattr(emb, name)[0][index])
         assert torch.equal(got.H, emb.H[index])
     with pytest.raises(IndexError):
@@ -208,5 +226,5 @@ def test_encode_leading_dims_and_half_input():
     with torch.no_grad():
         nested = heads.encode(features)
         flat = heads.encode(features.reshape(6, FRAMES, PATCHES, DIM))
-    assert nested.trm_k[0].shape == (2, 3, 2, FRAMES, 12) and nested.trm_k_stats[0].shape == (2, 3, 28, 2)
+    assert nested.trm_k[0].shape == (2, 3, 2, FRAMES, 12) and nested.trm_k_rstd[0].shape == (2, 3, 28)
     torch.testing.assert_close(nested.trm_k[0].reshape(6, 2, FRAMES, 12), flat.trm_k[0])

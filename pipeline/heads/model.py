@@ -77,16 +77,17 @@ def _row_index(index: torch.Tensor, rows: int, device: torch.device) -> torch.Te
 class VideoEmbedding:
     """Per-video outputs of `encode`; every tensor's leading dims index videos (any shape, e.g. [n] or [B, n]).
 
-    Per cardinality: trm_k and trm_v, the key (before LayerNorm) and value rows per tuple position
-    and frame [.., w, L, D'] (`trm.tuple_sum` of them gives the tuples' projections, `TRM.keys`
-    the keys); trm_k_stats, each tuple's key LayerNorm mean and 1/std [.., T, 2]; qc [.., T, D'']
+    Per cardinality: trm_k and trm_v, the key (before LayerNorm, centred over channels) and value
+    rows per tuple position and frame [.., w, L, D'] (`trm.tuple_sum` of them gives the tuples'
+    projections, centred for keys; `TRM.keys` the keys); trm_k_rstd, each tuple's key LayerNorm
+    1/std [.., T]; qc [.., T, D'']
     and its squared norms qc_norms [.., T] (empty without QC). tuples: the frame indices [T, w] of
     the tuples held (shared by all videos).
     ple_patches [.., L, P, D], H and E [.., L, D] only when `encode(..., intermediates=True)`.
     """
 
     trm_k: tuple[torch.Tensor, ...]
-    trm_k_stats: tuple[torch.Tensor, ...]
+    trm_k_rstd: tuple[torch.Tensor, ...]
     trm_v: tuple[torch.Tensor, ...]
     qc: tuple[torch.Tensor, ...]
     qc_norms: tuple[torch.Tensor, ...]
@@ -95,7 +96,7 @@ class VideoEmbedding:
     H: torch.Tensor | None = None
     E: torch.Tensor | None = None
 
-    _PER_VIDEO = ("trm_k", "trm_k_stats", "trm_v", "qc", "qc_norms", "ple_patches", "H", "E")
+    _PER_VIDEO = ("trm_k", "trm_k_rstd", "trm_v", "qc", "qc_norms", "ple_patches", "H", "E")
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> VideoEmbedding:
         changes = {}
@@ -303,19 +304,19 @@ class STRMHeads(nn.Module):
         patches = patches.reshape(n, self.frames, self.patches, self.dim)
         h = patches.mean(dim=2)
         e = h if self.fle is None else self.fle(h)
-        trm_k, trm_k_stats, trm_v, qc, qc_norms, tuples = [], [], [], [], [], []
+        trm_k, trm_k_rstd, trm_v, qc, qc_norms, tuples = [], [], [], [], [], []
         for i, trm in enumerate(self.trm):
             keep = self.kept_tuples(i)
-            k, stats, v = trm(e, keep)
+            k, rstd, v = trm(e, keep)
             trm_k.append(k)
-            trm_k_stats.append(stats)
+            trm_k_rstd.append(rstd)
             trm_v.append(v)
             tuples.append(trm.tuples if keep is None else trm.tuples[keep])
             if self.qc is not None:
                 z, norms = self.qc[i](h, keep)
                 qc.append(z)
                 qc_norms.append(norms)
-        emb = VideoEmbedding(*map(tuple, (trm_k, trm_k_stats, trm_v, qc, qc_norms, tuples)))
+        emb = VideoEmbedding(*map(tuple, (trm_k, trm_k_rstd, trm_v, qc, qc_norms, tuples)))
         if intermediates:
             emb = replace(emb, ple_patches=None if self.ple is None else patches, H=h, E=e)
         return emb._map(lambda t: _unflatten(t, lead))
@@ -376,10 +377,11 @@ class STRMHeads(nn.Module):
                 relate_trm(
                     module,
                     query.trm_k[i],
+                    query.trm_k_rstd[i],
                     query.trm_v[i],
                     query.tuples[i],
                     by_class(support.trm_k[i]),
-                    by_class(support.trm_k_stats[i]),
+                    by_class(support.trm_k_rstd[i]),
                     by_class(support.trm_v[i]),
                     support.tuples[i],
                 )

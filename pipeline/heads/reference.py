@@ -96,7 +96,7 @@ def reference_forward(heads: STRMHeads, support: torch.Tensor, support_labels: t
             k = F.layer_norm(trm.k_linear(t), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
             kv[name] = (k, trm.v_linear(t))
         (sk, sv), (qk, qv) = kv["support"], kv["query"]
-        logits = torch.zeros(query.shape[0], way)
+        logits = torch.zeros(query.shape[0], way, dtype=sk.dtype)
         for q in range(query.shape[0]):
             for c in range(way):
                 members = (support_labels == c).nonzero().flatten()
@@ -113,7 +113,7 @@ def reference_forward(heads: STRMHeads, support: torch.Tensor, support_labels: t
                 name: torch.relu(qc.proj(_tuple_vectors(F.dropout(h, p, training), tuples)))
                 for name, (h, _) in frames.items()
             }
-            logits = torch.zeros(query.shape[0], way)
+            logits = torch.zeros(query.shape[0], way, dtype=sk.dtype)
             for q in range(query.shape[0]):
                 for c in range(way):
                     members = (support_labels == c).nonzero().flatten()

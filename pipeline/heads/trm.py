@@ -8,16 +8,17 @@ is -||v_q - prototype||_F^2 / T.
 
 Speed: Linear(w*D, D') of a concatenation is the sum of w per-position projections, so each frame
 is projected once per tuple position (w*L rows, `frame_projections`) and a tuple's projection is the
-sum of its frames' rows (`tuple_sum`). The cross-video step never forms a support tuple's key or
-value, only per-frame rows (16 instead of 28 per video at L = 8 pairs: 4/7 of the products and of
-the rows to gather):
+sum of its frames' rows (`tuple_sum`). The cross-video step never forms a tuple's key or value,
+only per-frame rows (16 instead of 28 per video at L = 8 pairs):
 - values are linear: a prototype is the attention summed onto each (position, frame) row of the
   class (a product with a 0/1 matrix), times those rows;
-- keys are LayerNorm(x), x = the tuple's projection: with y = g * k_q for a query tuple,
-  k_q . k_s = rstd_s * (y . x_s - mean_s * sum(y)) + k_q . beta, and y . x_s is the sum of y's
-  products with the tuple's frame rows; the last term is the same for every support tuple, so the
-  softmax over them drops it. Each video keeps its tuples' LayerNorm mean and 1/std (`key_stats`).
-All query tuples of a task meet all its support frame rows in one matmul, then a softmax per class.
+- keys are LayerNorm(x) = rstd * g * (x - mean(x)) + beta. Centring is linear too, so the key rows
+  are kept centred over channels (`centred_projections`): a tuple's sum of rows is then x - mean(x)
+  itself, and with rstd per tuple (`key_rstd`), k_q . k_s = rstd_q * rstd_s * (g^2 x_q) . x_s +
+  rstd_s * (g beta) . x_s + terms without s, which the softmax over support tuples drops. Both
+  products are sums over rows: one matmul of the query's rows (times g^2) and g * beta with the
+  support rows. No mean is subtracted across a product, so nothing cancels there.
+All query rows of a task meet all its support rows in one matmul, then a softmax per class.
 """
 from __future__ import annotations
 
@@ -69,15 +70,21 @@ def tuple_selection(tuples: torch.Tensor, frames: int, dtype: torch.dtype = torc
     return torch.zeros(len(tuples), width * frames, dtype=dtype, device=tuples.device).scatter_(1, columns, 1.0)
 
 
-def key_stats(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm's mean and 1/sqrt(var + eps) over the last dim: x [..., C] -> [..., 2]."""
-    var, mean = torch.var_mean(x, dim=-1, correction=0)
-    return torch.stack([mean, (var + eps).rsqrt()], dim=-1)
+def centred_projections(x: torch.Tensor, linear: nn.Linear, width: int) -> torch.Tensor:
+    """`frame_projections` with each row centred over its channels: `tuple_sum` of them is then a
+    tuple's projection minus its channel mean, the centring LayerNorm does."""
+    rows = frame_projections(x, linear, width)
+    return rows - rows.mean(dim=-1, keepdim=True)
+
+
+def key_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm's 1/sqrt(var + eps) over the last dim: x [..., C] -> [...]."""
+    return (torch.var(x, dim=-1, correction=0) + eps).rsqrt()
 
 
 class TRM(nn.Module):
-    """Per-frame key and value rows of one cardinality and its tuples' key statistics (see the
-    module docstring); `relate_trm` does the cross-video step."""
+    """Per-frame key rows (centred) and value rows of one cardinality and its tuples' key 1/std (see
+    the module docstring); `relate_trm` does the cross-video step."""
 
     def __init__(self, dim: int, frames: int, cardinality: int, out_dim: int, *, dropout: float = 0.1) -> None:
         super().__init__()
@@ -92,13 +99,13 @@ class TRM(nn.Module):
     def forward(
         self, frames: torch.Tensor, keep: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """frames [n, L, D] -> (key rows [n, w, L, D'], key stats [n, T, 2], value rows [n, w, L, D']);
+        """frames [n, L, D] -> (centred key rows [n, w, L, D'], key 1/std [n, T], value rows [n, w, L, D']);
         `keep` selects tuple indices (retention)."""
         x = self.pe(frames)
         tuples = self.tuples if keep is None else self.tuples[keep]
-        k_rows = frame_projections(x, self.k_linear, self.cardinality)
-        stats = key_stats(tuple_sum(k_rows, tuples), self.norm_k.eps)
-        return k_rows, stats, frame_projections(x, self.v_linear, self.cardinality)
+        k_rows = centred_projections(x, self.k_linear, self.cardinality)
+        rstd = key_rstd(tuple_sum(k_rows, tuples), self.norm_k.eps)
+        return k_rows, rstd, frame_projections(x, self.v_linear, self.cardinality)
 
     def keys(self, k_rows: torch.Tensor, tuples: torch.Tensor) -> torch.Tensor:
         """The tuples' keys LayerNorm(x) [..., T, D'] from key rows [..., w, L, D'] (the query side,
@@ -116,35 +123,41 @@ CPU_STEP_ELEMENTS = 1 << 20
 def relate_trm(
     trm: TRM,
     query_k: torch.Tensor,
+    query_rstd: torch.Tensor,
     query_v: torch.Tensor,
     query_tuples: torch.Tensor,
     class_k: torch.Tensor,
-    class_stats: torch.Tensor,
+    class_rstd: torch.Tensor,
     class_v: torch.Tensor,
     class_tuples: torch.Tensor,
 ) -> torch.Tensor:
-    """TRM logits [B, n_q, way] from the query's key and value rows [B, n_q, w, L, D'] and the classes'
-    key rows [B, way, K, w, L, D'], key stats [B, way, K, T_s, 2] and value rows; each side's tuples
-    [T, w] are those its encode kept (the same, except under random retention in training)."""
+    """TRM logits [B, n_q, way] from the query's centred key rows [B, n_q, w, L, D'], key 1/std
+    [B, n_q, T_q] and value rows, and the classes' key rows [B, way, K, w, L, D'], key 1/std
+    [B, way, K, T_s] and value rows; each side's tuples [T, w] are those its encode kept (the same,
+    except under random retention in training)."""
     batch, n_q = query_k.shape[:2]
-    t_q, width = len(query_tuples), query_k.shape[-1]
-    # y = g * k_q / sqrt(D') for every query tuple (the softmax scale folded in), and sum(y).
-    y = trm.keys(query_k, query_tuples) * (trm.norm_k.weight * width**-0.5)
-    y_sum = y.sum(-1)
-    query_v = tuple_sum(query_v, query_tuples)
-    selection = tuple_selection(class_tuples, class_v.shape[-2], class_v.dtype)
+    frames, width = query_k.shape[-2:]
+    t_q = len(query_tuples)
+    query_selection = tuple_selection(query_tuples, frames, query_k.dtype)
+    class_selection = tuple_selection(class_tuples, frames, class_k.dtype)
+    g, beta = trm.norm_k.weight, trm.norm_k.bias
+    # g^2 times each query row, then g * beta: their products with a support row are the two terms
+    # of k_q . k_s that depend on the support tuple (module docstring).
+    left = torch.cat([(query_k * (g * g)).reshape(batch, -1, width), (g * beta).expand(batch, 1, width)], dim=1)
+    query_v = torch.matmul(query_selection, query_v.flatten(2, 3))  # the query's value tuples [B, n_q, T_q, D']
     step = batch
     if query_k.device.type == "cpu":
         step = max(1, CPU_STEP_ELEMENTS // max(1, class_k.shape[1] * n_q * t_q * width))
     parts = [
         _relate_trm_tasks(
-            y[i : i + step],
-            y_sum[i : i + step],
+            left[i : i + step],
+            query_selection,
+            query_rstd[i : i + step],
             query_v[i : i + step],
             class_k[i : i + step],
-            class_stats[i : i + step],
+            class_rstd[i : i + step],
             class_v[i : i + step],
-            selection,
+            class_selection,
         )
         for i in range(0, batch, step)
     ]
@@ -152,34 +165,40 @@ def relate_trm(
 
 
 def _relate_trm_tasks(
-    y: torch.Tensor,
-    y_sum: torch.Tensor,
+    left: torch.Tensor,
+    query_selection: torch.Tensor,
+    query_rstd: torch.Tensor,
     query_v: torch.Tensor,
     class_k: torch.Tensor,
-    class_stats: torch.Tensor,
+    class_rstd: torch.Tensor,
     class_v: torch.Tensor,
-    selection: torch.Tensor,
+    class_selection: torch.Tensor,
 ) -> torch.Tensor:
-    """`relate_trm` for a group of tasks, with y [B, n_q, T_q, D'], sum(y) [B, n_q, T_q] and the query
-    values per tuple [B, n_q, T_q, D'] (module docstring for the algebra).
+    """`relate_trm` for a group of tasks: `left` holds g^2 times each query key row, then g * beta
+    [B, n_q*w*L + 1, D']; the query's key 1/std [B, n_q, T_q] and value tuples [B, n_q, T_q, D'].
 
-    The products of all query tuples of a task with all its classes' key rows are one matmul
-    [n_q*T, way*K*w*L]; the attention of each query tuple on the tuples of a shot, times
-    `selection` [T, w*L], is the weight of each of the shot's value rows, so the prototypes are
-    one product with those rows.
+    One matmul multiplies those rows with all key rows of the task's classes; the 0/1 selection
+    matrices then sum rows into tuples on both sides. The attention of each query tuple on the
+    tuples of a shot, times the class selection [T_s, w*L], is the weight of each of the shot's
+    value rows, so the prototypes are one product with those rows.
     """
-    batch, n_q, t_q, width = y.shape
+    batch, n_q, t_q = query_rstd.shape
+    width = left.shape[-1]
     way, shots = class_k.shape[1:3]
-    rows_per_shot = selection.shape[1]
-    queries = y.reshape(batch, n_q * t_q, width)
-    products = torch.bmm(queries, class_k.reshape(batch, way * shots * rows_per_shot, width).transpose(1, 2))
-    # y . x_s [B, M, way, K, T]: each tuple's frame rows summed, as one product with the 0/1 matrix
-    # (an index_select along the last dim is several times slower).
-    dot = torch.matmul(products.view(batch, n_q * t_q, way, shots, rows_per_shot), selection.T)
-    mean, rstd = class_stats.unsqueeze(1).unbind(-1)  # [B, 1, way, K, T]
-    scores = (dot - y_sum.reshape(batch, n_q * t_q, 1, 1, 1) * mean) * rstd
-    weights = scores.view(batch, n_q * t_q, way, -1).softmax(dim=-1)  # over the class's K*T_s tuples
-    rows = torch.matmul(weights.view(batch, n_q * t_q, way, shots, -1), selection)  # [B, M, way, K, w*L]
+    rows_per_shot = class_selection.shape[1]
+    per_class = shots * class_selection.shape[0]
+    products = torch.bmm(left, class_k.reshape(batch, way * shots * rows_per_shot, width).transpose(1, 2))
+    # Support tuples: each tuple's rows summed, as one product with the 0/1 matrix (an index_select
+    # along the last dim is several times slower) -> [B, rows + 1, way * K * T_s].
+    dots = torch.matmul(products.view(batch, -1, way * shots, rows_per_shot), class_selection.T).flatten(2)
+    # Query tuples: (g^2 x_q) . x_s [B, n_q*T_q, way*K*T_s]; the last row of dots is (g beta) . x_s.
+    pair = torch.matmul(query_selection, dots[:, :-1].view(batch, n_q, rows_per_shot, -1)).flatten(1, 2)
+    # k_q . k_s / sqrt(D') up to terms without s: rstd_s * (rstd_q * pair + (g beta) . x_s) / sqrt(D').
+    scores = torch.addcmul(dots[:, -1:], pair, query_rstd.reshape(batch, -1, 1)) * (
+        class_rstd.reshape(batch, 1, -1) * width**-0.5
+    )
+    weights = scores.view(batch, n_q * t_q, way, per_class).softmax(dim=-1)  # over the class's K*T_s tuples
+    rows = torch.matmul(weights.view(batch, n_q * t_q, way * shots, -1), class_selection)  # [B, M, way*K, w*L]
     rows = rows.view(batch, n_q * t_q, way, shots * rows_per_shot).transpose(1, 2)  # [B, way, M, K*w*L]
     # prototype - v_q in place (matmul's backward does not need its output); the norm is the same
     # as that of v_q - prototype, bit for bit.
