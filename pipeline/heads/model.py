@@ -1,6 +1,6 @@
 """The STRM heads assembled by variant: standardise -> PLE -> H -> FLE -> E -> TRM per cardinality, QC on H.
 
-Everything up to TRM's per-frame key and value rows (with each tuple's key LayerNorm statistics)
+Everything up to TRM's per-frame key and value rows (with each tuple's key LayerNorm 1/std)
 and the QC embeddings depends on one video alone (`encode`); only `relate` mixes support and query
 videos. Evaluation encodes each test video once and relates
 batches of tasks; training calls `forward`, which is `relate(encode(support), labels, encode(query))`.

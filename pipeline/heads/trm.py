@@ -108,8 +108,8 @@ class TRM(nn.Module):
         return k_rows, rstd, frame_projections(x, self.v_linear, self.cardinality)
 
     def keys(self, k_rows: torch.Tensor, tuples: torch.Tensor) -> torch.Tensor:
-        """The tuples' keys LayerNorm(x) [..., T, D'] from key rows [..., w, L, D'] (the query side,
-        and inspection)."""
+        """The tuples' keys LayerNorm(x) [..., T, D'] from key rows [..., w, L, D'], for inspection
+        (`relate_trm` never forms them)."""
         norm = self.norm_k
         return F.layer_norm(tuple_sum(k_rows, tuples), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
