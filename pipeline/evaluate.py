@@ -3,8 +3,10 @@
 Why this shape: every block of the heads works on one video at a time until the cross-video step
 (TRM's attention over a class's tuples, QC's min-distance), so a frozen model's per-video outputs
 are computed once per split (`embed_split`) and each task only gathers its videos' embeddings and
-runs `heads.relate`, many tasks at a time (`relate_tasks`). That equals the naive per-task forward
-(`naive_logits`) up to float rounding; the tests hold it to 1e-4 relative.
+runs `heads.relate`, many tasks at a time (`relate_tasks`). When the tasks cover the split's video
+pairs densely, QC's nearest-tuple distances come from one table of all pairs instead
+(`qc_nearest_tables`). That equals the naive per-task forward (`naive_logits`) up to float
+rounding; the tests hold it to 1e-4 relative.
 
 Accuracy is reported as the field does (STRM_SPEC section 10): the mean over tasks of each task's
 query accuracy, with a 95% interval 1.96 * std / sqrt(n) (population std). Tasks come from
@@ -19,7 +21,7 @@ import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +30,12 @@ import torch
 from torch import nn
 
 from pipeline.episodes import EpisodeSampler, Task, TaskBatch
+from pipeline.heads import VideoEmbedding
+from pipeline.heads.qc import nearest_block
 
 if TYPE_CHECKING:
     from pipeline.cache import SplitFeatures
-    from pipeline.heads import HeadsOutput, VideoEmbedding
+    from pipeline.heads import HeadsOutput
 
 Z95 = 1.96
 RUN_FORMAT = "strm-eval/1"
@@ -39,7 +43,7 @@ EPISODES_FORMAT = "strm-episodes/1"
 # Settings that must agree for two runs to have seen the same tasks.
 PAIRING_KEYS = ("split", "way", "shot", "queries", "seed", "episodes", "episodes_digest")
 
-Progress = Callable[[str, int, int], None]  # (phase "embed" | "tasks", done, total)
+Progress = Callable[[str, int, int], None]  # (phase "embed" | "qc table" | "tasks", done, total)
 
 
 def interval95(values: Sequence[float] | np.ndarray) -> float:
@@ -226,16 +230,81 @@ def _cat(parts: list[Any]) -> Any:
 
 
 def relate_tasks(
-    heads: nn.Module, embedding: Any, tasks: TaskBatch, device: str | torch.device = "cpu", *, autocast: bool = False
+    heads: nn.Module,
+    embedding: Any,
+    tasks: TaskBatch,
+    device: str | torch.device = "cpu",
+    *,
+    autocast: bool = False,
+    qc_tables: Sequence[torch.Tensor] | None = None,
 ) -> HeadsOutput:
-    """Logits [B, n_q, way] of a batch of tasks from the split's per-video embedding."""
+    """Logits [B, n_q, way] of a batch of tasks from the split's per-video embedding (and, when given,
+    the split's QC tables from `qc_nearest_tables`, which QC then reads instead of its tuples)."""
     device = torch.device(device)
     way = tasks.classes.shape[1]
     support = torch.as_tensor(tasks.support, device=device)
     query = torch.as_tensor(tasks.query, device=device)
     labels = torch.as_tensor(tasks.support_labels, device=device)
     with torch.inference_mode(), _autocast(device, autocast):
-        return heads.relate(embedding[support], labels, embedding[query], way)
+        if qc_tables is None:
+            return heads.relate(embedding[support], labels, embedding[query], way)
+        nearest = [table[query[:, :, None], support[:, None, :]] for table in qc_tables]  # [B, n_q, n_s, T]
+        return heads.relate(embedding[support], labels, embedding[query], way, qc_nearest=nearest)
+
+
+# QC's table: each block of `qc.nearest_block` multiplies the tuples of 32 videos with those of 32
+# others ([32*T]^2 distances, 3.2 MB at T = 28, near the cache) and serves both directions, so the
+# table makes N^2/2 video pairs' products. Evaluation uses it when that is no more than its tasks
+# make (every (query, support) pair of every task) and the table fits in QC_TABLE_MAX_BYTES; its
+# products then run as large matmuls with no gathering (HMDB51's test split: 1,292 videos, 187 MB,
+# against 1.25 M pairs in 10,000 5-way 5-shot tasks).
+QC_TABLE_BLOCK = 32
+QC_TABLE_MAX_BYTES = 1 << 30
+
+
+def qc_tables_pay(embedding: Any, tasks: TaskBatch) -> bool:
+    """Whether evaluating `tasks` should read QC from `qc_nearest_tables` (see QC_TABLE_BLOCK)."""
+    if not isinstance(embedding, VideoEmbedding) or not embedding.qc:
+        return False
+    n = len(embedding)
+    table_bytes = sum(n * n * norms.shape[1] * 4 for norms in embedding.qc_norms)
+    pairs = len(tasks) * tasks.query.shape[1] * tasks.support.shape[1]
+    return table_bytes <= QC_TABLE_MAX_BYTES and n * n / 2 <= pairs
+
+
+def qc_nearest_tables(
+    embedding: VideoEmbedding,
+    device: str | torch.device = "cpu",
+    *,
+    autocast: bool = False,
+    progress: Progress | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Per cardinality, [N, N, T]: entry (q, s, t) is the squared distance from tuple t of video q to
+    its nearest tuple of video s, for every ordered pair of the split's videos."""
+    device = torch.device(device)
+    n, step = len(embedding), QC_TABLE_BLOCK
+    blocks = [(i, j) for i in range(0, n, step) for j in range(i, n, step)]
+    total, done = len(blocks) * len(embedding.qc), 0
+    tables = []
+    for z, norms in zip(embedding.qc, embedding.qc_norms):
+        with torch.inference_mode():
+            table = torch.empty(n, n, norms.shape[1], device=z.device)
+
+        def fill(block: tuple[int, int], z: torch.Tensor = z, norms: torch.Tensor = norms, table: torch.Tensor = table) -> None:
+            a, b = slice(block[0], block[0] + step), slice(block[1], block[1] + step)
+            with torch.inference_mode(), _autocast(device, autocast):
+                a_to_b, b_to_a = nearest_block(z[a], norms[a], z[b], norms[b])
+                table[a, b] = a_to_b
+                if block[0] != block[1]:  # a diagonal block's other direction is itself
+                    table[b, a] = b_to_a
+
+        with _cpu_streams(device) as streams:
+            for _ in streams(fill, blocks):
+                done += 1
+                if progress:
+                    progress("qc table", done, total)
+        tables.append(table)
+    return tuple(tables)
 
 
 def naive_logits(heads: nn.Module, features: torch.Tensor, task: Task, device: str | torch.device = "cpu") -> HeadsOutput:
@@ -387,13 +456,18 @@ def evaluate(
     settings["autocast"] = autocast
     if embedding is None:
         embedding = embed_split(heads, split.features[:, 0], device=device, autocast=autocast, progress=progress)
+    qc_tables = None
+    if qc_tables_pay(embedding, tasks):
+        qc_tables = qc_nearest_tables(embedding, device, autocast=autocast, progress=progress)
+        embedding = replace(embedding, qc=(), qc_norms=())  # the tasks no longer read the QC tuples
     if batch_tasks is None:
         batch_tasks = _default_batch_tasks(embedding, len(split.labels), tasks.support.shape[1] + tasks.query.shape[1])
     predicted = np.empty(tasks.query.shape, dtype=np.int64)  # task labels 0..way-1
 
     def predict(start: int) -> tuple[int, np.ndarray]:
         batch = slice_tasks(tasks, slice(start, start + batch_tasks))
-        return start, relate_tasks(heads, embedding, batch, device, autocast=autocast).logits.argmax(-1).cpu().numpy()
+        logits = relate_tasks(heads, embedding, batch, device, autocast=autocast, qc_tables=qc_tables).logits
+        return start, logits.argmax(-1).cpu().numpy()
 
     starts = range(0, len(tasks), batch_tasks)
     with _cpu_streams(device) as streams:

@@ -180,12 +180,19 @@ def evaluate_command(
                 progress=lambda _phase, done, total: bar.update(embed_task, completed=done),
             )
             for k in shots:
-                task_bar = bar.add_task(f"{way}-way {k}-shot tasks", total=len(tasks_for[k]))
+                label = f"{way}-way {k}-shot tasks"
+                task_bar = bar.add_task(label, total=len(tasks_for[k]))
+
+                def show(phase: str, done: int, total: int, t=task_bar, label=label) -> None:
+                    if phase == "qc table":  # QC's nearest-tuple table for the split, before the tasks
+                        bar.update(t, description=f"{label} (QC table {done}/{total} blocks)")
+                    else:
+                        bar.update(t, description=label, completed=done)
+
                 results.append(
                     ev.evaluate(
                         model, data, seed=seed, device=dev, batch_tasks=batch_tasks, tasks=tasks_for[k], embedding=embedding,
-                        split_name=split, autocast=autocast,
-                        progress=lambda _phase, done, total, t=task_bar: bar.update(t, completed=done),
+                        split_name=split, autocast=autocast, progress=show,
                     )
                 )
     except ValueError as err:

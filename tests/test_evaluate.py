@@ -1,6 +1,7 @@
 """Evaluation: the batched path equals the per-task forward, tasks follow the seed, the numbers add up."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -76,6 +77,53 @@ def test_trx_variant_and_shuffled_support_order_are_exact(split):
         task = ev.slice_tasks(tasks, slice(b, b + 1))
         single = ev.Task(**{name: getattr(task, name)[0] for name in ev.Task.__dataclass_fields__})
         assert _relative_error(fast.logits[b], ev.naive_logits(trx, split.features[:, 0], single).logits) < 1e-4
+
+
+def test_qc_table_holds_each_tuples_nearest_distance(split, heads):
+    """Blocks of the table (and both directions of each) against distances written out."""
+    embedding = ev.embed_split(heads, split.features[:, 0])
+    (table,) = ev.qc_nearest_tables(embedding)
+    z = embedding.qc[0].double()
+    brute = torch.cdist(z[:, None], z[None]).square()  # [N, N, T, T]: tuple t of q, tuple j of s
+    n = len(z)
+    assert n > ev.QC_TABLE_BLOCK and table.shape == (n, n, z.shape[1])
+    off_diagonal = ~torch.eye(n, dtype=torch.bool)
+    torch.testing.assert_close(table.double()[off_diagonal], brute.amin(-1)[off_diagonal], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize(("way", "shot", "queries"), [(5, 1, 1), (3, 5, 2)])
+def test_relate_with_the_qc_table_equals_relate_with_the_tuples(split, heads, way, shot, queries):
+    tasks = ev.sample_tasks(split.labels, episodes=10, way=way, shot=shot, queries=queries, seed=4)
+    perm = np.random.default_rng(1).permutation(tasks.support.shape[1])  # support not grouped by class
+    tasks = ev.TaskBatch(**{**tasks.__dict__, "support": tasks.support[:, perm], "support_labels": tasks.support_labels[:, perm]})
+    embedding = ev.embed_split(heads, split.features[:, 0])
+    tables = ev.qc_nearest_tables(embedding)
+    plain = ev.relate_tasks(heads, embedding, tasks)
+    without_tuples = dataclasses.replace(embedding, qc=(), qc_norms=())
+    tabled = ev.relate_tasks(heads, without_tuples, tasks, qc_tables=tables)
+    assert _relative_error(tabled.qc_logits, plain.qc_logits) < 1e-5
+    assert _relative_error(tabled.logits, plain.logits) < 1e-5
+    support, query = torch.as_tensor(tasks.support[0]), torch.as_tensor(tasks.query[0])  # one task, unbatched
+    nearest = [t[query[:, None], support[None]] for t in tables]
+    with torch.no_grad():
+        one = heads.relate(without_tuples[support], torch.as_tensor(tasks.support_labels[0]), without_tuples[query], way, qc_nearest=nearest)
+    assert _relative_error(one.logits, plain.logits[0]) < 1e-5
+    trm_only = build_heads("trm", dim=DIM, trm_dim=TRM_DIM).eval()
+    with pytest.raises(ValueError, match="have no QC"):
+        trm_only.relate(without_tuples[support], torch.as_tensor(tasks.support_labels[0]), without_tuples[query], way, qc_nearest=nearest)
+
+
+def test_qc_table_is_used_when_it_makes_no_more_products_than_the_tasks(split, heads, monkeypatch):
+    embedding = ev.embed_split(heads, split.features[:, 0])
+    n = len(split.labels)
+    dense = ev.sample_tasks(split.labels, episodes=40, way=5, shot=2, queries=2, seed=5)  # 4,000 pairs
+    sparse = ev.sample_tasks(split.labels, episodes=3, way=5, shot=2, queries=1, seed=5)  # 150 pairs
+    assert 40 * 10 * 10 >= n * n / 2 > 3 * 5 * 10
+    assert ev.qc_tables_pay(embedding, dense) and not ev.qc_tables_pay(embedding, sparse)
+    assert not ev.qc_tables_pay(ev.embed_split(ev.ProtoBaseline(), split.features[:, 0]), dense)
+    assert not ev.qc_tables_pay(dataclasses.replace(embedding, qc=(), qc_norms=()), dense)
+    monkeypatch.setattr(ev, "QC_TABLE_MAX_BYTES", n * n * 28 * 4 - 1)
+    assert not ev.qc_tables_pay(embedding, dense)
 
 
 def test_evaluate_counts_agree_with_the_logits(split, heads):

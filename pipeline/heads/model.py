@@ -17,7 +17,7 @@ from torch import nn
 
 from pipeline.heads.fle import MixerEnrich
 from pipeline.heads.ple import SelfAttentionEnrich
-from pipeline.heads.qc import QC, relate_qc
+from pipeline.heads.qc import QC, relate_qc, relate_qc_nearest
 from pipeline.heads.trm import TRM, relate_trm, trm_attention_weights
 
 # Which blocks each named variant uses (the paper's Tables 1, 3 and its TRX baseline). "attention"
@@ -329,6 +329,7 @@ class STRMHeads(nn.Module):
         way: int | None = None,
         *,
         max_elements: int = 1 << 24,
+        qc_nearest: Sequence[torch.Tensor] | None = None,
     ) -> HeadsOutput:
         """Logits of query videos against the classes of the support set.
 
@@ -336,10 +337,16 @@ class STRMHeads(nn.Module):
         support [B, n_s, ..], labels [B, n_s], query [B, n_q, ..] -> [B, n_q, way]. Labels may come in
         any order (grouped here); `way` defaults to max label + 1. Tasks are processed in chunks so
         the prototypes (B x way x n_q x T x D' floats) stay under `max_elements`.
+        `qc_nearest` (per cardinality, [B, n_q, n_s, T_q] or [n_q, n_s, T_q], support in the labels'
+        order): each query tuple's squared distance to the nearest tuple of each support video; QC then
+        reads it instead of the embeddings' qc tuples (evaluation's table, `qc.nearest_block`).
         """
+        if qc_nearest is not None and self.qc is None:
+            raise ValueError(f"qc_nearest was given, but the {self.variant!r} heads have no QC")
         batched = support_labels.dim() == 2
         if not batched:
             support, query, support_labels = support[None], query[None], support_labels[None]
+            qc_nearest = None if qc_nearest is None else [t[None] for t in qc_nearest]
         order, way, shot = group_by_class(support_labels, way)
         batch, n_s = support_labels.shape
         if support.trm_k[0].shape[:2] != (batch, n_s):
@@ -352,10 +359,14 @@ class STRMHeads(nn.Module):
         chunks = []
         for start in range(0, batch, step):
             part = support[start : start + step]
+            nearest = None if qc_nearest is None else [t[start : start + step] for t in qc_nearest]
             if order is not None:  # sort each task's support by label, one chunk at a time
                 rows = torch.arange(len(part), device=order.device)[:, None]
                 part = part[rows, order[start : start + step]]
-            chunks.append(self._relate_grouped(part, query[start : start + step], way, shot))
+                if nearest is not None:
+                    by_label = order[start : start + step, None, :, None]
+                    nearest = [torch.take_along_dim(t, by_label, dim=2) for t in nearest]
+            chunks.append(self._relate_grouped(part, query[start : start + step], way, shot, nearest))
         trm_logits = torch.cat([c[0] for c in chunks])
         qc_logits = torch.cat([c[1] for c in chunks]) if self.qc is not None else None
         logits = trm_logits if qc_logits is None else trm_logits + self.lambda_qc * qc_logits
@@ -365,9 +376,15 @@ class STRMHeads(nn.Module):
         return out
 
     def _relate_grouped(
-        self, support: VideoEmbedding, query: VideoEmbedding, way: int, shot: int
+        self,
+        support: VideoEmbedding,
+        query: VideoEmbedding,
+        way: int,
+        shot: int,
+        qc_nearest: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """support sorted by class [B, way*shot, ..], query [B, n_q, ..] -> (TRM, QC or None) logits [B, n_q, way]."""
+        """support sorted by class [B, way*shot, ..], query [B, n_q, ..] (and qc_nearest, support sorted
+        alike) -> (TRM, QC or None) logits [B, n_q, way]."""
 
         def by_class(t: torch.Tensor) -> torch.Tensor:  # [B, way*shot, ...] -> [B, way, shot, ...]
             return t.reshape(t.shape[0], way, shot, *t.shape[2:])
@@ -390,6 +407,8 @@ class STRMHeads(nn.Module):
         )
         if self.qc is None:
             return trm, None
+        if qc_nearest is not None:
+            return trm, _mean([relate_qc_nearest(t.unflatten(2, (way, shot))) for t in qc_nearest])
         qc = _mean(
             [
                 relate_qc(qz, qn, by_class(sz).flatten(2, 3), by_class(sn).flatten(2))

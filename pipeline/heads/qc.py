@@ -9,6 +9,10 @@ The nearest-tuple search uses squared distances from one batched matmul: ||b||^2
 support tuple b (the squared norms kept per video by `encode`, so a task never reads its support
 embeddings twice), the minimum over the class, then + ||a||^2, clamped at 0, and only then the
 square root, with a gradient that stays finite at distance 0.
+
+A frozen model's evaluation can instead take, for each (query video, support video) pair, each query
+tuple's squared distance to its nearest tuple of that video (`nearest_block` fills such a table for
+a whole split); the minimum over a class is then the minimum over its shots (`relate_qc_nearest`).
 """
 from __future__ import annotations
 
@@ -57,4 +61,29 @@ def relate_qc(
     support = class_z.reshape(batch, way * per_class, width)
     partial = torch.baddbmm(class_norms.reshape(batch, 1, way * per_class), queries, support.transpose(1, 2), alpha=-2.0)
     nearest = partial.view(batch, n_q, t_q, way, per_class).amin(dim=-1) + query_norms.unsqueeze(-1)
+    return _logits(nearest)
+
+
+def relate_qc_nearest(nearest: torch.Tensor) -> torch.Tensor:
+    """QC logits [B, n_q, way] from each query tuple's squared distance to the nearest tuple of each
+    support video, grouped by class: [B, n_q, way, K, T_q]."""
+    return _logits(nearest.amin(dim=3).transpose(2, 3))
+
+
+def nearest_block(
+    z_a: torch.Tensor, norms_a: torch.Tensor, z_b: torch.Tensor, norms_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared distance from each tuple of each video of block a to its nearest tuple of each video of
+    block b, and the other way round, from one product: z_a [m, T_a, C] with squared norms [m, T_a],
+    z_b [n, T_b, C] -> ([m, n, T_a], [n, m, T_b])."""
+    m, t_a, width = z_a.shape
+    n, t_b = z_b.shape[:2]
+    squared = torch.addmm(norms_b.reshape(1, -1), z_a.reshape(-1, width), z_b.reshape(-1, width).T, alpha=-2.0)
+    squared = squared.add_(norms_a.reshape(-1, 1)).view(m, t_a, n, t_b)
+    return squared.amin(dim=3).transpose(1, 2), squared.amin(dim=1).transpose(0, 1)
+
+
+def _logits(nearest: torch.Tensor) -> torch.Tensor:
+    """-mean over query tuples of the distance to the class's nearest tuple: [B, n_q, T_q, way] squared
+    distances -> [B, n_q, way]."""
     return -_sqrt_finite_grad(nearest.clamp_min(0.0)).mean(dim=2)
