@@ -180,14 +180,14 @@ def evaluate_command(
                 progress=lambda _phase, done, total: bar.update(embed_task, completed=done),
             )
             for k in shots:
-                label = f"{way}-way {k}-shot tasks"
-                task_bar = bar.add_task(label, total=len(tasks_for[k]))
+                title = f"{way}-way {k}-shot tasks"
+                task_bar = bar.add_task(title, total=len(tasks_for[k]))
 
-                def show(phase: str, done: int, total: int, t=task_bar, label=label) -> None:
+                def show(phase: str, done: int, total: int, t=task_bar, title=title) -> None:
                     if phase == "qc table":  # QC's nearest-tuple table for the split, before the tasks
-                        bar.update(t, description=f"{label} (QC table {done}/{total} blocks)")
+                        bar.update(t, description=f"{title} (QC table {done}/{total} blocks)")
                     else:
-                        bar.update(t, description=label, completed=done)
+                        bar.update(t, description=title, completed=done)
 
                 results.append(
                     ev.evaluate(

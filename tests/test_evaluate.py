@@ -232,6 +232,7 @@ def test_cli_evaluate_sweep_files_and_compare(tmp_path):
                                        "--save-episodes", str(tmp_path / "ep.json")])
     assert out.exit_code == 0, out.output
     assert "5-way 3-shot" in out.output and "seed 0" in out.output and "±" in out.output
+    assert "heads: 5-way 1-shot" in out.output  # results named after the checkpoint
     record = ev.read_run(tmp_path / "a.json")
     assert [r["shot"] for r in record["results"]] == [1, 3] and len(record["results"][0]["task_accuracy"]) == 40
     for name in ("a.png", "ep_shot1.json", "ep_shot3.json"):
