@@ -79,9 +79,8 @@ def _arithmetic_gflop(heads: torch.nn.Module, qc_table: bool) -> float:
     query_rows = WAY * QUERIES * width * FRAMES + 1
     relate = 2 * (query_rows + query_tuples) * (WAY * rows) * trm_dim * EPISODES
     if qc_table:
-        step = ev.QC_TABLE_BLOCK
-        sizes = [min(step, VIDEOS - i) for i in range(0, VIDEOS, step)]
-        pairs = sum(a * b for i, a in enumerate(sizes) for b in sizes[i:])
+        videos = range(VIDEOS)
+        pairs = sum(len(videos[a]) * len(videos[b]) for a, b in ev.qc_table_blocks(VIDEOS))
         relate += 2 * pairs * tuples * tuples * qc_dim
     else:
         relate += 2 * query_tuples * (WAY * SHOT * tuples) * qc_dim * EPISODES

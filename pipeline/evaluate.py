@@ -272,6 +272,12 @@ def qc_tables_pay(embedding: Any, tasks: TaskBatch) -> bool:
     return table_bytes <= QC_TABLE_MAX_BYTES and n * n / 2 <= pairs
 
 
+def qc_table_blocks(n_videos: int) -> list[tuple[slice, slice]]:
+    """The blocks of videos (a, b), a at or before b, whose products fill the table both ways."""
+    starts = range(0, n_videos, QC_TABLE_BLOCK)
+    return [(slice(i, i + QC_TABLE_BLOCK), slice(j, j + QC_TABLE_BLOCK)) for i in starts for j in starts if j >= i]
+
+
 def qc_nearest_tables(
     embedding: VideoEmbedding,
     device: str | torch.device = "cpu",
@@ -282,29 +288,25 @@ def qc_nearest_tables(
     """Per cardinality, [N, N, T]: entry (q, s, t) is the squared distance from tuple t of video q to
     its nearest tuple of video s, for every ordered pair of the split's videos."""
     device = torch.device(device)
-    n, step = len(embedding), QC_TABLE_BLOCK
-    blocks = [(i, j) for i in range(0, n, step) for j in range(i, n, step)]
-    total, done = len(blocks) * len(embedding.qc), 0
-    tables = []
-    for z, norms in zip(embedding.qc, embedding.qc_norms):
-        with torch.inference_mode():
-            table = torch.empty(n, n, norms.shape[1], device=z.device)
+    n = len(embedding)
+    with torch.inference_mode():
+        tables = tuple(torch.empty(n, n, norms.shape[1], device=norms.device) for norms in embedding.qc_norms)
+    jobs = [(c, a, b) for c in range(len(tables)) for a, b in qc_table_blocks(n)]
 
-        def fill(block: tuple[int, int], z: torch.Tensor = z, norms: torch.Tensor = norms, table: torch.Tensor = table) -> None:
-            a, b = slice(block[0], block[0] + step), slice(block[1], block[1] + step)
-            with torch.inference_mode(), _autocast(device, autocast):
-                a_to_b, b_to_a = nearest_block(z[a], norms[a], z[b], norms[b])
-                table[a, b] = a_to_b
-                if block[0] != block[1]:  # a diagonal block's other direction is itself
-                    table[b, a] = b_to_a
+    def fill(job: tuple[int, slice, slice]) -> None:
+        c, a, b = job
+        z, norms = embedding.qc[c], embedding.qc_norms[c]
+        with torch.inference_mode(), _autocast(device, autocast):
+            a_to_b, b_to_a = nearest_block(z[a], norms[a], z[b], norms[b])
+            tables[c][a, b] = a_to_b
+            if a != b:  # a diagonal block's other direction is itself
+                tables[c][b, a] = b_to_a
 
-        with _cpu_streams(device) as streams:
-            for _ in streams(fill, blocks):
-                done += 1
-                if progress:
-                    progress("qc table", done, total)
-        tables.append(table)
-    return tuple(tables)
+    with _cpu_streams(device) as streams:
+        for done, _ in enumerate(streams(fill, jobs), 1):
+            if progress:
+                progress("qc table", done, len(jobs))
+    return tables
 
 
 def naive_logits(heads: nn.Module, features: torch.Tensor, task: Task, device: str | torch.device = "cpu") -> HeadsOutput:
@@ -483,8 +485,8 @@ def _cpu_streams(device: torch.device) -> Iterator[Callable]:
     """How chunks of work (videos to encode, batches of tasks) run: on CPU, one single-threaded
     stream per core; elsewhere one stream. Yields a `map` that returns results in order.
 
-    A task's ops are small (a few [140, 140] x 1152 products): split across cores inside each op
-    they spend much of their time in OpenMP barriers, and on a shared machine several times their
+    A task's ops are small (products of a few hundred rows of width 1152): split across cores inside
+    each op they spend much of their time in OpenMP barriers, and on a shared machine several times their
     CPU time spinning. Even encode's large products run 1.2x faster as one call per core than
     split across cores. Whole chunks on separate threads (ops release the GIL) keep every core busy.
     """
