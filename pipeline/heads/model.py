@@ -1,4 +1,5 @@
 """The STRM heads assembled by variant: standardise -> PLE -> H -> FLE -> E -> TRM per cardinality, QC on H.
+(Jnt-ST, Table 3: one joint attention over all L*P tokens in place of PLE and FLE, then H = E.)
 
 Everything up to TRM's per-frame key and value rows (with each tuple's key LayerNorm 1/std)
 and the QC embeddings depends on one video alone (`encode`); only `relate` mixes support and query
@@ -16,20 +17,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.heads.fle import MixerEnrich
+from pipeline.heads.jnt import JointEnrich
 from pipeline.heads.ple import SelfAttentionEnrich
 from pipeline.heads.qc import QC, relate_qc, relate_qc_nearest
 from pipeline.heads.trm import TRM, relate_trm, trm_attention_weights
 
 # Which blocks each named variant uses (the paper's Tables 1, 3 and its TRX baseline). "attention"
 # is PLE's self-attention block, "mixer" FLE's MLP-mixer; the Table 4 swaps override `ple`/`fle`.
+# "joint": the number of Jnt-ST layers (jnt.py) that replace PLE and FLE, None for none.
 VARIANTS = MappingProxyType(
     {
-        "strm": {"ple": "attention", "fle": "mixer", "cardinalities": (2,), "qc": True},
-        "trm": {"ple": None, "fle": None, "cardinalities": (2,), "qc": False},
-        "ple-trm": {"ple": "attention", "fle": None, "cardinalities": (2,), "qc": False},
-        "fle-trm": {"ple": None, "fle": "mixer", "cardinalities": (2,), "qc": False},
-        "ple-fle-trm": {"ple": "attention", "fle": "mixer", "cardinalities": (2,), "qc": False},
-        "trx": {"ple": None, "fle": None, "cardinalities": (2, 3), "qc": False},
+        "strm": {"ple": "attention", "fle": "mixer", "joint": None, "cardinalities": (2,), "qc": True},
+        "trm": {"ple": None, "fle": None, "joint": None, "cardinalities": (2,), "qc": False},
+        "ple-trm": {"ple": "attention", "fle": None, "joint": None, "cardinalities": (2,), "qc": False},
+        "fle-trm": {"ple": None, "fle": "mixer", "joint": None, "cardinalities": (2,), "qc": False},
+        "ple-fle-trm": {"ple": "attention", "fle": "mixer", "joint": None, "cardinalities": (2,), "qc": False},
+        "jnt-st-1": {"ple": None, "fle": None, "joint": 1, "cardinalities": (2,), "qc": False},
+        "jnt-st-2": {"ple": None, "fle": None, "joint": 2, "cardinalities": (2,), "qc": False},
+        "trx": {"ple": None, "fle": None, "joint": None, "cardinalities": (2, 3), "qc": False},
     }
 )
 ENRICHMENTS = ("attention", "mixer", None)
@@ -156,33 +161,63 @@ class HeadsOutput:
     qc_logits: torch.Tensor | None
 
 
-def group_by_class(labels: torch.Tensor, way: int | None) -> tuple[torch.Tensor | None, int, int]:
-    """Order [B, n_s] that sorts each task's support by label (None when already sorted), plus (way, shot).
+@dataclass(frozen=True)
+class SupportGroups:
+    """A task batch's support laid out by class: gathering `order` [B, way*shot] (None: already in that
+    layout) makes it [B, way, shot]. Equal shots: `shot` per class and no mask. Uneven shots: `shot` is
+    the largest count, each class padded to it with the task's support video 0 (any finite rows do),
+    and shot_mask [B, way, shot] is False on that padding, which relate keeps out of TRM's softmax
+    and QC's min."""
 
-    Every class 0..way-1 must appear equally often in every task: that is what lets the classes
-    of a task stack into one [way, shot * T] block.
+    order: torch.Tensor | None
+    way: int
+    shot: int
+    shot_mask: torch.Tensor | None = None
+
+
+def group_by_class(labels: torch.Tensor, way: int | None) -> SupportGroups:
+    """The class layout of support labels [B, n_s]: integers 0..way-1 in any order, every class at
+    least once in every task (`way` defaults to max label + 1).
+
+    Decided once for the batch: when every class of every task has the same count, the dense layout
+    without a mask (the equal-shot fast path); otherwise the padded one.
     """
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"support labels must be integer class indices, got dtype {labels.dtype}")
-    n_s = labels.shape[-1]
+    batch, n_s = labels.shape
+    if n_s == 0:
+        raise ValueError("no support videos: every class needs at least one")
+    labels = labels.long()
+    low, high = torch.stack(torch.aminmax(labels)).tolist()
     if way is None:
-        way = int(labels.max()) + 1
-    if way < 1 or n_s % way:
-        raise ValueError(f"{n_s} support videos cannot hold {way} classes with equal shots")
-    shot = n_s // way
-    sorted_labels, order = labels.sort(dim=-1, stable=True)
-    expected = torch.arange(way, device=labels.device).repeat_interleave(shot)
-    bad = (sorted_labels != expected).any(dim=-1)
-    if bad.any():
-        task = int(bad.nonzero()[0, 0])
-        counts = torch.bincount(labels[task].clamp_min(0).long(), minlength=way).tolist()
+        way = high + 1
+    if low < 0 or high >= way:
+        task, column = ((labels < 0) | (labels >= way)).nonzero()[0].tolist()
         raise ValueError(
-            f"support labels must hold every class 0..{way - 1} exactly {shot} times (equal shots); "
-            f"task {task} has label counts {counts} (min label {int(labels[task].min())})"
+            f"support labels must be class indices 0..{way - 1}; task {task} has label {int(labels[task, column])}"
         )
-    if torch.equal(order, torch.arange(n_s, device=labels.device).expand_as(order)):
-        return None, way, shot  # the episode sampler's layout: no gather needed
-    return order, way, shot
+    counts = torch.zeros(batch, way, dtype=torch.long, device=labels.device).scatter_add_(
+        1, labels, torch.ones_like(labels)
+    )
+    host_counts = counts.cpu()
+    missing = (host_counts == 0).nonzero()
+    if len(missing):
+        task, absent = missing[0].tolist()
+        raise ValueError(
+            f"support labels must hold every class 0..{way - 1} at least once; task {task} lacks class {absent} "
+            f"(label counts {host_counts[task].tolist()})"
+        )
+    shot = int(host_counts.max())
+    sorted_labels, order = labels.sort(dim=-1, stable=True)
+    if way * shot == n_s:  # each task's counts sum to n_s, so all of them equal the largest: equal shots
+        if torch.equal(order, torch.arange(n_s, device=labels.device).expand_as(order)):
+            return SupportGroups(None, way, shot)  # the episode sampler's layout: no gather needed
+        return SupportGroups(order, way, shot)
+    starts = counts.cumsum(dim=-1) - counts  # each class's first position in the sorted support [B, way]
+    rank = torch.arange(n_s, device=labels.device) - starts.gather(1, sorted_labels)  # shot index within the class
+    padded = order.new_zeros(batch, way * shot).scatter_(1, sorted_labels * shot + rank, order)
+    shot_mask = torch.arange(shot, device=labels.device) < counts[..., None]
+    return SupportGroups(padded, way, shot, shot_mask)
 
 
 def _resolve(variant: str, dim: int, options: dict) -> dict:
@@ -198,6 +233,12 @@ def _resolve(variant: str, dim: int, options: dict) -> dict:
     for block in ("ple", "fle"):
         if resolved[block] not in ENRICHMENTS:
             raise ValueError(f"{block} must be one of {ENRICHMENTS}, got {resolved[block]!r}")
+    joint = resolved["joint"]
+    if joint is not None:
+        if isinstance(joint, bool) or not isinstance(joint, int) or joint < 1:
+            raise ValueError(f"joint must be a number of layers >= 1 or None, got {joint!r}")
+        if resolved["ple"] is not None or resolved["fle"] is not None:
+            raise ValueError("joint replaces PLE and FLE: set ple=None and fle=None with it")
     cards = tuple(sorted({int(w) for w in resolved["cardinalities"]}))
     if not cards:
         raise ValueError("at least one tuple cardinality is needed")
@@ -228,6 +269,20 @@ class STRMHeads(nn.Module):
         self.register_buffer("feature_std", torch.ones(dim))
         self.ple = self._enrichment(opts["ple"], self.patches, opts)
         self.fle = self._enrichment(opts["fle"], self.frames, opts)
+        self.joint = (
+            None
+            if opts["joint"] is None
+            else JointEnrich(
+                dim,
+                self.frames,
+                self.patches,
+                opts["psi_dim"],
+                opts["joint"],
+                scaled=opts["scaled_attention"],
+                gamma_zero=opts["gamma_zero"],
+                dropout=opts["dropout"],
+            )
+        )
         self.trm = nn.ModuleList(
             TRM(dim, self.frames, w, opts["trm_dim"], dropout=opts["dropout"]) for w in self.cardinalities
         )
@@ -289,7 +344,10 @@ class STRMHeads(nn.Module):
         return torch.linspace(0, total - 1, keep, device=device).floor().long()
 
     def encode(self, x: torch.Tensor, intermediates: bool = False) -> VideoEmbedding:
-        """Patch features x [..., L, P, D] (any float dtype) -> per-video embedding with leading dims x.shape[:-3]."""
+        """Patch features x [..., L, P, D] (any float dtype) -> per-video embedding with leading dims x.shape[:-3].
+
+        With Jnt-ST (`joint`) the enriched patches are the joint block's (returned as ple_patches) and E = H.
+        """
         if x.dim() < 4 or tuple(x.shape[-3:]) != (self.frames, self.patches, self.dim):
             raise ValueError(
                 f"expected patch features [..., {self.frames}, {self.patches}, {self.dim}] (L, P, D), "
@@ -302,6 +360,8 @@ class STRMHeads(nn.Module):
         n = x.shape[0]
         patches = x if self.ple is None else self.ple(x.reshape(n * self.frames, self.patches, self.dim))
         patches = patches.reshape(n, self.frames, self.patches, self.dim)
+        if self.joint is not None:
+            patches = self.joint(patches)
         h = patches.mean(dim=2)
         e = h if self.fle is None else self.fle(h)
         trm_k, trm_k_rstd, trm_v, qc, qc_norms, tuples = [], [], [], [], [], []
@@ -318,7 +378,8 @@ class STRMHeads(nn.Module):
                 qc_norms.append(norms)
         emb = VideoEmbedding(*map(tuple, (trm_k, trm_k_rstd, trm_v, qc, qc_norms, tuples)))
         if intermediates:
-            emb = replace(emb, ple_patches=None if self.ple is None else patches, H=h, E=e)
+            enriched = self.ple is not None or self.joint is not None
+            emb = replace(emb, ple_patches=patches if enriched else None, H=h, E=e)
         return emb._map(lambda t: _unflatten(t, lead))
 
     def relate(
@@ -335,8 +396,10 @@ class STRMHeads(nn.Module):
 
         support [n_s, ..] with labels [n_s] and query [n_q, ..] -> logits [n_q, way]; or a task batch:
         support [B, n_s, ..], labels [B, n_s], query [B, n_q, ..] -> [B, n_q, way]. Labels may come in
-        any order (grouped here); `way` defaults to max label + 1. Tasks are processed in chunks so
-        the prototypes (B x way x n_q x T x D' floats) stay under `max_elements`.
+        any order (grouped here), each class at least once, with any counts per class and per task
+        (uneven shots take a padded, masked layout; `group_by_class`); `way` defaults to max label + 1.
+        Tasks are processed in chunks so the prototypes (B x way x n_q x T x D' floats) stay under
+        `max_elements`.
         `qc_nearest` (per cardinality, [B, n_q, n_s, T_q] or [n_q, n_s, T_q], support in the labels'
         order): each query tuple's squared distance to the nearest tuple of each support video; QC then
         reads it instead of the embeddings' qc tuples (evaluation's table, `qc.nearest_block`).
@@ -347,7 +410,8 @@ class STRMHeads(nn.Module):
         if not batched:
             support, query, support_labels = support[None], query[None], support_labels[None]
             qc_nearest = None if qc_nearest is None else [t[None] for t in qc_nearest]
-        order, way, shot = group_by_class(support_labels, way)
+        groups = group_by_class(support_labels, way)
+        order, way, shot, shot_mask = groups.order, groups.way, groups.shot, groups.shot_mask
         batch, n_s = support_labels.shape
         if support.trm_k[0].shape[:2] != (batch, n_s):
             raise ValueError(
@@ -360,13 +424,14 @@ class STRMHeads(nn.Module):
         for start in range(0, batch, step):
             part = support[start : start + step]
             nearest = None if qc_nearest is None else [t[start : start + step] for t in qc_nearest]
-            if order is not None:  # sort each task's support by label, one chunk at a time
+            mask = None if shot_mask is None else shot_mask[start : start + step]
+            if order is not None:  # sort each task's support by label (padded if uneven), one chunk at a time
                 rows = torch.arange(len(part), device=order.device)[:, None]
                 part = part[rows, order[start : start + step]]
                 if nearest is not None:
                     by_label = order[start : start + step, None, :, None]
                     nearest = [torch.take_along_dim(t, by_label, dim=2) for t in nearest]
-            chunks.append(self._relate_grouped(part, query[start : start + step], way, shot, nearest))
+            chunks.append(self._relate_grouped(part, query[start : start + step], way, shot, nearest, mask))
         trm_logits = torch.cat([c[0] for c in chunks])
         qc_logits = torch.cat([c[1] for c in chunks]) if self.qc is not None else None
         logits = trm_logits if qc_logits is None else trm_logits + self.lambda_qc * qc_logits
@@ -382,9 +447,11 @@ class STRMHeads(nn.Module):
         way: int,
         shot: int,
         qc_nearest: Sequence[torch.Tensor] | None = None,
+        shot_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """support sorted by class [B, way*shot, ..], query [B, n_q, ..] (and qc_nearest, support sorted
-        alike) -> (TRM, QC or None) logits [B, n_q, way]."""
+        alike) -> (TRM, QC or None) logits [B, n_q, way]. Uneven shots: each class padded to `shot`,
+        shot_mask [B, way, shot] False on the padding (None: equal shots, no masking)."""
 
         def by_class(t: torch.Tensor) -> torch.Tensor:  # [B, way*shot, ...] -> [B, way, shot, ...]
             return t.reshape(t.shape[0], way, shot, *t.shape[2:])
@@ -401,6 +468,7 @@ class STRMHeads(nn.Module):
                     by_class(support.trm_k_rstd[i]),
                     by_class(support.trm_v[i]),
                     support.tuples[i],
+                    shot_mask,
                 )
                 for i, module in enumerate(self.trm)
             ]
@@ -408,10 +476,10 @@ class STRMHeads(nn.Module):
         if self.qc is None:
             return trm, None
         if qc_nearest is not None:
-            return trm, _mean([relate_qc_nearest(t.unflatten(2, (way, shot))) for t in qc_nearest])
+            return trm, _mean([relate_qc_nearest(t.unflatten(2, (way, shot)), shot_mask) for t in qc_nearest])
         qc = _mean(
             [
-                relate_qc(qz, qn, by_class(sz).flatten(2, 3), by_class(sn).flatten(2))
+                relate_qc(qz, qn, by_class(sz).flatten(2, 3), by_class(sn).flatten(2), shot_mask)
                 for qz, qn, sz, sn in zip(query.qc, query.qc_norms, support.qc, support.qc_norms)
             ]
         )
@@ -421,27 +489,36 @@ class STRMHeads(nn.Module):
         """support [n_s, L, P, D], labels [n_s] (0..way-1, any order), query [n_q, L, P, D] -> logits [n_q, way]."""
         return self.relate(self.encode(support), support_labels, self.encode(query))
 
-    def loss(self, output: HeadsOutput, query_labels: torch.Tensor) -> torch.Tensor:
-        """L_TM + lambda * L_QC, cross-entropy summed over the queries as released (STRM_SPEC section 7)."""
+    def loss(self, output: HeadsOutput, query_labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        """L_TM + lambda * L_QC, cross-entropy over the queries: summed as released (STRM_SPEC section 7), or
+        their mean. With lambda 0 the QC term is left out, so QC's weights get no gradient (not a zero one)."""
         flat = query_labels.reshape(-1)
         way = output.trm_logits.shape[-1]
-        loss = F.cross_entropy(output.trm_logits.reshape(-1, way), flat, reduction="sum")
-        if output.qc_logits is not None:
-            loss = loss + self.lambda_qc * F.cross_entropy(output.qc_logits.reshape(-1, way), flat, reduction="sum")
+        loss = F.cross_entropy(output.trm_logits.reshape(-1, way).float(), flat, reduction=reduction)
+        if output.qc_logits is not None and self.lambda_qc:
+            qc = F.cross_entropy(output.qc_logits.reshape(-1, way).float(), flat, reduction=reduction)
+            loss = loss + self.lambda_qc * qc
         return loss
 
     def trm_attention(
         self, support: VideoEmbedding, support_labels: torch.Tensor, query: VideoEmbedding, cardinality: int | None = None
     ) -> torch.Tensor:
         """TRM attention of each query tuple over a class's support tuples, for one task:
-        [n_q, way, T_q, shot, T_s]; tuple t's frames are `support.tuples[i][t]` (i the cardinality's index)."""
+        [n_q, way, T_q, shot, T_s]; shot s of a class is its s-th support video in the labels' order, and
+        tuple t's frames are `support.tuples[i][t]` (i the cardinality's index). Uneven shots: `shot` is
+        the largest count and a smaller class's padded shots have weight 0."""
         i = self.cardinalities.index(cardinality if cardinality is not None else self.cardinalities[0])
-        order, way, shot = group_by_class(support_labels[None], None)
+        groups = group_by_class(support_labels[None], None)
+        way, shot = groups.way, groups.shot
         trm = self.trm[i]
         class_k = trm.keys(support.trm_k[i], support.tuples[i])
-        class_k = class_k if order is None else class_k[order[0]]
+        class_k = class_k if groups.order is None else class_k[groups.order[0]]
         t_s = class_k.shape[1]
-        weights = trm_attention_weights(trm.keys(query.trm_k[i], query.tuples[i]), class_k.reshape(way, shot * t_s, -1))
+        weights = trm_attention_weights(
+            trm.keys(query.trm_k[i], query.tuples[i]),
+            class_k.reshape(way, shot * t_s, -1),
+            None if groups.shot_mask is None else groups.shot_mask[0],
+        )
         return weights.reshape(*weights.shape[:3], shot, t_s)
 
 
@@ -452,6 +529,7 @@ def build_heads(variant: str = "strm", dim: int = 2048, **options) -> STRMHeads:
     ("attention", "mixer", None) for the Table 4 swaps, cardinalities (any set), qc (on/off),
     trm_dim D' (1152), psi_dim and qc_dim (D/2), lambda_qc (0.1), scaled_attention (paper's
     1/sqrt(D) in the self-attention enrichment; released code: off), gamma_zero (attention branch
-    removed, the "gamma forced to 0" ablation), tuple_keep (fraction of tuples kept), dropout (0.1).
+    removed, the "gamma forced to 0" ablation; also in the joint block), joint (Jnt-ST layers in place
+    of PLE and FLE, None for none), tuple_keep (fraction of tuples kept), dropout (0.1).
     """
     return STRMHeads(variant, dim, **options)

@@ -25,7 +25,11 @@ def bottleneck_mlp(dim: int, hidden: int) -> nn.Sequential:
 
 
 class SelfAttentionEnrich(nn.Module):
-    """PLE's block over [..., tokens, D]; `gamma_zero` removes the attention branch (gamma forced to 0)."""
+    """PLE's block over [..., tokens, D]; `gamma_zero` removes the attention branch (gamma forced to 0).
+
+    `positional=False` leaves the positional encoding to the caller (the joint block of jnt.py adds
+    it once, over all L*P tokens, before its first layer).
+    """
 
     def __init__(
         self,
@@ -36,11 +40,12 @@ class SelfAttentionEnrich(nn.Module):
         scaled: bool = False,
         gamma_zero: bool = False,
         dropout: float = 0.1,
+        positional: bool = True,
     ) -> None:
         super().__init__()
         self.tokens = tokens
         self.scale = 1.0 / math.sqrt(dim) if scaled else 1.0
-        self.pe = PositionalEncoding(dim, int(tokens * 1.5), dropout)
+        self.pe = PositionalEncoding(dim, int(tokens * 1.5), dropout) if positional else None
         # gamma starts at 0 (released code): the block begins as psi alone and learns to attend.
         self.qkv = None if gamma_zero else nn.Linear(dim, 3 * dim)
         self.gamma = None if gamma_zero else nn.Parameter(torch.zeros(1))
@@ -52,7 +57,8 @@ class SelfAttentionEnrich(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pe(x)
+        if self.pe is not None:
+            x = self.pe(x)
         if self.qkv is not None:
             x = self.gamma * self.attention(x) + x
         return self.psi(x) + x

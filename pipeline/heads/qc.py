@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.heads.trm import frame_tuples, tuple_linear
+from pipeline.heads.trm import frame_tuples, mask_padded_shots, tuple_linear
 
 
 class QC(nn.Module):
@@ -51,12 +51,21 @@ def _squared_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def relate_qc(
-    query_z: torch.Tensor, query_norms: torch.Tensor, class_z: torch.Tensor, class_norms: torch.Tensor
+    query_z: torch.Tensor,
+    query_norms: torch.Tensor,
+    class_z: torch.Tensor,
+    class_norms: torch.Tensor,
+    shot_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """QC logits [B, n_q, way] from query z [B, n_q, T_q, C] with squared norms [B, n_q, T_q] and
-    class z [B, way, K*T_s, C] with squared norms [B, way, K*T_s]."""
+    class z [B, way, K*T_s, C] with squared norms [B, way, K*T_s]. Uneven shots come padded to K with
+    shot_mask [B, way, K] (False: padding, any finite z): a padded tuple's norm becomes +inf, so its
+    every distance is +inf and never the minimum (masking the norms, not the [.., K*T_s] distances)."""
     batch, n_q, t_q, width = query_z.shape
     way, per_class = class_z.shape[1], class_z.shape[2]
+    if shot_mask is not None:
+        shots = shot_mask.shape[2]
+        class_norms = mask_padded_shots(class_norms.reshape(batch, 1, way, shots, -1), shot_mask, torch.inf)
     queries = query_z.reshape(batch, n_q * t_q, width)
     support = class_z.reshape(batch, way * per_class, width)
     partial = torch.baddbmm(class_norms.reshape(batch, 1, way * per_class), queries, support.transpose(1, 2), alpha=-2.0)
@@ -64,9 +73,12 @@ def relate_qc(
     return _logits(nearest)
 
 
-def relate_qc_nearest(nearest: torch.Tensor) -> torch.Tensor:
+def relate_qc_nearest(nearest: torch.Tensor, shot_mask: torch.Tensor | None = None) -> torch.Tensor:
     """QC logits [B, n_q, way] from each query tuple's squared distance to the nearest tuple of each
-    support video, grouped by class: [B, n_q, way, K, T_q]."""
+    support video, grouped by class: [B, n_q, way, K, T_q]; uneven shots padded to K with shot_mask
+    [B, way, K] (False: padding, left out of the min)."""
+    if shot_mask is not None:
+        nearest = mask_padded_shots(nearest, shot_mask, torch.inf)
     return _logits(nearest.amin(dim=3).transpose(2, 3))
 
 

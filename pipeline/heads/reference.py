@@ -1,7 +1,8 @@
 """A slow, loop-structured STRM forward written directly from STRM_SPEC sections 2-7: the test oracle.
 
 It reads the parameters of an `STRMHeads` module but none of its fast code paths: separate Q, K, V
-products and an explicit softmax in PLE, literal tuple concatenation with itertools, and Python
+products and an explicit softmax in PLE (and in each Jnt-ST layer, over the literally flattened L*P
+tokens), literal tuple concatenation with itertools, and Python
 loops over queries and classes for TRM and QC (torch.cdist for the QC distances). Dropout follows
 the module's train/eval mode, so the benchmark can time a training step with it.
 """
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.heads.fle import MixerEnrich
+from pipeline.heads.jnt import JointEnrich
 from pipeline.heads.model import STRMHeads
 from pipeline.heads.ple import SelfAttentionEnrich
 
@@ -29,7 +31,11 @@ def _pe(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 def _self_attention_block(block: SelfAttentionEnrich, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    x = _pe(x, p, training)
+    return _attention_layer(block, _pe(x, p, training))
+
+
+def _attention_layer(block: SelfAttentionEnrich, x: torch.Tensor) -> torch.Tensor:
+    """The block after its PE: alpha = gamma * softmax(Q K^T * scale) V + x, then psi(alpha) + alpha."""
     if block.qkv is not None:
         wq, wk, wv = block.qkv.weight.chunk(3, dim=0)
         bq, bk, bv = block.qkv.bias.chunk(3, dim=0)
@@ -47,6 +53,17 @@ def _mixer_block(block: MixerEnrich, x: torch.Tensor, p: float, training: bool) 
     x = x + t2(torch.relu(t1(x.transpose(1, 2)))).transpose(1, 2)
     c1, c2 = block.channel_mlp[0], block.channel_mlp[2]
     return x + c2(torch.relu(c1(x)))
+
+
+def _joint_block(block: JointEnrich, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Jnt-ST, x [n, L, P, D]: token l*P + q of a video is patch q of frame l; PE over that index once,
+    then every layer attends over all L*P tokens of the video. Returns the tokens as [n, L, P, D]."""
+    L, P = x.shape[1:3]
+    tokens = torch.stack([x[:, l, q] for l in range(L) for q in range(P)], dim=1)
+    tokens = _pe(tokens, p, training)
+    for layer in block.layers:
+        tokens = _attention_layer(layer, tokens)
+    return torch.stack([torch.stack([tokens[:, l * P + q] for q in range(P)], dim=1) for l in range(L)], dim=1)
 
 
 def _enrich(block: SelfAttentionEnrich | MixerEnrich | None, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -77,7 +94,10 @@ def reference_forward(heads: STRMHeads, support: torch.Tensor, support_labels: t
     for name, x in (("support", support), ("query", query)):
         n, L, P, D = x.shape
         x = (x.float() - heads.feature_mean) / heads.feature_std
-        patches = _enrich(heads.ple, x.reshape(n * L, P, D), p, training).reshape(n, L, P, D)
+        if heads.joint is not None:
+            patches = _joint_block(heads.joint, x, p, training)
+        else:
+            patches = _enrich(heads.ple, x.reshape(n * L, P, D), p, training).reshape(n, L, P, D)
         h = patches.mean(dim=2)
         e = _enrich(heads.fle, h, p, training)
         out[f"ple_patches_{name}"], out[f"H_{name}"], out[f"E_{name}"] = patches, h, e

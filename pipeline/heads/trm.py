@@ -120,6 +120,12 @@ class TRM(nn.Module):
 CPU_STEP_ELEMENTS = 1 << 20
 
 
+def mask_padded_shots(values: torch.Tensor, shot_mask: torch.Tensor, fill: float) -> torch.Tensor:
+    """values [B, X, way, K, Y] with `fill` wherever shot_mask [B, way, K] is False: how the padded
+    [way, max K] layout of uneven shots keeps its padding out of a softmax (-inf) or a min (+inf)."""
+    return values.masked_fill(~shot_mask[:, None, :, :, None], fill)
+
+
 def relate_trm(
     trm: TRM,
     query_k: torch.Tensor,
@@ -130,11 +136,13 @@ def relate_trm(
     class_rstd: torch.Tensor,
     class_v: torch.Tensor,
     class_tuples: torch.Tensor,
+    shot_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """TRM logits [B, n_q, way] from the query's centred key rows [B, n_q, w, L, D'], key 1/std
     [B, n_q, T_q] and value rows, and the classes' key rows [B, way, K, w, L, D'], key 1/std
     [B, way, K, T_s] and value rows; each side's tuples [T, w] are those its encode kept (the same,
-    except under random retention in training)."""
+    except under random retention in training). Uneven shots come padded to K with shot_mask
+    [B, way, K] (False: padding, any finite rows), whose tuples then get attention exactly 0."""
     batch, n_q = query_k.shape[:2]
     frames, width = query_k.shape[-2:]
     t_q = len(query_tuples)
@@ -158,6 +166,7 @@ def relate_trm(
             class_rstd[i : i + step],
             class_v[i : i + step],
             class_selection,
+            None if shot_mask is None else shot_mask[i : i + step],
         )
         for i in range(0, batch, step)
     ]
@@ -173,6 +182,7 @@ def _relate_trm_tasks(
     class_rstd: torch.Tensor,
     class_v: torch.Tensor,
     class_selection: torch.Tensor,
+    shot_mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """`relate_trm` for a group of tasks: `left` holds g^2 times each query key row, then g * beta
     [B, n_q*w*L + 1, D']; the query's key 1/std [B, n_q, T_q] and value tuples [B, n_q, T_q, D'].
@@ -197,6 +207,8 @@ def _relate_trm_tasks(
     scores = torch.addcmul(dots[:, -1:], pair, query_rstd.reshape(batch, -1, 1)) * (
         class_rstd.reshape(batch, 1, -1) * width**-0.5
     )
+    if shot_mask is not None:  # uneven shots: padded shots' tuples out of the softmax (weight exactly 0)
+        scores = mask_padded_shots(scores.view(batch, n_q * t_q, way, shots, -1), shot_mask, -torch.inf)
     weights = scores.view(batch, n_q * t_q, way, per_class).softmax(dim=-1)  # over the class's K*T_s tuples
     rows = torch.matmul(weights.view(batch, n_q * t_q, way * shots, -1), class_selection)  # [B, M, way*K, w*L]
     rows = rows.view(batch, n_q * t_q, way, shots * rows_per_shot).transpose(1, 2)  # [B, way, M, K*w*L]
@@ -209,8 +221,14 @@ def _relate_trm_tasks(
     return -distance.transpose(1, 2)
 
 
-def trm_attention_weights(query_k: torch.Tensor, class_k: torch.Tensor) -> torch.Tensor:
+def trm_attention_weights(
+    query_k: torch.Tensor, class_k: torch.Tensor, shot_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax over support tuples of k_q . k_s / sqrt(D'): query_k [n_q, T_q, D'], class_k [way, K*T_s, D']
-    -> [n_q, way, T_q, K*T_s]. For inspection of one task (the forward uses the fused call)."""
+    -> [n_q, way, T_q, K*T_s]; shot_mask [way, K] (uneven shots, False: padding) gives padding weight 0.
+    For inspection of one task (the forward uses the fused call)."""
     scores = torch.einsum("qtd,cjd->qctj", query_k, class_k) / query_k.shape[-1] ** 0.5
+    if shot_mask is not None:
+        per_shot = class_k.shape[1] // shot_mask.shape[1]
+        scores = scores.masked_fill(~shot_mask.repeat_interleave(per_shot, dim=1)[None, :, None, :], -torch.inf)
     return scores.softmax(dim=-1)
