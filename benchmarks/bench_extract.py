@@ -24,6 +24,7 @@ from benchmarks import Figure
 from pipeline.backbones import get_backbone
 from pipeline.extract import ExtractSettings, RunOptions, extract
 from pipeline.synth import write_mp4
+from pipeline.video import ViewSpec
 
 GOAL = ">= 0.8"
 SIZE = (240, 320)  # H, W
@@ -50,10 +51,11 @@ def _backbone_fps(backbone: torch.nn.Module, batch: torch.Tensor, repeats: int) 
 
 def _fraction(name: str, *, videos: int, views: int, batch_size: int, workers: int, repeats: int) -> Figure:
     torch.manual_seed(0)
-    backbone = get_backbone(name, pretrained=name == "tf_efficientnet_lite0")  # resnet50: random weights, same speed
+    crop = ViewSpec().crop
+    # resnet50, the ViT: random weights, same speed; frames resized as the backbone wants (a ViT: bicubic).
+    backbone = get_backbone(name, pretrained=name == "tf_efficientnet_lite0", image_size=crop)
     backbone = backbone.to(memory_format=torch.channels_last)
-    settings = ExtractSettings(views=views)
-    crop = settings.spec.crop
+    settings = ExtractSettings(views=views, spec=ViewSpec(crop=crop, interpolation=backbone.interpolation))
     frames = torch.randint(0, 256, (batch_size, 3, crop, crop), dtype=torch.uint8)
     batch = backbone.prepare(frames).contiguous(memory_format=torch.channels_last)
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +87,8 @@ def _fraction(name: str, *, videos: int, views: int, batch_size: int, workers: i
             "backbone alone frames/s (before, after)": f"{before:.2f}, {after:.2f}",
             "extraction frames/s, steady state": f"{steady:.2f}",
             "extraction frames/s incl. worker start-up": f"{total:.2f} (ratio {total / alone:.2f})",
-            "setup": f"{videos} videos x {views} views x 8 frames, {SIZE[1]}x{SIZE[0]} H.264 -> 256/224, "
+            "setup": f"{videos} videos x {views} views x 8 frames, {SIZE[1]}x{SIZE[0]} H.264 -> 256/224 "
+                     f"{settings.spec.interpolation}, "
                      f"batch {batch_size}, {workers} decoding worker(s), {torch.get_num_threads()} torch threads",
         },
     )
@@ -96,4 +99,6 @@ BENCHES: dict[str, Callable[[], Figure]] = {
         "tf_efficientnet_lite0", videos=10, views=2, batch_size=32, workers=1, repeats=3),
     "extract_fraction_of_backbone_resnet50": lambda: _fraction(
         "resnet50", videos=8, views=2, batch_size=32, workers=1, repeats=2),
+    "extract_fraction_of_backbone_vit": lambda: _fraction(
+        "vit_small_patch14_dinov2", videos=8, views=2, batch_size=32, workers=1, repeats=2),
 }

@@ -36,6 +36,7 @@ SAMPLING_RULE_VERSION = "trx-linspace8-jitter5/256-224-flip/blake2b-rng/1"
 
 DECODER_ENV = "STRM_DECODER"
 DECODERS = ("auto", "torchcodec", "pyav")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # the resize modes timm's data configs name
 
 
 class VideoError(RuntimeError):
@@ -52,16 +53,21 @@ class ViewSpec:
     """Pixel geometry of a view: shorter side resized to `short_side`, then a `crop` square.
 
     `flip=False` turns off the training views' horizontal flip, for datasets where left and right
-    are different classes (the synthetic benchmark's enter_left / enter_right).
+    are different classes (the synthetic benchmark's enter_left / enter_right). `interpolation` is
+    the resize's: the backbone's own (timm's data config says bicubic for most timm models),
+    bilinear (the authors' and torchvision's) by default.
     """
 
     short_side: int = 256
     crop: int = 224
     flip: bool = True
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
         if not 0 < self.crop <= self.short_side:
             raise ValueError(f"crop ({self.crop}) must be in 1..short_side ({self.short_side})")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {self.interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,11 +123,13 @@ def view_rng(seed: int, video_id: str, view: int) -> np.random.Generator:
 
 
 def resize_short_side(frames: torch.Tensor, spec: ViewSpec = ViewSpec()) -> torch.Tensor:
-    """uint8 [T, 3, H, W] -> shorter side `spec.short_side`, bilinear with antialiasing (as PIL's Resize)."""
+    """uint8 [T, 3, H, W] -> shorter side `spec.short_side`, with `spec.interpolation` and antialiasing
+    (as PIL's Resize)."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
-    return F.resize(frames, [spec.short_side], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    mode = InterpolationMode(spec.interpolation)
+    return F.resize(frames, [spec.short_side], interpolation=mode, antialias=True)
 
 
 @dataclass(frozen=True)
