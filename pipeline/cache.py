@@ -12,24 +12,37 @@ Layout of a cache at `<root>/<dataset>/<key>/` (a Zarr v3 group):
 Why one chunk per video: a chunk is then owned by exactly one writer (Zarr loses data silently
 when two processes write one chunk or shard), a crash loses at most the videos in flight, and a
 rerun skips what is done. Zarr's local store writes each chunk atomically (temp file + rename).
+
+The feature recipe (`FeatureRecipe`: backbone, weights, input geometry, normalisation, L, P,
+views, sampling rule, precision, stored dtype) is built and parsed here and nowhere else: its
+fingerprint names the cache, a checkpoint records it, and a stage that turns new clips into
+features for a checkpoint rebuilds exactly the features it was trained on from it alone.
+
+Reading belongs here too: `FeatureCache.split` gives one reader whatever the loading (in RAM,
+resident on a GPU, or streamed from disk one chunk a video), decided by `choose_loading`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Union
 
 import numpy as np
 import torch
 import zarr
 
+from pipeline.video import ViewSpec
+
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
 STORED_DTYPE = "float16"
+LOADINGS = ("auto", "ram", "device", "stream")
 
 
 class CacheError(RuntimeError):
@@ -55,6 +68,104 @@ def manifest_digest(rows: Iterable[tuple[str, str, str, str]]) -> str:
     return h.hexdigest()
 
 
+# The recipe's fields that decide what a feature means: heads trained on one recipe do not fit
+# features of a recipe that differs in any of them (views, seeds and the manifest only change which
+# training views exist, not what a test view's feature is).
+FEATURE_FIELDS = ("backbone", "layer", "weights", "short_side", "crop", "interpolation", "mean", "std", "frames",
+                  "patches", "sampling_rule", "precision", "dtype")
+_NO_NORMALIZE = "none: [0, 1]"
+
+
+@dataclass(frozen=True)
+class FeatureRecipe:
+    """Everything that turns a video into cached features, as one typed object.
+
+    `weights` identifies the exact backbone weights (a file's or tensors' sha256, a fine-tuned
+    checkpoint's sha256, or "random:<seed>:<hash>"); mean and std are None for the authors' raw
+    [0, 1] pixels; `patches` is P (the map is max-pooled to P x P).
+    """
+
+    backbone: str
+    layer: str
+    weights: str
+    short_side: int
+    crop: int
+    flip: bool
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    frames: int
+    patches: int
+    train_views: int
+    view_seed: int
+    sampling_rule: str
+    precision: str
+    dtype: str = STORED_DTYPE
+    interpolation: str = "bilinear"
+
+    @property
+    def normalize(self) -> bool:
+        return self.mean is not None
+
+    def fingerprint(self, dataset: str, manifest: str, videos: int) -> dict:
+        """The readable record whose hash is the cache key (the keys of every existing cache)."""
+        fp = {
+            "dataset": dataset,
+            "manifest": manifest,
+            "videos": int(videos),
+            "backbone": self.backbone,
+            "layer": self.layer,
+            "weights": self.weights,
+            "short_side": self.short_side,
+            "crop": self.crop,
+            "flip": self.flip,
+            "normalize": f"mean={list(self.mean)} std={list(self.std)}" if self.normalize else _NO_NORMALIZE,
+            "frames": self.frames,
+            "patches": self.patches,
+            "train_views": self.train_views,
+            "view_seed": self.view_seed,
+            "sampling_rule": self.sampling_rule,
+            "precision": self.precision,
+            "dtype": self.dtype,
+        }
+        if self.interpolation != "bilinear":  # recorded only where it differs: older caches keep their keys
+            fp["interpolation"] = self.interpolation
+        return fp
+
+    @classmethod
+    def from_fingerprint(cls, fp: dict) -> FeatureRecipe | None:
+        """The recipe a cache fingerprint records; None for caches not made from videos (random test caches)."""
+        if not isinstance(fp, dict) or "backbone" not in fp or "normalize" not in fp:
+            return None
+        mean = std = None
+        normalize = str(fp["normalize"])
+        if normalize != _NO_NORMALIZE:
+            found = re.fullmatch(r"mean=(\[[^\]]*\]) std=(\[[^\]]*\])", normalize)
+            if found is None:
+                raise CacheError(f"fingerprint field normalize {normalize!r} is not mean=[...] std=[...]")
+            mean, std = tuple(json.loads(found.group(1))), tuple(json.loads(found.group(2)))
+        known = {f.name for f in fields(cls)} - {"mean", "std"}
+        return cls(mean=mean, std=std, **{k: v for k, v in fp.items() if k in known})
+
+    def differences(self, other: FeatureRecipe, names: Iterable[str] = FEATURE_FIELDS) -> list[str]:
+        """`name: mine vs other` for each field (of `names`) that differs."""
+        return [f"{k}: {getattr(self, k)!r} vs {getattr(other, k)!r}" for k in names if getattr(self, k) != getattr(other, k)]
+
+    def view_spec(self) -> ViewSpec:
+        """The pixel geometry of this recipe's views (pipeline.video)."""
+        return ViewSpec(short_side=self.short_side, crop=self.crop, flip=self.flip, interpolation=self.interpolation)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FeatureRecipe:
+        values = dict(d)
+        for key in ("mean", "std"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
 def _versions() -> dict[str, str]:
     return {name: metadata.version(name) for name in ("torch", "zarr", "numpy")}
 
@@ -71,12 +182,115 @@ class SplitLayout:
 
 @dataclass
 class SplitFeatures:
-    """A split's done videos in memory, as training and evaluation use them."""
+    """A split's done videos in memory (host RAM, pinned host memory or a GPU), as training and evaluation use them."""
 
     features: torch.Tensor  # [N, V, L, P*P, D] float16
     labels: torch.Tensor  # [N] int64, 0..C-1
     class_names: list[str]
     video_ids: list[str]
+    loading: str = "ram"  # ram | pinned | device: how `FeatureCache.split` placed it
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def views(self) -> int:
+        return int(self.features.shape[1])
+
+    def read(self, videos: np.ndarray, views: np.ndarray) -> torch.Tensor:
+        """[n, L, P*P, D] float16: view views[k] of video videos[k] (indices among the split's videos)."""
+        device = self.features.device
+        return self.features[torch.as_tensor(videos, device=device), torch.as_tensor(views, device=device)]
+
+    def block(self, videos: np.ndarray, views: int | None = None) -> torch.Tensor:
+        """[n, V', L, P*P, D]: the first `views` views (default all) of the given videos."""
+        return self.features[torch.as_tensor(videos, device=self.features.device), :views]
+
+
+class StreamedSplit:
+    """A split read from the Zarr cache on demand: labels in RAM, features one chunk (video) at a time."""
+
+    loading = "stream"
+
+    def __init__(self, cache: FeatureCache, split: str) -> None:
+        self.rows = np.flatnonzero(cache.done(split))
+        self.array = cache.features_array(split)
+        self.labels = torch.from_numpy(cache.labels(split)[self.rows].astype(np.int64))
+        self.class_names = cache.class_names(split)
+        ids = cache.video_ids(split)
+        self.video_ids = [ids[i] for i in self.rows]
+        self.views = cache.views(split)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, videos: np.ndarray, views: np.ndarray) -> torch.Tensor:
+        """[n, L, P*P, D] float16 for videos (indices among done videos) and their views."""
+        rows = self.rows[np.asarray(videos)]
+        views = np.asarray(views)
+        order = np.argsort(rows, kind="stable")
+        chunks = self.array.oindex[rows[order]]  # one chunk per video, read concurrently by Zarr
+        out = np.empty((len(rows),) + chunks.shape[2:], dtype=np.float16)
+        out[order] = chunks[np.arange(len(rows)), views[order]]
+        return torch.from_numpy(out)
+
+    def block(self, videos: np.ndarray, views: int | None = None) -> torch.Tensor:
+        """[n, V', L, P*P, D]: the first `views` views (default all) of the given videos."""
+        return torch.from_numpy(self.array.oindex[self.rows[np.asarray(videos)]][:, :views])
+
+
+SplitReader = Union[SplitFeatures, StreamedSplit]
+
+
+def choose_loading(nbytes: int, loading: str, device: torch.device | None = None) -> str:
+    """ram, device or stream for a split of `nbytes` (float16 features) used on `device`.
+
+    auto: on CUDA, resident on the GPU when the split takes at most half its free memory; else in
+    RAM when it takes at most half the available memory; else streamed from disk. On CUDA "ram" is
+    pinned host memory, so a task's copy overlaps compute.
+    """
+    if loading not in LOADINGS:
+        raise CacheError(f"loading {loading!r}: expected one of {', '.join(LOADINGS)}")
+    cuda = device is not None and device.type == "cuda"
+    if loading == "device" and not cuda:
+        raise CacheError("loading 'device' keeps a split on the GPU: it needs --device cuda")
+    if loading != "auto":
+        return loading
+    if cuda:
+        free, _ = torch.cuda.mem_get_info(device)
+        if nbytes <= 0.5 * free:
+            return "device"
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        available = 0
+    return "ram" if available == 0 or nbytes < 0.5 * available else "stream"
+
+
+def channel_stats(
+    split: SplitReader, views: int | None = None, max_videos: int = 2048, block: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over the frames and patches of the first `views` views (float64 sums).
+
+    At most `max_videos` evenly spaced videos are read: plenty for D means and stds, and it keeps a
+    streamed split (SSv2 at D=2048 is ~140 GB) from being read once just for its statistics. Every
+    loading reads the same videos, so the loading never changes the numbers.
+    """
+    n = len(split)
+    if n == 0:
+        raise CacheError("the split has no extracted videos")
+    picks = np.unique(np.linspace(0, n - 1, min(n, max_videos)).round().astype(np.int64))
+    total = squares = None
+    count = 0
+    for start in range(0, len(picks), block):
+        x = split.block(picks[start : start + block], views)
+        x = x.reshape(-1, x.shape[-1]).double()
+        total = x.sum(0) if total is None else total + x.sum(0)
+        squares = (x * x).sum(0) if squares is None else squares + (x * x).sum(0)
+        count += x.shape[0]
+    mean = total / count
+    std = (squares / count - mean * mean).clamp_min(0).sqrt()
+    return mean.float().cpu(), std.float().cpu()
 
 
 class FeatureCache:
@@ -95,6 +309,11 @@ class FeatureCache:
     @property
     def fingerprint(self) -> dict:
         return dict(self.attrs["fingerprint"])
+
+    @property
+    def recipe(self) -> FeatureRecipe | None:
+        """How these features were made (None for caches not extracted from videos)."""
+        return FeatureRecipe.from_fingerprint(self.fingerprint)
 
     @property
     def key(self) -> str:
@@ -172,6 +391,19 @@ class FeatureCache:
             class_names=self.class_names(split),
             video_ids=[ids[i] for i in done],
         )
+
+    def split(self, split: str, *, views: int | None = None, loading: str = "ram",
+              device: torch.device | None = None) -> SplitReader:
+        """A split's done videos, placed by `choose_loading` (ram, pinned, device or streamed)."""
+        chosen = choose_loading(self.split_nbytes(split, views), loading, device)
+        if chosen == "stream":
+            return StreamedSplit(self, split)
+        data = self.load_split(split, views=views)
+        if chosen == "device":
+            data.features, data.loading = data.features.to(device), "device"
+        elif device is not None and device.type == "cuda":
+            data.features, data.loading = data.features.pin_memory(), "pinned"
+        return data
 
     def summary(self) -> dict:
         """What the cache holds, for `strm cache info`."""

@@ -34,7 +34,7 @@ from pipeline.heads import VideoEmbedding
 from pipeline.heads.qc import nearest_block
 
 if TYPE_CHECKING:
-    from pipeline.cache import SplitFeatures
+    from pipeline.cache import SplitFeatures, SplitReader
     from pipeline.heads import HeadsOutput
 
 Z95 = 1.96
@@ -194,24 +194,30 @@ DEVICE_EMBED_BATCH = 256
 
 def embed_split(
     heads: nn.Module,
-    features: torch.Tensor,
+    features: torch.Tensor | SplitReader,
     batch_size: int | None = None,
     device: str | torch.device = "cpu",
     *,
     autocast: bool = False,
     progress: Progress | None = None,
 ) -> VideoEmbedding:
-    """The per-video pass: `heads.encode` over features [N, L, P, D] (one view) in eval mode, no grad."""
+    """The per-video pass: `heads.encode` over features [N, L, P, D] (one view), or view 0 of a split
+    however it is loaded (cache.FeatureCache.split), in eval mode, no grad."""
     device = torch.device(device)
     if batch_size is None:
         batch_size = CPU_EMBED_BATCH if device.type == "cpu" else DEVICE_EMBED_BATCH
     heads.eval()
     n = len(features)
 
+    def chunk(start: int) -> torch.Tensor:
+        if isinstance(features, torch.Tensor):
+            return features[start : start + batch_size]
+        videos = np.arange(start, min(start + batch_size, n))
+        return features.read(videos, np.zeros(len(videos), dtype=np.int64))
+
     def encode(start: int) -> Any:
         with torch.inference_mode(), _autocast(device, autocast):  # both are per thread
-            x = features[start : start + batch_size].to(device=device, dtype=torch.float32, non_blocking=True)
-            return heads.encode(x)
+            return heads.encode(chunk(start).to(device=device, dtype=torch.float32, non_blocking=True))
 
     parts = []
     with _cpu_streams(device) as streams:
@@ -429,7 +435,7 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
 
 def evaluate(
     heads: nn.Module,
-    split: SplitFeatures,
+    split: SplitReader,
     *,
     episodes: int = 10_000,
     way: int = 5,
@@ -457,7 +463,7 @@ def evaluate(
     settings["episodes_digest"] = episodes_digest(tasks, split.video_ids)
     settings["autocast"] = autocast
     if embedding is None:
-        embedding = embed_split(heads, split.features[:, 0], device=device, autocast=autocast, progress=progress)
+        embedding = embed_split(heads, split, device=device, autocast=autocast, progress=progress)
     qc_tables = None
     if qc_tables_pay(embedding, tasks):
         qc_tables = qc_nearest_tables(embedding, device, autocast=autocast, progress=progress)

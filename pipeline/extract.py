@@ -18,13 +18,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
-from pipeline.backbones import Backbone
-from pipeline.cache import STORED_DTYPE, CacheError, CacheWriter, SplitLayout, cache_key, manifest_digest
+from pipeline import distributed
+from pipeline.backbones import Backbone, patch_features
+from pipeline.cache import CacheError, CacheWriter, FeatureRecipe, SplitLayout, cache_key, manifest_digest
 from pipeline.video import FRAMES, SAMPLING_RULE_VERSION, ViewSpec, count_frames, load_views
 from pipeline.workers import imap_isolated
 
@@ -48,7 +47,7 @@ class RunOptions:
 
     batch_size: int = 64  # frames per backbone call
     workers: int = 2  # decoding processes; 0 decodes in this process
-    device: str = "cpu"
+    device: str = "auto"
     precision: str = "auto"  # auto: fp32 on CPU, bf16 (or fp16) autocast on CUDA; or fp32/bf16/fp16
 
 
@@ -87,17 +86,6 @@ class ExtractResult:
     failures: list[tuple[str, str]]
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """fp32 on CPU (bf16 autocast there is slower than fp32 on most CPUs); bf16 where CUDA has it, else fp16."""
-    if precision != "auto":
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
 def split_layouts(manifest: pd.DataFrame, views: int) -> dict[str, SplitLayout]:
     """Per split: its videos in manifest order, class indices into the split's sorted class names."""
     layouts = {}
@@ -121,28 +109,22 @@ def split_layouts(manifest: pd.DataFrame, views: int) -> dict[str, SplitLayout]:
     return layouts
 
 
-def fingerprint(dataset: str, manifest: pd.DataFrame, backbone: Backbone, settings: ExtractSettings, precision: str) -> dict:
+def recipe(backbone: Backbone, settings: ExtractSettings, precision: str) -> FeatureRecipe:
+    """The feature recipe of an extraction: the backbone as built, the settings, the resolved precision."""
+    spec = settings.spec
+    return FeatureRecipe(
+        backbone=backbone.name, layer=backbone.layer, weights=backbone.weights_id, short_side=spec.short_side,
+        crop=spec.crop, flip=spec.flip, mean=backbone.mean if settings.normalize else None,
+        std=backbone.std if settings.normalize else None, frames=FRAMES, patches=settings.patches,
+        train_views=settings.views, view_seed=settings.seed, sampling_rule=SAMPLING_RULE_VERSION, precision=precision,
+        interpolation=spec.interpolation,
+    )
+
+
+def fingerprint(dataset: str, manifest: pd.DataFrame, recipe: FeatureRecipe) -> dict:
     """Readable record of everything that changes the numbers; its hash is the cache key."""
     rows = manifest[["split", "class", "video_id", "path"]].astype(str).itertuples(index=False, name=None)
-    return {
-        "dataset": dataset,
-        "manifest": manifest_digest(rows),
-        "videos": int(len(manifest)),
-        "backbone": backbone.name,
-        "layer": backbone.layer,
-        "weights": backbone.weights_id,
-        "short_side": settings.spec.short_side,
-        "crop": settings.spec.crop,
-        "flip": settings.spec.flip,
-        "normalize": f"mean={list(backbone.mean)} std={list(backbone.std)}" if settings.normalize else "none: [0, 1]",
-        "frames": FRAMES,
-        "patches": settings.patches,
-        "train_views": settings.views,
-        "view_seed": settings.seed,
-        "sampling_rule": SAMPLING_RULE_VERSION,
-        "precision": precision,
-        "dtype": STORED_DTYPE,
-    }
+    return recipe.fingerprint(dataset, manifest_digest(rows), len(manifest))
 
 
 def cache_path(cache_root: Path, dataset: str, fp: dict) -> Path:
@@ -157,21 +139,10 @@ def decode_job(job: VideoJob) -> torch.Tensor:
     return views.flatten(0, 1)
 
 
-def pool_patches(fmap: torch.Tensor, patches: int) -> torch.Tensor:
-    """[B, D, h, w] -> [B, P*P, D] float16: adaptive max pool to P x P, patches in row-major order."""
-    pooled = F.adaptive_max_pool2d(fmap.float(), patches)
-    return pooled.flatten(2).transpose(1, 2).to(torch.float16)
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _open_writer(path: Path, fp: dict, layouts: dict[str, SplitLayout], dim: int, patches: int) -> CacheWriter:
+def _open_writer(path: Path, fp: dict, layouts: dict[str, SplitLayout], dim: int, patches: int,
+                 device: torch.device) -> CacheWriter:
     """Rank 0 creates (or checks) the cache; the other ranks open it once rank 0 says it is there."""
-    rank, world = _dist()
+    rank, world = distributed.rank_world()
     error: str | None = None
     writer = None
     if rank == 0:
@@ -179,10 +150,7 @@ def _open_writer(path: Path, fp: dict, layouts: dict[str, SplitLayout], dim: int
             writer = CacheWriter.create(path, fp, layouts, frames=FRAMES, patches=patches * patches, dim=dim)
         except CacheError as err:
             error = str(err)
-    if world > 1:
-        box = [error]
-        torch.distributed.broadcast_object_list(box, src=0)
-        error = box[0]
+    error = distributed.broadcast_object(error, device)
     if error is not None:
         raise CacheError(error)
     return writer if writer is not None else CacheWriter(path)
@@ -293,14 +261,12 @@ class _Batcher:
                 self.on_video(job, self.frames)
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        cuda = self.device.type == "cuda"
-        if cuda:
+        if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
-        x = self.backbone.prepare(batch, self.settings.normalize).contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
         with torch.inference_mode(), autocast:
-            fmap = self.backbone(x)
-        return pool_patches(fmap, self.settings.patches).cpu()
+            feats = patch_features(self.backbone, batch, normalize=self.settings.normalize, patches=self.settings.patches)
+        return feats.cpu()
 
 
 def extract(
@@ -320,12 +286,12 @@ def extract(
     optionally n_frames (-1 = count) and status (rows not "ok" are recorded as failures). Under an
     initialised torch.distributed group each rank does its share; call it on every rank.
     """
-    device = torch.device(options.device)
-    precision = resolve_precision(options.precision, device)
-    fp = fingerprint(dataset, manifest, backbone, settings, precision)
+    device = distributed.resolve_device(options.device)
+    precision = distributed.resolve_precision(options.precision, device)
+    fp = fingerprint(dataset, manifest, recipe(backbone, settings, precision))
     path = cache_path(cache_root, dataset, fp)
-    writer = _open_writer(path, fp, split_layouts(manifest, settings.views), backbone.dim, settings.patches)
-    rank, world = _dist()
+    writer = _open_writer(path, fp, split_layouts(manifest, settings.views), backbone.dim, settings.patches, device)
+    rank, world = distributed.rank_world()
     todo, bad, already = _jobs(manifest, writer, settings, videos_root, rank, world)
     state = Progress(total=len(todo) + len(bad), already_done=already)
     failures: list[tuple[str, str]] = []
@@ -343,7 +309,7 @@ def extract(
 
     for job, reason in bad:
         report(job, 0, f"manifest: {reason}")
-    backbone = backbone.to(device).to(memory_format=torch.channels_last).eval()
+    backbone = backbone.place(device).eval()
     batcher = _Batcher(backbone, writer, settings, options, device, precision, lambda job, n: report(job, n))
     for job, frames, error in _decoded(todo, options.workers):
         if error is not None:
@@ -351,6 +317,5 @@ def extract(
         else:
             batcher.add(job, frames)
     batcher.flush()
-    if world > 1:
-        torch.distributed.barrier()
+    distributed.barrier(device)
     return ExtractResult(path=path, progress=state, failures=failures)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline import distributed
 from pipeline.video import FRAMES, VideoError, count_frames
 from pipeline.workers import imap_isolated
 
@@ -328,3 +329,30 @@ def read_manifest(path: Path) -> pd.DataFrame:
     if missing:
         raise ManifestError(f"{path}: not a manifest, missing column(s) {', '.join(missing)}")
     return _typed(table)
+
+
+def training_manifest(dataset: str, videos: Path, manifest: Path | None = None, *, device: str = "auto",
+                      progress: Callable[[int, int], None] | None = None) -> tuple[pd.DataFrame, int]:
+    """The manifest a fine-tune reads, with the frame counts of usable train/val rows filled in.
+
+    Counted once, on rank 0, then sent to every rank; returns (manifest, videos counted now).
+    `progress(done, total)` follows the counting; `device` is the run's (collectives travel there).
+    """
+    table, counted = None, 0
+    if distributed.rank_world()[0] == 0:
+        table = read_manifest(manifest) if manifest is not None else build_manifest(dataset, videos)
+        unknown = table["split"].isin(["train", "val"]) & table["status"].eq("ok") & (table["n_frames"] < 0)
+        counted = int(unknown.sum())
+        if counted:
+            done = [0]
+
+            def step(k: int) -> None:
+                done[0] += k
+                if progress is not None:
+                    progress(done[0], counted)
+
+            checked = validate_manifest(table[unknown], progress=step)
+            for column in ("n_frames", "status"):
+                table.loc[unknown, column] = checked[column]
+    table = distributed.broadcast_object(table, distributed.resolve_device(device))
+    return table, counted

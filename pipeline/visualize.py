@@ -23,6 +23,7 @@ import torch.nn.functional as F
 matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipeline.cache import FeatureRecipe
 from pipeline.video import VideoError, ViewSpec, count_frames, load_view
 
 Frames = Callable[[str], "torch.Tensor | None"]  # video id -> uint8 [L, 3, H, W] (view 0), or None
@@ -31,14 +32,14 @@ Frames = Callable[[str], "torch.Tensor | None"]  # video id -> uint8 [L, 3, H, W
 class FrameSource:
     """View 0 of a cache's videos, decoded with the geometry the cache was extracted with.
 
-    `manifest` maps video ids to files (columns video_id, path, optionally n_frames); `fingerprint`
-    is the cache's (short_side, crop, view_seed). A video that is missing or cannot be decoded
+    `manifest` maps video ids to files (columns video_id, path, optionally n_frames); `recipe` is
+    the cache's (None: the default 256/224 geometry). A video that is missing or cannot be decoded
     gives None, so a figure falls back to placeholders instead of failing.
     """
 
-    def __init__(self, manifest: pd.DataFrame, fingerprint: dict, videos_root: Path | None = None) -> None:
-        self.spec = ViewSpec(short_side=int(fingerprint.get("short_side", 256)), crop=int(fingerprint.get("crop", 224)))
-        self.seed = int(fingerprint.get("view_seed", 0))
+    def __init__(self, manifest: pd.DataFrame, recipe: FeatureRecipe | None, videos_root: Path | None = None) -> None:
+        self.spec = recipe.view_spec() if recipe is not None else ViewSpec()
+        self.seed = recipe.view_seed if recipe is not None else 0
         self.rows = {str(r.video_id): r for r in manifest.itertuples(index=False)}
         self.root = videos_root
         self.errors: dict[str, str] = {}

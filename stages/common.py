@@ -1,13 +1,22 @@
-"""What every stage shares: one-line errors on stderr, and loading heads from any checkpoint."""
+"""What every stage shares: one-line errors on stderr, progress bars, and the options several stages take."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, NoReturn
+from enum import Enum
+from typing import NoReturn
 
-import torch
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from pipeline.heads import VARIANTS, load_authors_checkpoint, load_heads
+LOADING_HELP = ("Where the split's features live: auto (on the GPU when they fit in half its free memory, "
+                "else in RAM when they fit in half of it, else streamed from disk), ram, device (GPU) or stream.")
+
+
+class Loading(str, Enum):
+    auto = "auto"
+    ram = "ram"
+    device = "device"
+    stream = "stream"
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -16,38 +25,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def load_model(checkpoint: Path, variant: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Heads from a project checkpoint or, detected by its keys, an authors' file (via the importer)."""
-    try:
-        raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
-        fail(f"{checkpoint}: not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})")
-    if not isinstance(raw, dict):
-        fail(f"{checkpoint}: holds a {type(raw).__name__}, not a checkpoint dict")
-    if "format" in raw:
-        try:
-            heads, saved = load_heads(raw)
-        except (ValueError, KeyError, RuntimeError) as err:
-            fail(f"{checkpoint}: {err}")
-        about = {"checkpoint": str(checkpoint), "checkpoint_format": saved["format"], "variant": saved["variant"]}
-        if "cache_fingerprint" in saved:
-            about["trained_on_cache"] = saved["cache_fingerprint"]
-        return heads, about
-    # An authors' file has no format tag. Its variant is the first whose weights it holds exactly and
-    # whose cardinalities it has (the importer reads them from the tensors, so trm loads a TRX file too).
-    errors, loaded = [], []
-    for name in [variant] if variant else list(VARIANTS):
-        try:
-            heads = load_authors_checkpoint(raw, variant=name)
-        except ValueError as err:
-            errors.append(f"{name}: {err}")
-            continue
-        if variant or tuple(VARIANTS[name]["cardinalities"]) == tuple(heads.cardinalities):
-            loaded.insert(0, (name, heads))
-            break
-        loaded.append((name, heads))
-    if not loaded:
-        fail(f"{checkpoint}: not a project checkpoint and not an authors' one ({'; '.join(errors)})")
-    name, heads = loaded[0]
-    note = "" if heads.has_qc else "the file has no QC weights: logits are the TRM logits alone"
-    return heads, {"checkpoint": str(checkpoint), "checkpoint_format": "authors", "variant": name, "note": note}
+def progress_bar(console: Console, *fields: str, transient: bool = False, disable: bool = False) -> Progress:
+    """The bars every stage draws: description, bar, n/N, any extra `{task.fields[...]}` columns, times."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *map(TextColumn, fields),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=transient, disable=disable)

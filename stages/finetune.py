@@ -7,33 +7,26 @@ On CPU with a real backbone the first tasks are timed and a run estimated past a
 """
 from __future__ import annotations
 
-import json
 import os
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline.backbones import WeightsUnavailable
-from pipeline.finetune import (
-    Estimate,
-    FinetuneAborted,
-    FinetuneError,
-    FinetuneProgress,
-    finetune,
-    load_start,
-    make_finetune_config,
-)
-from pipeline.manifests import ManifestError, build_manifest, read_manifest, validate_manifest
-from pipeline.train import CONFIG, LAST, init_distributed
-from stages.common import fail
+from pipeline.checkpoints import CheckpointError, load_checkpoint
+from pipeline.distributed import DeviceError, init_distributed, resolve_device
+from pipeline.finetune import finetune, make_finetune_config, start_settings
+from pipeline.loop import Declined, Estimate, TrainError, TrainProgress
+from pipeline.manifests import ManifestError, training_manifest
+from pipeline.runs import LAST, RunError, saved_settings
+from stages.common import fail, progress_bar
 
 console = Console(stderr=True)
 CPU_LIMIT_S = 3600  # past this estimate a CPU run needs --yes
+NOT_RESUMED = ("dataset", "dim", "frames", "variant", "device", "workers")  # given anew by each invocation
 
 
 class BatchNorm(str, Enum):
@@ -57,36 +50,6 @@ def _default_out(source: Path) -> Path:
     """runs/NAME/best.pt -> runs/NAME-ft; an authors' file x.pt -> runs/x-ft."""
     name = source.parent.name if source.stem in ("best", "last") and source.parent.name else source.stem
     return Path("runs") / f"{name}-ft"
-
-
-def _saved_settings(out: Path) -> dict:
-    """The settings the run in `out` was started with (empty when there is none)."""
-    path = out / CONFIG
-    if not path.exists():
-        return {}
-    saved = json.loads(path.read_text())["config"]
-    return {k: v for k, v in saved.items() if k not in ("dataset", "dim", "frames", "variant", "device", "workers")}
-
-
-def _manifest(dataset: str, videos: Path, manifest: Path | None, rank: int, world: int):
-    """The manifest, with the frame counts of usable train/val rows filled in (once, on rank 0)."""
-    table = None
-    if rank == 0:
-        table = read_manifest(manifest) if manifest is not None else build_manifest(dataset, videos)
-        unknown = table["split"].isin(["train", "val"]) & table["status"].eq("ok") & (table["n_frames"] < 0)
-        if unknown.any():
-            with Progress(TextColumn("counting frames"), BarColumn(), MofNCompleteColumn(), console=console) as bar:
-                task = bar.add_task("count", total=int(unknown.sum()))
-                checked = validate_manifest(table[unknown], progress=lambda k: bar.advance(task, k))
-            for column in ("n_frames", "status"):
-                table.loc[unknown, column] = checked[column]
-            console.print(f"counted the frames of {int(unknown.sum())} videos "
-                          "(a manifest from `strm manifest` already holds them)", highlight=False)
-    if world > 1:
-        box = [table]
-        torch.distributed.broadcast_object_list(box, src=0)
-        table = box[0]
-    return table
 
 
 def _hours(seconds: float) -> str:
@@ -130,6 +93,8 @@ def finetune_command(
     val_episodes: Optional[int] = typer.Option(None, "--val-episodes", help="Validation tasks (fixed seed). (default: 1000)"),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write last.pt every N tasks. (default: 160)"),
     log_every: Optional[int] = typer.Option(None, "--log-every", help="A metrics line every N tasks. (default: 16)"),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard",
+                                               help="Also write the scalars to OUT/tb for TensorBoard. (default: off)"),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes. (default: CPUs - 1, at most 8)"),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder. (default: runs/NAME-ft)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)"),
@@ -146,27 +111,33 @@ def finetune_command(
                  shot=shot, queries=queries, lr=lr, optimizer=optimizer.value if optimizer else None, tasks_per_step=tasks_per_step, freeze_stages=freeze_stages,
                  bn=bn.value if bn else None, amp=amp.value if amp else None, normalize=normalize,
                  short_side=short_side, crop=crop, seed=seed, val_every=val_every, val_episodes=val_episodes,
-                 checkpoint_every=checkpoint_every, log_every=log_every, device=device,
+                 checkpoint_every=checkpoint_every, log_every=log_every, device=device, tensorboard=tensorboard,
                  workers=workers if workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1)))
     out = out or _default_out(source)
     rank = 0
     try:
         rank, world = init_distributed(device or "auto")
         quiet = rank != 0
-        saved = _saved_settings(out) if resume else {}
+        saved = {k: v for k, v in saved_settings(out).items() if k not in NOT_RESUMED} if resume else {}
         start = None
         defaults: dict = {}
         if not (resume and (out / LAST).exists()):
-            start = load_start(source)
-            defaults = {k: v for k, v in start.settings.items() if v is not None}
+            start = load_checkpoint(source)
+            defaults = start_settings(start)
             if backbone and defaults.get("backbone") not in (None, backbone) and not quiet:
                 console.print(f"note: the heads of {source} were trained on {defaults['backbone']} features, "
                               f"not {backbone}", highlight=False)
         config = make_finetune_config(dataset, **{**defaults, **saved, **{k: v for k, v in given.items() if v is not None},
                                                   "source": str(source)})
-        table = _manifest(dataset, videos, manifest, rank, world)
-        on_cpu = not torch.cuda.is_available() if config.device == "auto" else torch.device(config.device).type == "cpu"
+        with progress_bar(console, disable=quiet, transient=True) as bar:
+            count = bar.add_task("counting frames", total=None)
+            table, counted = training_manifest(dataset, videos, manifest, device=config.device,
+                                               progress=lambda done, total: bar.update(count, completed=done, total=total))
+        on_cpu = resolve_device(config.device).type == "cpu"
         if not quiet:
+            if counted:
+                console.print(f"counted the frames of {counted} videos (a manifest from `strm manifest` already holds them)",
+                              highlight=False)
             console.print(f"fine-tuning {config.backbone} + heads from {source} on {dataset} -> {out} "
                           f"({config.optimizer} lr {config.lr:g}, {config.tasks_per_step} tasks a step"
                           + (f", {world} processes" if world > 1 else "") + ")", highlight=False)
@@ -180,16 +151,13 @@ def finetune_command(
                           f"{estimate.tasks_left} tasks left ≈ {_hours(estimate.seconds_left)}", highlight=False)
             return yes or estimate.seconds_left <= CPU_LIMIT_S
 
-        with Progress(
-            TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(), TextColumn("tasks"),
-            TextColumn("{task.fields[rate]:.2f} tasks/s"), TextColumn("loss {task.fields[loss]:.4g}"),
-            TextColumn("acc {task.fields[acc]:.1f}%"), TextColumn("{task.fields[memory]}"), TextColumn("{task.fields[val]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet,
-        ) as bar:
+        with progress_bar(console, "{task.fields[rate]:.2f} tasks/s", "loss {task.fields[loss]:.4g}",
+                          "acc {task.fields[acc]:.1f}%", "{task.fields[memory]}", "{task.fields[val]}",
+                          disable=quiet) as bar:
             bar_id = bar.add_task("finetune", total=config.episodes, rate=0.0, loss=float("nan"), acc=0.0,
                                   memory="GPU -", val="")
 
-            def show(p: FinetuneProgress) -> None:
+            def show(p: TrainProgress) -> None:
                 memory = f"GPU {p.gpu_memory_gib:.1f} GiB" if p.gpu_memory_gib is not None else "GPU -"
                 val = f"val {p.val_accuracy:.1f}% (best {p.best_val_accuracy:.1f}%)" if p.val_accuracy is not None else ""
                 bar.update(bar_id, completed=p.task, rate=p.tasks_per_s, loss=p.loss, acc=p.accuracy, memory=memory, val=val)
@@ -197,10 +165,12 @@ def finetune_command(
             real_cpu_run = on_cpu and config.backbone != "tiny"
             result = finetune(config, table, out, start=start, resume=resume, videos_root=videos, progress=show,
                               confirm=confirm if real_cpu_run else None)
-    except FinetuneAborted:
+    except Declined:
         fail(f"this run is estimated past {_hours(CPU_LIMIT_S)} on CPU: pass --yes to start it anyway, or use a GPU")
-    except (FinetuneError, ManifestError, WeightsUnavailable, FileNotFoundError) as err:
-        fail(str(err), 2 if isinstance(err, (FinetuneError, ManifestError)) else 1)
+    except (TrainError, ManifestError, RunError, DeviceError, CheckpointError) as err:
+        fail(str(err), 2)
+    except (WeightsUnavailable, FileNotFoundError) as err:
+        fail(str(err))
     if rank != 0:
         return
     for note in result.notes:

@@ -5,36 +5,38 @@ what it found, what was missing and what it dropped, so nobody mistakes TRM-only
 """
 from __future__ import annotations
 
-import pickle
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
 
-from pipeline.heads import VARIANTS, load_authors_checkpoint, save_heads
-from pipeline.heads.checkpoint import trunk_state
+from pipeline.checkpoints import CheckpointError, load_checkpoint
+from pipeline.heads import VARIANTS, save_heads
 from stages.common import fail
 
 
 def import_checkpoint(
     src: Path = typer.Argument(..., help="The authors' checkpoint (.pt/.pth): a state dict or {'model_state_dict': ...}."),
     dst: Path = typer.Argument(..., help="Where to write the project-format checkpoint (heads + 'backbone')."),
-    variant: str = typer.Option("strm", "--variant", help=f"Heads the file holds: {', '.join(VARIANTS)} (released files: strm or trx)."),
+    variant: Optional[str] = typer.Option(None, "--variant", help=f"Heads the file holds: {', '.join(VARIANTS)} "
+                                          "(default: detected, strm or trx for released files)."),
 ) -> None:
     """Convert an authors' checkpoint; loads with weights_only (no code from the file runs).
 
     DST holds the heads ("model", with variant, dim and options) and, when the file has them,
     the fine-tuned backbone under "backbone", which `strm extract --backbone-checkpoint DST` reads.
     """
-    if variant not in VARIANTS:
+    if variant is not None and variant not in VARIANTS:
         fail(f"--variant {variant!r}: expected one of {', '.join(VARIANTS)}", code=2)
-    if not src.is_file():
-        fail(f"{src}: no such file")
     try:
-        heads = load_authors_checkpoint(src, variant)
-    except (ValueError, RuntimeError, OSError, pickle.UnpicklingError) as err:
-        fail(f"{src}: {err}".replace("\n", " "))
+        loaded = load_checkpoint(src, variant)
+    except CheckpointError as err:
+        fail(str(err).replace("\n", " "))
+    if loaded.kind != "authors":
+        fail(f"{src}: already a project checkpoint ({loaded.kind}); nothing to import", code=2)
+    heads, variant = loaded.heads, loaded.variant
     report = heads.import_report
     console = Console()
     sizes = ", ".join(f"{k}={v}" for k, v in report.sizes.items())
@@ -49,8 +51,8 @@ def import_checkpoint(
         console.print(f"  [yellow]note[/yellow]     {line}")
 
     extra = {"source": {"path": str(src), "import_report": asdict(report)}}
-    if heads.backbone_state_dict:
-        extra["backbone"] = trunk_state(heads.backbone_state_dict)  # as `Backbone.state_dict()` names it
+    if loaded.backbone_state:
+        extra["backbone"] = loaded.backbone_state  # as `Backbone.state_dict()` names it
     try:
         save_heads(dst, heads, **extra)
     except OSError as err:

@@ -14,11 +14,13 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline.cache import CacheError, open_cache
-from pipeline.train import CONFIG, PRESETS, TrainError, TrainProgress, init_distributed, make_config, train
-from stages.common import fail
+from pipeline.distributed import DeviceError, init_distributed
+from pipeline.loop import TrainError, TrainProgress
+from pipeline.runs import RunError, saved_settings
+from pipeline.train import PRESETS, make_config, train
+from stages.common import Loading, fail, progress_bar
 
 console = Console(stderr=True)
 
@@ -32,21 +34,6 @@ class Optimizer(str, Enum):
     sgd = "sgd"
     adam = "adam"
     adamw = "adamw"
-
-
-class Loading(str, Enum):
-    auto = "auto"
-    ram = "ram"
-    stream = "stream"
-
-
-def _saved_settings(out: Path) -> dict:
-    """The settings a run in `out` was started with (empty when there is none)."""
-    path = out / CONFIG
-    if not path.exists():
-        return {}
-    saved = json.loads(path.read_text())["config"]
-    return {k: v for k, v in saved.items() if k not in ("dim", "frames", "patches")}
 
 
 def _heads_options(pairs: list[str]) -> dict:
@@ -91,7 +78,9 @@ def train_heads(
     out: Optional[Path] = typer.Option(None, help="Run folder. (default: runs/<variant>-<preset>-seed<seed>)"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)"),
-    loading: Optional[Loading] = typer.Option(None, help="Keep the training split in RAM or stream it from disk. (default: auto)"),
+    loading: Optional[Loading] = typer.Option(None, help="Keep the training split on the GPU, in RAM or stream it from disk. (default: auto)"),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard",
+                                               help="Also write the scalars to OUT/tb for TensorBoard. (default: off)"),
 ) -> None:
     """Train the heads on the cache's training split; write config.json, metrics.jsonl, last.pt, best.pt and curve.png."""
     given = dict(
@@ -99,14 +88,14 @@ def train_heads(
         optimizer=optimizer.value if optimizer else None, weight_decay=weight_decay, tasks_per_step=tasks_per_step,
         lambda_qc=lambda_qc, augment=augment, standardize=standardize, seed=seed, val_every=val_every,
         val_episodes=val_episodes, patience=patience, checkpoint_every=checkpoint_every, device=device,
-        loading=loading.value if loading else None,
+        loading=loading.value if loading else None, tensorboard=tensorboard,
     )
     try:
         features = open_cache(cache)
         name = preset.value if preset else "frozen"
         if out is None:
             out = Path("runs") / f"{variant or 'strm'}-{name}-seed{seed or 0}"
-        saved = _saved_settings(out) if resume else {}
+        saved = {k: v for k, v in saved_settings(out).items() if k not in ("dim", "frames", "patches")} if resume else {}
         if saved:
             if preset and preset.value != saved["preset"]:
                 fail(f"{out}: the run uses preset {saved['preset']!r}, not {preset.value!r}", 2)
@@ -116,26 +105,23 @@ def train_heads(
         if rank == 0:
             console.print(f"training {config.variant} heads ({config.preset} preset, {config.optimizer} lr {config.lr:g}) "
                           f"on {cache} -> {out}" + (f" on {world} processes" if world > 1 else ""))
-        with Progress(
-            TextColumn("[bold]train-heads"), BarColumn(), MofNCompleteColumn(), TextColumn("tasks"),
-            TextColumn("{task.fields[rate]:.2f} tasks/s"), TextColumn("loss {task.fields[loss]:.4g}"),
-            TextColumn("acc {task.fields[acc]:.1f}%"), TextColumn("{task.fields[val]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=rank != 0,
-        ) as bar:
+        bar = progress_bar(console, "{task.fields[rate]:.2f} tasks/s", "loss {task.fields[loss]:.4g}",
+                           "acc {task.fields[acc]:.1f}%", "{task.fields[val]}", disable=rank != 0)
+        with bar:
             bar_ids: list = []  # the bar appears with the first progress report, after the checks passed
 
             def show(p: TrainProgress) -> None:
                 if not bar_ids:
-                    bar_ids.append(bar.add_task("train", total=p.total, rate=0.0, loss=math.nan, acc=math.nan, val=""))
+                    bar_ids.append(bar.add_task("train-heads", total=p.total, rate=0.0, loss=math.nan, acc=math.nan, val=""))
                 val = f"val {p.val_accuracy:.1f}% (best {p.best_val_accuracy:.1f}%)" if p.val_accuracy is not None else ""
                 bar.update(bar_ids[0], completed=p.task, rate=p.tasks_per_s, loss=p.loss, acc=p.accuracy, val=val)
 
             result = train(config, features, out, resume=resume, progress=show)
-    except (TrainError, CacheError) as err:
+    except (TrainError, CacheError, RunError, DeviceError) as err:
         fail(str(err), 2)
     if rank == 0:
         best = (f"best validation {result.best_val_accuracy:.2f}% at task {result.best_task} -> {result.best_checkpoint}"
-                if result.best_checkpoint else "no validation")
+                if result.best_val_accuracy is not None else f"no validation; best: {result.best_checkpoint}")
         stop = " (stopped early)" if result.stopped_early else ""
         console.print(f"done: {result.tasks_done} tasks{stop}; {best}; last: {result.last_checkpoint}")
 

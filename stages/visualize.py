@@ -13,19 +13,20 @@ import typer
 from rich.console import Console
 
 from pipeline.cache import CacheError, FeatureCache, open_cache
+from pipeline.checkpoints import CheckpointError, load_checkpoint
 from pipeline.manifests import ManifestError, build_manifest, read_manifest
 from pipeline.visualize import FrameSource, render
-from stages.common import fail, load_model
+from stages.common import fail
 
 
 def frame_source(videos: Path, cache: FeatureCache) -> FrameSource:
     """Frames for the cache's videos from a manifest file, or from a folder of the cache's dataset."""
     try:
         if videos.is_file():
-            return FrameSource(read_manifest(videos), cache.fingerprint)
+            return FrameSource(read_manifest(videos), cache.recipe)
         if videos.is_dir():
             dataset = str(cache.fingerprint.get("dataset", ""))
-            return FrameSource(build_manifest(dataset, videos), cache.fingerprint, videos_root=videos)
+            return FrameSource(build_manifest(dataset, videos), cache.recipe, videos_root=videos)
     except (ManifestError, ValueError, OSError) as err:
         fail(f"{videos}: cannot map the cache's videos to files ({err}); pass the manifest the cache was extracted from")
     fail(f"{videos}: no such manifest file or videos folder", 2)
@@ -53,8 +54,11 @@ def visualize_command(
         data = features.load_split(split, views=1)
     except CacheError as err:
         fail(str(err))
-    heads = load_model(checkpoint)[0]
-    if getattr(heads, "dim", features.dim) != features.dim:
+    try:
+        heads = load_checkpoint(checkpoint).heads
+    except CheckpointError as err:
+        fail(str(err))
+    if heads.dim != features.dim:
         fail(f"{checkpoint}: heads for D={heads.dim}, but {cache} holds D={features.dim}", 2)
     frames = frame_source(videos, features) if videos is not None else None
     try:

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from pipeline.cache import open_cache, write_random_cache
 from pipeline.heads import build_heads
-from stages.ablate import TrainSettings, after_training, parse_grid, run_grid
+from pipeline.ablation import TrainSettings, after_training, parse_grid, run_grid
 from stages.app import app
 
 DIM = 32

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from pipeline import report, synth
 from pipeline.evaluate import EvalResult
-from stages import demo
+from pipeline import demo
 from stages.app import app
 
 SETTINGS = {"split": "test", "way": 5, "shot": 5, "queries": 1, "seed": 0, "episodes": 400, "episodes_digest": "abc"}

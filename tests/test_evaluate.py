@@ -284,7 +284,7 @@ def test_cli_detects_authors_checkpoints(tmp_path):
                                   "--episodes", "8", "--shot", "2", "--device", "cpu", "--json", str(tmp_path / f"{name}.json")])
         assert out.exit_code == 0, out.output
         record = ev.read_run(tmp_path / f"{name}.json")
-        assert record["checkpoint_format"] == "authors" and record["variant"] == variant
+        assert record["checkpoint_kind"] == "authors" and record["variant"] == variant
     assert "TRM logits alone" in ev.read_run(tmp_path / "strm_authors.json")["note"]
     out = runner.invoke(app, ["evaluate", "--cache", str(write_random_cache(tmp_path / "c32", splits={"test": (5, 3, 1)}, dim=32)),
                               "--checkpoint", str(tmp_path / "trx_authors.pt"), "--episodes", "4"])

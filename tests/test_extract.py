@@ -20,7 +20,9 @@ from typer.testing import CliRunner
 
 from pipeline.backbones import get_backbone
 from pipeline.cache import open_cache
-from pipeline.extract import ExtractSettings, RunOptions, extract, pool_patches, resolve_precision
+from pipeline.backbones import Backbone, patch_features
+from pipeline.distributed import resolve_precision
+from pipeline.extract import ExtractSettings, RunOptions, extract
 from pipeline.video import ViewSpec, load_view
 from stages.app import app
 from video_factory import write_test_video
@@ -80,10 +82,26 @@ def test_features_are_the_pooled_backbone_maps_of_each_view(tmp_path):
     assert not torch.equal(train.features[:, 0], train.features[:, 1])
 
 
-def test_pool_patches_is_a_row_major_max_over_overlapping_windows():
+class _FixedMap(torch.nn.Module):
+    """A trunk that ignores its input and returns one feature map."""
+
+    def __init__(self, fmap: torch.Tensor) -> None:
+        super().__init__()
+        self.fmap = fmap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fmap.expand(len(x), -1, -1, -1)
+
+
+def test_patch_features_pool_is_a_row_major_max_over_overlapping_windows():
     fmap = torch.arange(2 * 7 * 7, dtype=torch.float32).view(1, 2, 7, 7)
-    out = pool_patches(fmap, 4)
+    backbone = Backbone(_FixedMap(fmap), name="fixed", dim=2, layer="map", weights_id="", mean=(0,) * 3, std=(1,) * 3)
+    frames = torch.zeros(1, 3, 7, 7, dtype=torch.uint8)
+    out = patch_features(backbone, frames, normalize=False, patches=4)
     assert out.shape == (1, 16, 2) and out.dtype == torch.float16
+    # Training pools the same map in float32 (gradients of float16 underflow): the same numbers.
+    wide = patch_features(backbone, frames, normalize=False, patches=4, dtype=torch.float32)
+    assert wide.dtype == torch.float32 and torch.equal(wide.half(), out)
     # 7 -> 4 windows overlap: rows [0,2) [1,4) [3,6) [5,7); the max is each window's bottom-right.
     rows = [1, 3, 5, 6]
     want = [7 * r + col for r in rows for col in rows]  # channel 0

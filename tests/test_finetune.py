@@ -18,27 +18,25 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.backbones import get_backbone
+from pipeline.backbones import backbone_stages, get_backbone, resnet_trunk_state
 from pipeline.cache import open_cache
+from pipeline.checkpoints import load_checkpoint
 from pipeline.episodes import EpisodeSampler
-from pipeline.extract import ExtractSettings, RunOptions, extract, pool_patches
+from pipeline.extract import ExtractSettings, RunOptions, extract
 from pipeline.finetune import (
     VIEW_DRAWS,
     EndToEnd,
     FinetuneError,
     TaskClips,
-    backbone_stages,
     build_backbone,
     finetune,
-    load_start,
     make_finetune_config,
-    pool_train,
     split_videos,
 )
 from pipeline.heads import build_heads, load_heads, save_heads
-from pipeline.heads.checkpoint import trunk_state
+from pipeline.runs import read_metrics
 from pipeline.synth import write_mp4
-from pipeline.train import make_config, read_metrics, train
+from pipeline.train import make_config, train
 from pipeline.video import ViewSpec
 from stages.app import app
 
@@ -158,7 +156,7 @@ def test_training_loss_falls_and_the_backbone_moves(world, tuned):
     root, manifest, _, heads = world
     out, output = tuned
     assert "done: 16 tasks" in output and "--backbone-checkpoint" in output
-    start = load_start(heads)
+    start = load_checkpoint(heads)
     config = make_finetune_config("toy", backbone="tiny", short_side=40, crop=32)
     before = EndToEnd(build_backbone(config, start), start.heads, patches=4, normalize=True)
     after = _model(out / "last.pt")
@@ -189,7 +187,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(world, tuned):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        finetune(config, manifest, out, start=load_start(heads), videos_root=root / "videos", progress=stop_at_10,
+        finetune(config, manifest, out, start=load_checkpoint(heads), videos_root=root / "videos", progress=stop_at_10,
                  confirm=lambda e: estimates.append(e) or True)
     assert len(estimates) == 1 and estimates[0].seconds_per_task > 0 and estimates[0].tasks_left == 14
     assert torch.load(out / "last.pt", weights_only=True)["task_index"] == 8
@@ -224,10 +222,15 @@ def test_refreshed_cache_differs_from_the_frozen_one_and_evaluates(world, tuned)
     assert "2-way 1-shot" in result.output and json.loads((root / "eval.json").read_text())
 
 
-def test_pooling_is_extractions_and_training_views_come_from_the_task_seed(world):
-    root, manifest, _, _ = world
-    fmap = torch.randn(3, 5, 7, 7)
-    assert torch.equal(pool_train(fmap, 4).half(), pool_patches(fmap, 4))
+def test_features_are_extractions_and_training_views_come_from_the_task_seed(world):
+    root, manifest, frozen, heads = world
+    # View 0 of a test video through the start's backbone equals the frozen cache's features.
+    model = EndToEnd(get_backbone("tiny"), load_checkpoint(heads).heads, patches=4, normalize=True).eval()
+    test = split_videos(manifest, "test", root / "videos")
+    with torch.no_grad():
+        mine = model.features(test.load(0, 0, 0, SPEC)[None], torch.float16)[0]
+    cached = open_cache(frozen).load_split("test").features[0, 0]
+    torch.testing.assert_close(mine, cached, rtol=1e-3, atol=1e-3)
     videos = split_videos(manifest, "train", root / "videos")
     sampler = EpisodeSampler(videos.labels, way=2, shot=1, queries=1, seed=0, views=VIEW_DRAWS)
     a = TaskClips(videos, sampler, [5, 6], 0, SPEC)
@@ -257,7 +260,7 @@ def test_freeze_stages_and_frozen_batchnorm():
     from torchvision.models import resnet50
 
     reference = resnet50().state_dict()
-    mapped = trunk_state(reference)
+    mapped = resnet_trunk_state(reference)
     assert "trunk.7.2.conv3.weight" in mapped and not any(k.startswith("trunk.8") for k in mapped)
     fresh = get_backbone("resnet50", pretrained=False)
     fresh.load_state_dict(mapped)
@@ -291,7 +294,7 @@ def test_two_gloo_ranks_under_torchrun_match_one_process(world, tmp_path):
     root, manifest, _, heads = world
     settings = dict(backbone="tiny", short_side=40, crop=32, episodes=4, way=2, shot=1, queries=1, tasks_per_step=2,
                     lr=1e-4, val_every=0, log_every=2, checkpoint_every=4, freeze_stages=1, device="cpu", workers=0)
-    single = finetune(make_finetune_config("toy", **settings), manifest, tmp_path / "single", start=load_start(heads),
+    single = finetune(make_finetune_config("toy", **settings), manifest, tmp_path / "single", start=load_checkpoint(heads),
                       videos_root=root / "videos")
     assert "best.pt holds the final weights" in " ".join(single.notes)
     script = tmp_path / "strm_main.py"
@@ -304,7 +307,7 @@ def test_two_gloo_ranks_under_torchrun_match_one_process(world, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = torch.load(tmp_path / "single" / "last.pt", weights_only=True), torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
     assert a["world_size"] == 1 and b["world_size"] == 2 and b["task_index"] == 4
-    start = load_start(heads)
+    start = load_checkpoint(heads)
     start_backbone = build_backbone(make_finetune_config("toy", **settings), start).state_dict()
     for part in ("backbone", "model"):
         for key in a[part]:

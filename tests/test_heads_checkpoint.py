@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.heads import build_heads, load_authors_checkpoint, load_heads, save_heads
-from pipeline.heads.checkpoint import trunk_state
+from pipeline.backbones import resnet_trunk_state
 
 FIXTURE = Path(__file__).parent / "fixtures" / "strm_official_golden.pt"
 
@@ -69,7 +69,7 @@ def test_backbone_weights_come_back_separately(golden):
     missing, unexpected = torchvision.load_state_dict(heads.backbone_state_dict, strict=False)
     assert not unexpected and set(missing) == {"fc.weight", "fc.bias"}  # torchvision's names, all but the classifier
     backbone = get_backbone("resnet50", pretrained=False)
-    backbone.load_state_dict(trunk_state(heads.backbone_state_dict))  # strict: every key and shape fits
+    backbone.load_state_dict(resnet_trunk_state(heads.backbone_state_dict))  # strict: every key and shape fits
     assert torch.equal(backbone.trunk[7][2].conv3.weight, source["resnet.7.2.conv3.weight"])
     assert heads.import_report.backbone_tensors == len(trunk)
     assert not any(k.startswith(("trunk.", "layer")) for k in heads.state_dict())

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from pipeline.cache import CacheWriter, SplitLayout, open_cache, write_random_cache
 from pipeline.evaluate import evaluate
 from pipeline.heads import build_heads, load_heads
-from pipeline.train import TrainError, make_config, read_metrics, train
+from pipeline.runs import read_metrics
+from pipeline.train import TrainError, make_config, train
 
 SMALL = {"trm_dim": 32}  # D' = 32 keeps a task at D = 32 in tens of milliseconds
 CLI = "from stages.app import main; main()"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cache import open_cache, write_random_cache
+from pipeline.cache import FeatureRecipe, open_cache, write_random_cache
 from pipeline.heads import build_heads, save_heads
 from pipeline.video import ViewSpec, load_view
 from pipeline.visualize import FrameSource, activation_maps, render, tuple_matches
@@ -92,7 +92,9 @@ def test_render_writes_non_trivial_pngs(heads, cache, tmp_path):
 def test_frame_source_gives_view_zero_with_the_cache_geometry(tmp_path):
     video = write_test_video(tmp_path / "a" / "v1.mp4", 20, size=(64, 48))
     manifest = pd.DataFrame({"video_id": ["a/v1", "a/gone"], "path": [str(video), str(tmp_path / "gone.mp4")], "n_frames": [-1, 20]})
-    source = FrameSource(manifest, {"short_side": 48, "crop": 40, "view_seed": 3})
+    recipe = FeatureRecipe(backbone="tiny", layer="conv3", weights="x", short_side=48, crop=40, flip=True, mean=None,
+                           std=None, frames=8, patches=4, train_views=1, view_seed=3, sampling_rule="r", precision="fp32")
+    source = FrameSource(manifest, recipe)
     frames = source("a/v1")
     assert frames.shape == (8, 3, 40, 40)
     assert torch.equal(frames, load_view(video, 20, "a/v1", 0, 3, ViewSpec(48, 40)))

@@ -6,9 +6,9 @@ Authors' files (STRM_SPEC section 9): a bare state dict or {"model_state_dict": 
 carry `.module.` (multi-GPU runs). Every size is read from the tensors' shapes. The PLE's three
 projections are stacked into the one Q|K|V layer used here; the unused `norm_v` and the positional
 tables (recomputed, and checked) are dropped; `resnet.<i>.*` goes to a separate backbone state dict
-under torchvision's ResNet names (`layer4.2.conv3.weight`); `trunk_state` renames that for the
-project's `Backbone` module (`trunk.7.2.conv3.weight`, what `strm extract --backbone-checkpoint` reads). Released files have no QC weights: the heads are then built without
-QC and their logits are the TRM logits alone.
+under torchvision's ResNet names (`layer4.2.conv3.weight`; `backbones.resnet_trunk_state` renames
+that for the project's `Backbone` module). Released files have no QC weights: the heads are then
+built without QC and their logits are the TRM logits alone.
 
 Project format: {"format": "strm-heads/1", "variant", "dim", "options" (the resolved build_heads
 kwargs), "model": state_dict, ...extra keys (optimizer, scheduler, rng, ...)}.
@@ -23,13 +23,11 @@ from pathlib import Path
 
 import torch
 
+from pipeline.backbones import RESNET_CHILDREN
 from pipeline.heads.model import STRMHeads, build_heads
 from pipeline.heads.pe import sinusoid_table
 
 FORMAT = "strm-heads/1"
-
-# The authors' `resnet` is nn.Sequential(torchvision resnet50 children up to layer4/avgpool): child i.
-RESNET_CHILDREN = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")
 
 _PLE_KEYS = {"Bot_MLP.inp_fc": "psi.0", "Bot_MLP.hid_fc": "psi.2", "Bot_MLP.out_fc": "psi.4"}
 _FLE_KEYS = {
@@ -171,7 +169,13 @@ def _map_keys(state: dict[str, torch.Tensor], heads: STRMHeads, report: ImportRe
     return ours, backbone
 
 
-_GROUPS = {"ple.": "PLE (attn_pat)", "fle.": "FLE (fr_enrich)", "trm.": "TRM (transformers)", "qc.": "QC (new_dist_loss_post_pat)"}
+_GROUPS = {
+    "ple.": "PLE (attn_pat)",
+    "fle.": "FLE (fr_enrich)",
+    "joint.": "Jnt-ST (never released)",
+    "trm.": "TRM (transformers)",
+    "qc.": "QC (new_dist_loss_post_pat)",
+}
 
 
 def _groups(keys: list[str]) -> str:
@@ -233,20 +237,6 @@ def load_authors_checkpoint(
     heads.backbone_state_dict = backbone
     heads.import_report = report
     return heads
-
-
-def trunk_state(torchvision_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """torchvision ResNet names -> `trunk.<child>.*`, the keys of `pipeline.backbones.get_backbone("resnet50")`.
-
-    Children past layer4 (avgpool, the fc classifier) are not part of the trunk and are dropped.
-    """
-    trunk = RESNET_CHILDREN[: RESNET_CHILDREN.index("layer4") + 1]
-    out = {}
-    for key, value in torchvision_state.items():
-        name, rest = key.split(".", 1)
-        if name in trunk:
-            out[f"trunk.{trunk.index(name)}.{rest}"] = value
-    return out
 
 
 def save_heads(path: str | os.PathLike, heads: STRMHeads, **extra) -> None:
