@@ -116,6 +116,7 @@ def finetune_command(
     out = out or _default_out(source)
     rank = 0
     try:
+        resolve_device(device or "auto")  # a device this machine lacks is one line, before anything else
         rank, world = init_distributed(device or "auto")
         quiet = rank != 0
         saved = {k: v for k, v in saved_settings(out).items() if k not in NOT_RESUMED} if resume else {}

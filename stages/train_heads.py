@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from pipeline.cache import CacheError, open_cache
-from pipeline.distributed import DeviceError, init_distributed
+from pipeline.distributed import DeviceError, init_distributed, resolve_device
 from pipeline.loop import TrainError, TrainProgress
 from pipeline.runs import RunError, saved_settings
 from pipeline.train import PRESETS, make_config, train
@@ -101,6 +101,7 @@ def train_heads(
                 fail(f"{out}: the run uses preset {saved['preset']!r}, not {preset.value!r}", 2)
             name = saved.pop("preset")
         config = make_config(name, features.fingerprint.get("dataset"), **{**saved, **{k: v for k, v in given.items() if v is not None}})
+        resolve_device(config.device)  # a device this machine lacks is one line, before anything else
         rank, world = init_distributed(config.device)
         if rank == 0:
             console.print(f"training {config.variant} heads ({config.preset} preset, {config.optimizer} lr {config.lr:g}) "

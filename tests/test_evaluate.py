@@ -291,6 +291,27 @@ def test_cli_detects_authors_checkpoints(tmp_path):
     assert out.exit_code == 1 and f"D={dim}" in out.output
 
 
+def test_a_trx_authors_file_is_trx_in_every_stage(tmp_path):
+    """The one loader decides the variant: evaluate, finetune's start, import-checkpoint and visualize agree."""
+    from pipeline.checkpoints import load_checkpoint
+    from pipeline.finetune import start_settings
+
+    golden = _golden()
+    torch.save(golden["trx_state_dict"], tmp_path / "trx.pt")
+    loaded = load_checkpoint(tmp_path / "trx.pt")
+    assert (loaded.kind, loaded.variant, loaded.heads.cardinalities) == ("authors", "trx", (2, 3))
+    assert start_settings(loaded)["backbone"] == "resnet50" and start_settings(loaded)["normalize"] is False
+    runner = CliRunner()
+    out = runner.invoke(app, ["import-checkpoint", str(tmp_path / "trx.pt"), str(tmp_path / "trx_project.pt")])
+    assert out.exit_code == 0, out.output
+    assert torch.load(tmp_path / "trx_project.pt", weights_only=True)["variant"] == "trx"
+    assert load_checkpoint(tmp_path / "trx_project.pt").variant == "trx"
+    cache = write_random_cache(tmp_path / "cache", splits={"test": (5, 3, 1)}, dim=golden["config"]["D"], seed=1)
+    out = runner.invoke(app, ["visualize", "--cache", str(cache), "--checkpoint", str(tmp_path / "trx.pt"), "--shot", "2",
+                              "--count", "1", "--out", str(tmp_path / "figures")])
+    assert out.exit_code == 0, out.output
+
+
 def test_autocast_runs_and_mostly_agrees():
     """Mixed precision (bfloat16 on CPU here, float16 on CUDA) is an option; on separable classes it changes little."""
     structured = _split(signal=1.0, seed=2)

@@ -68,6 +68,11 @@ def test_features_are_the_pooled_backbone_maps_of_each_view(tmp_path):
     cache = open_cache(result.path)
     assert (cache.dim, cache.frames, cache.patches) == (64, 8, 4)
     assert cache.fingerprint["backbone"] == "tiny" and cache.fingerprint["crop"] == 32
+    # The recipe is parsed back from the fingerprint and rebuilds it, field for field (so the key too).
+    recipe = cache.recipe
+    assert (recipe.backbone, recipe.patches, recipe.train_views, recipe.normalize) == ("tiny", 2, 2, True)
+    dataset_fields = {k: cache.fingerprint[k] for k in ("dataset", "manifest", "videos")}
+    assert recipe.fingerprint(**dataset_fields) == cache.fingerprint
     train, test = cache.load_split("train"), cache.load_split("test")
     assert train.features.shape == (3, 2, 8, 4, 64) and test.features.shape == (2, 1, 8, 4, 64)
     assert train.class_names == ["train_0", "train_1"] and train.labels.tolist() == [0, 1, 0]

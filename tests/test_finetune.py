@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +36,13 @@ from pipeline.finetune import (
     split_videos,
 )
 from pipeline.heads import build_heads, load_heads, save_heads
+from pipeline.loop import TrainError
 from pipeline.runs import read_metrics
 from pipeline.synth import write_mp4
 from pipeline.train import make_config, train
 from pipeline.video import ViewSpec
 from stages.app import app
+from collectives_probe import assert_collectives_on
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = ViewSpec(short_side=40, crop=32)  # tiny's map is then 4 x 4
@@ -297,14 +301,14 @@ def test_two_gloo_ranks_under_torchrun_match_one_process(world, tmp_path):
     single = finetune(make_finetune_config("toy", **settings), manifest, tmp_path / "single", start=load_checkpoint(heads),
                       videos_root=root / "videos")
     assert "best.pt holds the final weights" in " ".join(single.notes)
-    script = tmp_path / "strm_main.py"
-    script.write_text("from stages.app import main\nmain()\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+    probe = Path(__file__).with_name("collectives_probe.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(probe),
            *_args(root, heads, tmp_path / "ddp", "--episodes", "4", "--val-every", "0", "--log-every", "2",
                   "--checkpoint-every", "4", "--freeze-stages", "1", "--workers", "0")]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "COLLECTIVES_LOG": str(tmp_path / "collectives")}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert_collectives_on(tmp_path / "collectives", "cpu", ranks=2)
     a, b = torch.load(tmp_path / "single" / "last.pt", weights_only=True), torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
     assert a["world_size"] == 1 and b["world_size"] == 2 and b["task_index"] == 4
     start = load_checkpoint(heads)
@@ -314,3 +318,39 @@ def test_two_gloo_ranks_under_torchrun_match_one_process(world, tmp_path):
             torch.testing.assert_close(b[part][key], a[part][key], rtol=1e-5, atol=1e-7, msg=f"{part}.{key}")
     torch.testing.assert_close(a["backbone"]["trunk.0.weight"], start_backbone["trunk.0.weight"], rtol=0, atol=0)
     assert not torch.equal(a["backbone"]["trunk.4.weight"], start_backbone["trunk.4.weight"])
+
+
+def test_an_absurd_learning_rate_stops_finetune_with_the_loops_error_before_anything_is_saved(world, tmp_path):
+    root, manifest, _, heads = world
+    config = make_finetune_config("toy", backbone="tiny", short_side=40, crop=32, episodes=8, way=2, shot=1, queries=1,
+                                  tasks_per_step=2, lr=1e12, val_every=0, device="cpu", workers=0)
+    with pytest.raises(TrainError, match=r"diverged.*no checkpoint was written yet; lower the learning rate \(now 1e\+12\)"):
+        finetune(config, manifest, tmp_path / "ft", start=load_checkpoint(heads), videos_root=root / "videos")
+    assert not (tmp_path / "ft" / "last.pt").exists() and not (tmp_path / "ft" / "best.pt").exists()
+
+
+def test_kill_9_then_resume_ends_with_the_uninterrupted_weights_and_writes_are_atomic(world, tuned, tmp_path, monkeypatch):
+    root, _, _, heads = world
+    out = tmp_path / "killed"
+    args = _args(root, heads, out, "--episodes", "16", "--val-every", "16", "--val-episodes", "20",
+                 "--checkpoint-every", "4", "--log-every", "4", "--workers", "0")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.Popen([sys.executable, "-c", "from stages.app import main; main()", *args], env=env, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not (out / "last.pt").exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert 4 <= torch.load(out / "last.pt", weights_only=True)["task_index"] < 16
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "ta')  # as if the kill had landed mid-line
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr("pipeline.runs.os.replace", lambda a, b: (renamed.append(Path(b).name), real_replace(a, b)))
+    result = CliRunner().invoke(app, _args(root, heads, out, "--resume", "--workers", "0"))
+    assert result.exit_code == 0, result.output
+    assert {"config.json", "metrics.jsonl"} <= set(renamed)  # written to a temp file, then renamed over
+    _states_equal(out / "last.pt", tuned[0] / "last.pt")
+    strip = lambda records: [{k: v for k, v in r.items() if k != "tasks_per_s"} for r in records]  # noqa: E731
+    assert strip(read_metrics(out)) == strip(read_metrics(tuned[0]))

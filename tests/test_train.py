@@ -22,6 +22,7 @@ from pipeline.evaluate import evaluate
 from pipeline.heads import build_heads, load_heads
 from pipeline.runs import read_metrics
 from pipeline.train import TrainError, make_config, train
+from collectives_probe import assert_collectives_on
 
 SMALL = {"trm_dim": 32}  # D' = 32 keeps a task at D = 32 in tens of milliseconds
 CLI = "from stages.app import main; main()"
@@ -201,11 +202,14 @@ def test_ddp_on_two_cpu_processes_gives_the_gradients_of_one_process(tmp_path):
     cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2)}, dim=32)
     args = ["--cache", str(cache), "--preset", "authors", "--episodes", "16", "--shot", "2", "--queries", "2",
             "--heads-option", "trm_dim=32", "--val-every", "0", "--device", "cpu"]
-    script = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-              "--no-python", sys.executable, "-c", CLI, "train-heads"]
-    ddp = subprocess.run([*script, *args, "--lr", "1", "--out", str(tmp_path / "ddp")], env=_env(),
+    probe = Path(__file__).with_name("collectives_probe.py")
+    script = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(probe),
+              "train-heads"]
+    env = {**_env(), "COLLECTIVES_LOG": str(tmp_path / "collectives")}
+    ddp = subprocess.run([*script, *args, "--lr", "1", "--out", str(tmp_path / "ddp")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert_collectives_on(tmp_path / "collectives", "cpu", ranks=2)
 
     def one_process(lr: float) -> dict:
         config = make_config("authors", episodes=16, shot=2, queries=2, heads_options=SMALL, val_every=0, lr=lr, device="cpu")

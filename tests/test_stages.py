@@ -1,0 +1,75 @@
+"""What every stage owes a user: one device resolver with one message, best.pt whatever the validation,
+errors that say what to do, and stage modules that only talk (no stage imports another, none grows fat)."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline.cache import write_random_cache
+from stages.app import app
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("stage", ["extract", "train-heads", "finetune", "evaluate"])
+def test_device_cuda_without_cuda_is_one_line_in_every_stage(stage, tmp_path):
+    cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2), "val": (5, 3, 1), "test": (5, 3, 1)}, dim=32)
+    args = {
+        "extract": ["extract", "toy", "--videos", str(tmp_path)],
+        "train-heads": ["train-heads", "--cache", str(cache), "--out", str(tmp_path / "run")],
+        "finetune": ["finetune", "toy", "--from", str(tmp_path / "none.pt"), "--videos", str(tmp_path)],
+        "evaluate": ["evaluate", "--cache", str(cache), "--baseline", "proto"],
+    }[stage]
+    result = CliRunner().invoke(app, [*args, "--device", "cuda"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == ["error: --device cuda: CUDA is not available on this machine"]
+
+
+def test_train_heads_without_validation_writes_best_pt_for_the_next_command(tmp_path):
+    cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2), "test": (5, 3, 1)}, dim=32)
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train-heads", "--cache", str(cache), "--episodes", "4", "--shot", "2", "--queries", "2",
+                                 "--heads-option", "trm_dim=32", "--val-every", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    last, best = (torch.load(out / name, weights_only=True) for name in ("last.pt", "best.pt"))
+    assert best["task_index"] == last["task_index"] == 4 and best["val"] is None
+    result = runner.invoke(app, ["evaluate", "--cache", str(cache), "--checkpoint", str(out / "best.pt"), "--episodes", "5",
+                                 "--shot", "2", "--json", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_val_split_with_too_few_classes_says_what_to_do(tmp_path):
+    cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2), "val": (4, 6, 1)}, dim=32)
+    result = CliRunner().invoke(app, ["train-heads", "--cache", str(cache), "--shot", "2", "--queries", "2",
+                                      "--heads-option", "trm_dim=32", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "val split" in result.output and "--val-every 0" in result.output and "--way" in result.output
+
+
+def _imports(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+        elif isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+    return modules
+
+
+def test_stages_only_talk_and_the_library_never_imports_them():
+    for path in sorted((REPO / "stages").glob("*.py")):
+        others = {m for m in _imports(path) if m.startswith("stages") and m not in ("stages.common",)}
+        if path.name != "app.py":  # the app registers them (by name, with importlib)
+            assert not others, f"{path.name} imports {others}"
+        assert len(path.read_text().splitlines()) <= 200, f"{path.name} holds library work: move it to pipeline/"
+    for path in sorted((REPO / "pipeline").rglob("*.py")):
+        assert not {m for m in _imports(path) if m.startswith("stages")}, f"{path} imports a stage"
+        source = path.read_text()
+        assert not re.search(r"(?<![\w.])print\(|sys\.exit|\btyper\b", source), path
