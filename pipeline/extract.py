@@ -24,7 +24,7 @@ import torch
 from pipeline import distributed
 from pipeline.backbones import Backbone, patch_features
 from pipeline.cache import CacheError, CacheWriter, FeatureRecipe, SplitLayout, cache_key, manifest_digest
-from pipeline.video import FRAMES, SAMPLING_RULE_VERSION, ViewSpec, count_frames, load_views
+from pipeline.video import FRAMES, SAMPLING_RULE_VERSION, ViewSpec, count_frames, load_views, load_window
 from pipeline.workers import imap_isolated
 
 SPLIT_ORDER = ("train", "val", "test")
@@ -53,7 +53,11 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class VideoJob:
-    """One video to extract; picklable, it travels to a decoding worker."""
+    """One video to turn into features; picklable, it travels to a decoding worker.
+
+    `window` (first frame, frame count) takes the test view of that stretch of a long recording
+    instead of the whole video's views (prediction's sliding windows).
+    """
 
     split: str
     index: int
@@ -63,6 +67,7 @@ class VideoJob:
     views: int
     seed: int
     spec: ViewSpec
+    window: tuple[int, int] | None = None
 
 
 @dataclass
@@ -133,7 +138,10 @@ def cache_path(cache_root: Path, dataset: str, fp: dict) -> Path:
 
 
 def decode_job(job: VideoJob) -> torch.Tensor:
-    """A video's views as uint8 [views * 8, 3, crop, crop], decoded once (runs in a worker process)."""
+    """A video's views (or one window's test view) as uint8 [views * 8, 3, crop, crop], decoded once
+    (runs in a worker process)."""
+    if job.window is not None:
+        return load_window(Path(job.path), *job.window, job.spec)
     n_frames = job.n_frames if job.n_frames > 0 else count_frames(Path(job.path))
     views = load_views(Path(job.path), n_frames, job.video_id, range(job.views), job.seed, job.spec)
     return views.flatten(0, 1)
@@ -203,12 +211,12 @@ def _decoded(jobs: list[VideoJob], workers: int) -> Iterator[tuple[VideoJob, tor
 
 
 class _Batcher:
-    """Frames of many videos queued for fixed-size backbone batches; a video is written once complete."""
+    """Frames of many videos queued for fixed-size backbone batches; a video is handed on once complete."""
 
-    def __init__(self, backbone: Backbone, writer: CacheWriter, settings: ExtractSettings, options: RunOptions,
-                 device: torch.device, precision: str, on_video: Callable[[VideoJob, int], None]) -> None:
-        self.backbone, self.writer, self.settings, self.options = backbone, writer, settings, options
-        self.device, self.on_video = device, on_video
+    def __init__(self, backbone: Backbone, normalize: bool, patches: int, options: RunOptions, device: torch.device,
+                 precision: str, on_features: Callable[[VideoJob, torch.Tensor, int], None]) -> None:
+        self.backbone, self.normalize, self.patches, self.options = backbone, normalize, patches, options
+        self.device, self.on_features = device, on_features
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.chunks: list[tuple[VideoJob, int, torch.Tensor]] = []  # (video, first frame row, frames)
         self.queued = 0
@@ -218,7 +226,7 @@ class _Batcher:
 
     def add(self, job: VideoJob, frames: torch.Tensor) -> None:
         key = (job.split, job.index)
-        self.outputs[key] = torch.empty(len(frames), self.settings.patches ** 2, self.backbone.dim, dtype=torch.float16)
+        self.outputs[key] = torch.empty(len(frames), self.patches ** 2, self.backbone.dim, dtype=torch.float16)
         self.filled[key] = 0
         self.chunks.append((job, 0, frames))
         self.queued += len(frames)
@@ -255,18 +263,36 @@ class _Batcher:
             row += k
             self.filled[key] += k
             if self.filled[key] == len(self.outputs[key]):
-                out = self.outputs.pop(key).view(job.views, FRAMES, -1, self.backbone.dim)
+                out = self.outputs.pop(key).view(-1, FRAMES, self.patches ** 2, self.backbone.dim)
                 del self.filled[key]
-                self.writer.write(job.split, job.index, out.numpy())
-                self.on_video(job, self.frames)
+                self.on_features(job, out, self.frames)
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         autocast = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
         with torch.inference_mode(), autocast:
-            feats = patch_features(self.backbone, batch, normalize=self.settings.normalize, patches=self.settings.patches)
+            feats = patch_features(self.backbone, batch, normalize=self.normalize, patches=self.patches)
         return feats.cpu()
+
+
+def run_jobs(
+    jobs: list[VideoJob], backbone: Backbone, *, normalize: bool, patches: int, options: RunOptions,
+    device: torch.device, precision: str, on_features: Callable[[VideoJob, torch.Tensor, int], None],
+    on_failure: Callable[[VideoJob, str, int], None],
+) -> None:
+    """Videos -> patch features, decoding in worker processes while the backbone (already on `device`) runs.
+
+    `on_features(job, [views, L, P*P, D] float16, frames so far)` gets each video once its frames are
+    through, in completion order; `on_failure(job, reason, frames so far)` each video that failed.
+    """
+    batcher = _Batcher(backbone, normalize, patches, options, device, precision, on_features)
+    for job, frames, error in _decoded(jobs, options.workers):
+        if error is not None:
+            on_failure(job, error, batcher.frames)
+        else:
+            batcher.add(job, frames)
+    batcher.flush()
 
 
 def extract(
@@ -309,13 +335,13 @@ def extract(
 
     for job, reason in bad:
         report(job, 0, f"manifest: {reason}")
-    backbone = backbone.place(device).eval()
-    batcher = _Batcher(backbone, writer, settings, options, device, precision, lambda job, n: report(job, n))
-    for job, frames, error in _decoded(todo, options.workers):
-        if error is not None:
-            report(job, batcher.frames, error)
-        else:
-            batcher.add(job, frames)
-    batcher.flush()
+
+    def write(job: VideoJob, features: torch.Tensor, frames: int) -> None:
+        writer.write(job.split, job.index, features.numpy())
+        report(job, frames)
+
+    run_jobs(todo, backbone.place(device).eval(), normalize=settings.normalize, patches=settings.patches,
+             options=options, device=device, precision=precision, on_features=write,
+             on_failure=lambda job, error, frames: report(job, frames, error))
     distributed.barrier(device)
     return ExtractResult(path=path, progress=state, failures=failures)

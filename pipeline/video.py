@@ -226,6 +226,17 @@ def load_view(
     return load_views(path, n_frames, video_id, [view], seed, spec, repeat_short=repeat_short)[0]
 
 
+def load_window(path: Path | str, first: int, count: int, spec: ViewSpec = ViewSpec()) -> torch.Tensor:
+    """The test view of frames first .. first+count-1 of a video (a window of a long recording),
+    uint8 [8, 3, crop, crop]: the test rule (sample_indices) applied to the window as if it were a
+    video of `count` frames. load_window(path, 0, n) is load_view's view 0 of an n-frame video."""
+    indices = [first + i for i in sample_indices(count)]
+    frames = resize_short_side(decode_frames(path, sorted(set(indices))), spec)
+    position = {index: k for k, index in enumerate(sorted(set(indices)))}
+    crop = draw_crop(*frames.shape[-2:], False, None, spec)
+    return torch.stack([crop.apply(frames[position[i]]) for i in indices])
+
+
 # ---------------------------------------------------------------------------------------------
 # Decoding
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +306,26 @@ def count_frames(path: Path | str) -> int:
     if decoder_name() == "torchcodec":
         return _count_torchcodec(path)
     return sum(1 for _ in _pyav_frames(path, stop=None))
+
+
+def frame_rate(path: Path | str) -> float:
+    """Frames per second of the video stream (the container's average rate), for times of windows."""
+    _check_file(path)
+    if decoder_name() == "torchcodec":
+        rate = _open_torchcodec(path).metadata.average_fps
+    else:
+        import av
+
+        try:
+            with av.open(str(path), metadata_errors="ignore") as container:
+                if not container.streams.video:
+                    raise VideoError(path, "no video stream")
+                rate = container.streams.video[0].average_rate
+        except av.FFmpegError as exc:
+            raise VideoError(path, f"cannot open: {_reason(exc, path)}") from None
+    if not rate or float(rate) <= 0:
+        raise VideoError(path, "the container gives no frame rate")
+    return float(rate)
 
 
 def _check_file(path: Path | str) -> None:

@@ -14,7 +14,7 @@ app = typer.Typer(
     name="strm",
     help=(
         "Few-shot action recognition with STRM on cached features.\n\n"
-        "Typical flow: synth or manifest -> extract -> train-heads -> evaluate "
+        "Typical flow: synth or manifest -> extract -> train-heads -> evaluate -> predict on your own clips "
         "(finetune is the optional end-to-end stage)."
     ),
     no_args_is_help=True,
@@ -30,10 +30,12 @@ STAGES = (
     "cache_cmd",
     "train_heads",
     "evaluate",
+    "predict",
     "finetune",
     "import_checkpoint",
     "visualize",
     "ablate",
+    "heads_info",
     "demo",
 )
 
