@@ -35,8 +35,10 @@ from pipeline.extract import ExtractSettings, RunOptions, extract
 from pipeline.heads import load_heads
 from pipeline.loop import TrainProgress
 from pipeline.manifests import build_manifest, read_manifest, validate_manifest, write_manifest
+from pipeline.predict import FewShotRecognizer, UnknownRule, timeline_figure
 from pipeline.runs import read_metrics
-from pipeline.video import ViewSpec
+from pipeline.unknown import unknown_protocol
+from pipeline.video import ViewSpec, decode_frames
 from pipeline.visualize import FrameSource, render
 
 
@@ -333,6 +335,9 @@ def run_demo(out: Path, sizes: DemoSizes, workers: int, cache_root: Path, events
         heads = load_heads(checkpoints["strm"])[0]
         figures = {key: path.relative_to(out).as_posix() for key, path in render(
             heads, splits["test"], fig_dir, frames=FrameSource(manifest, cache.recipe), seed=sizes.seed, count=2).items()}
+    with clock.stage("predict"):
+        prediction = _predict(out, manifest, checkpoints["strm"], splits["test"], sizes, workers, events)
+        figures["timeline"] = prediction.pop("timeline")
     with clock.stage("report"):
         main = {k: results[k] for k in MAIN}
         both = reversed_pair_tasks(tasks, splits["test"].class_names)
@@ -351,9 +356,54 @@ def run_demo(out: Path, sizes: DemoSizes, workers: int, cache_root: Path, events
             figures=figures, notes=_notes(cache_path, workers), command="strm demo",
             subsets=[(f"the tasks that hold both \"A then B\" and \"B then A\" (same frames, other order; "
                       f"{int(both.sum())} of {len(both)})", report.subset_table(main, both))],
+            prediction=prediction,
         )
         path = report.write_markdown(out / "report.md", report.demo_report(facts))
     return DemoOutcome(path, results, table, clock.rows())
+
+
+def _predict(out: Path, manifest, checkpoint: Path, test, sizes: DemoSizes, workers: int, events: DemoEvents) -> dict:
+    """`strm predict` on held-out clips: a support folder of 5 test actions x 5 clips, queries of those actions
+    and of 2 actions not in the support, and one recording of 3 actions joined; then the unknown-score protocol."""
+    rows = manifest[manifest["split"] == "test"].sort_values("video_id")
+    actions = sorted(rows["class"].unique())
+    rng = np.random.default_rng(sizes.seed)
+    chosen = [str(a) for a in rng.choice(actions, 7, replace=False)]
+    known, outsiders = chosen[:5], chosen[5:]
+    folder = out / "predict"
+    clips = {a: rows[rows["class"] == a]["path"].tolist() for a in chosen}
+    for action in known:
+        (folder / "support" / action).mkdir(parents=True, exist_ok=True)
+        for clip in clips[action][:5]:
+            link = folder / "support" / action / Path(clip).name
+            if not link.is_symlink():
+                link.symlink_to(Path(clip).absolute())
+    queries = [(Path(c), a) for a in known for c in clips[a][5:7]] + [(Path(c), "unknown") for a in outsiders for c in clips[a][:2]]
+    recording = folder / "recording.mp4"
+    parts = [decode_frames(clips[a][7], range(_frames(manifest, clips[a][7]))) for a in known[:3]]
+    synth.write_mp4(torch.cat(parts).permute(0, 2, 3, 1).numpy(), recording)
+    events.message(f"support: {folder / 'support'} ({len(known)} actions x 5 clips); {len(queries)} queries; "
+                   f"recording of {', '.join(known[:3])}")
+    recognizer = FewShotRecognizer.from_checkpoint(checkpoint, device="cpu", workers=workers)
+    recognizer.add_support(folder / "support")
+    recognizer.save_support(folder / "support.safetensors")
+    records = recognizer.predict([q for q, _ in queries], unknown=UnknownRule())
+    windowed = recognizer.predict([recording], window=2.0, stride=0.5)[0]
+    (folder / "predictions.json").write_text(json.dumps(recognizer.report(records + [windowed]), indent=1) + "\n")
+    timeline = timeline_figure(windowed, recognizer.support.actions, out / "figures" / "timeline.png")
+    table = [{"query": f"{q.parent.name}/{q.name}", "truth": truth, "predicted": r["prediction"],
+              "probability": r["probability"], "runner-up": r["top_k"][1][0], "score": r["score"],
+              "threshold": r["threshold"]} for (q, truth), r in zip(queries, records)]
+    events.message("unknown-action scores on the test split (40 draws)")
+    protocol = unknown_protocol(recognizer.model, ev.embed_split(recognizer.model, test), test.labels.numpy(),
+                                draws=40, seed=sizes.seed)
+    return {"queries": table, "temperature": recognizer.support.calibration.temperature,
+            "segments": windowed["segments"], "recording": [a for a in known[:3]], "unknown": protocol,
+            "timeline": timeline.relative_to(out).as_posix(), "files": str(folder)}
+
+
+def _frames(manifest, path: str) -> int:
+    return int(manifest.loc[manifest["path"] == path, "n_frames"].iloc[0])
 
 
 def _save(fig, out: Path, relative: str) -> str:

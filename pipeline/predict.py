@@ -309,17 +309,22 @@ def parse_unknown(text: str) -> UnknownRule | None:
 
 
 def merge_segments(windows: list[dict]) -> list[dict]:
-    """Adjacent windows of one prediction merged: [{start, end, prediction, probability (mean)}]."""
+    """Adjacent windows of one prediction merged into segments that do not overlap: each window owns the
+    time from halfway to the previous window's centre to halfway to the next's (the first from its start,
+    the last to its end); [{start, end, prediction, probability (the windows' mean)}]."""
+    centres = [(w["start"] + w["end"]) / 2 for w in windows]
     segments: list[dict] = []
-    for w in windows:
+    for i, w in enumerate(windows):
+        lo = w["start"] if i == 0 else (centres[i - 1] + centres[i]) / 2
+        hi = w["end"] if i == len(windows) - 1 else (centres[i] + centres[i + 1]) / 2
         if w.get("prediction") is None:
             continue
         last = segments[-1] if segments else None
-        if last is not None and last["prediction"] == w["prediction"]:
-            last["end"], last["_p"] = w["end"], last["_p"] + [w["probability"]]
+        if last is not None and last["prediction"] == w["prediction"] and last["end"] == lo:
+            last["end"], last["_p"] = hi, last["_p"] + [w["probability"]]
         else:
-            segments.append({"start": w["start"], "end": w["end"], "prediction": w["prediction"], "_p": [w["probability"]]})
-    return [{"start": s["start"], "end": s["end"], "prediction": s["prediction"],
+            segments.append({"start": lo, "end": hi, "prediction": w["prediction"], "_p": [w["probability"]]})
+    return [{"start": round(s["start"], 3), "end": round(s["end"], 3), "prediction": s["prediction"],
              "probability": float(np.mean(s.pop("_p")))} for s in segments]
 
 
@@ -522,7 +527,7 @@ def timeline_figure(record: dict, actions: list[str], path: Path) -> Path:
         ax.plot(mids, [w["probabilities"].get(action, 0.0) for w in windows], label=action, color=colours[action])
     for s in record["segments"]:
         ax.axvspan(s["start"], s["end"], color=colours.get(s["prediction"], (0.5, 0.5, 0.5, 1)), alpha=0.12, lw=0)
-        ax.text((s["start"] + s["end"]) / 2, 1.02, s["prediction"], ha="center", va="bottom", fontsize=7)
+        ax.text((s["start"] + s["end"]) / 2, 1.02, s["prediction"], ha="center", va="bottom", fontsize=6, rotation=12)
     ax.set(xlabel="time (s)", ylabel="probability", ylim=(0, 1.1), title=Path(record["path"]).name)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
     fig.tight_layout()

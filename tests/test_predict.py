@@ -221,8 +221,9 @@ def test_windows_and_segments_and_temperature():
                {"start": 0.5, "end": 1.5, "prediction": "a", "probability": 0.6},
                {"start": 1, "end": 2, "prediction": None, "probability": None},
                {"start": 1.5, "end": 2.5, "prediction": "b", "probability": 0.9}]
-    assert merge_segments(windows) == [{"start": 0, "end": 1.5, "prediction": "a", "probability": 0.7},
-                                       {"start": 1.5, "end": 2.5, "prediction": "b", "probability": 0.9}]
+    # Each window owns the time up to halfway to its neighbours' centres; a window that failed owns a gap.
+    assert merge_segments(windows) == [{"start": 0, "end": 1.25, "prediction": "a", "probability": 0.7},
+                                       {"start": 1.75, "end": 2.5, "prediction": "b", "probability": 0.9}]
     # T is the brute-force minimiser of the (Laplace-smoothed) negative log-likelihood, finite when all are right.
     logits = torch.tensor([[-1.0, -9.0, -12.0], [-20.0, -2.0, -15.0], [-7.0, -8.0, -3.0], [-4.0, -3.0, -30.0]])
     labels = torch.tensor([0, 1, 2, 0])
