@@ -73,3 +73,30 @@ def test_stages_only_talk_and_the_library_never_imports_them():
         assert not {m for m in _imports(path) if m.startswith("stages")}, f"{path} imports a stage"
         source = path.read_text()
         assert not re.search(r"(?<![\w.])print\(|sys\.exit|\btyper\b", source), path
+
+
+def test_tensorboard_gets_the_metrics_scalars_and_a_missing_package_is_one_line(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2), "val": (5, 3, 1)}, dim=32)
+    common = ["train-heads", "--cache", str(cache), "--episodes", "4", "--shot", "2", "--queries", "2",
+              "--heads-option", "trm_dim=32", "--val-every", "2", "--val-episodes", "5", "--tensorboard"]
+    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/accuracy", "train/lr", "train/tasks_per_s", "val/accuracy"} <= tags
+    assert [e.step for e in events.Scalars("val/accuracy")] == [2, 4]
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "run2")])
+    assert result.exit_code == 2 and "pip install 'strm[tensorboard]'" in result.output
