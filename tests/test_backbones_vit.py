@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 import safetensors.torch
@@ -22,7 +23,7 @@ from pipeline.backbones import (
     preset_lines,
     state_dict_sha256,
 )
-from pipeline.cache import cache_key
+from pipeline.cache import cache_key, open_cache
 from pipeline.extract import ExtractSettings, fingerprint, recipe
 from pipeline.video import SAMPLING_RULE_VERSION, ViewSpec, resize_short_side
 
@@ -182,3 +183,39 @@ def test_a_bilinear_cache_keeps_its_key_and_another_interpolation_gets_its_own()
     assert fp == before and cache_key(fp) == cache_key(before)
     bicubic = fingerprint("toy", MANIFEST, recipe(backbone, ExtractSettings(spec=ViewSpec(interpolation="bicubic")), "fp32"))
     assert bicubic == {**before, "interpolation": "bicubic"} and cache_key(bicubic) != cache_key(fp)
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2", "vit_base_patch16_clip_224"])
+def test_frozen_vits_run_extract_train_heads_and_evaluate(name, tmp_path):
+    """Random weights (no hub here) through the real stages on a tiny synthetic set."""
+    from typer.testing import CliRunner
+
+    from pipeline.extract import ExtractSettings, RunOptions, extract
+    from pipeline.synth import write_mp4
+    from pipeline.train import make_config, train
+    from pipeline.video import ViewSpec
+    from stages.app import app
+
+    crop = 56 if "patch14" in name else 64  # 4 x 4 tokens
+    backbone = get_backbone(name, pretrained=False, image_size=crop)
+    rng = np.random.default_rng(0)
+    rows = []
+    for split, classes in (("train", range(5)), ("test", range(5, 8))):
+        for c in classes:
+            for i in range(3 if split == "test" else 4):
+                rel = f"{split}/c{c}/v{i}.mp4"
+                (tmp_path / "videos" / rel).parent.mkdir(parents=True, exist_ok=True)
+                frames = np.clip(rng.normal(40 * (c % 6), 20, (10, 64, 64, 3)), 0, 255).astype(np.uint8)
+                write_mp4(frames, tmp_path / "videos" / rel)
+                rows.append({"video_id": f"c{c}/v{i}", "class": f"c{c}", "split": split, "path": rel, "n_frames": 10,
+                             "status": "ok"})
+    spec = ViewSpec(short_side=crop, crop=crop, interpolation=backbone.interpolation)
+    cache = extract("toy", pd.DataFrame(rows), backbone, tmp_path / "cache", ExtractSettings(views=1, spec=spec),
+                    RunOptions(batch_size=16, workers=0), videos_root=tmp_path / "videos").path
+    assert open_cache(cache).dim == backbone.dim and open_cache(cache).recipe.interpolation == "bicubic"
+    config = make_config("frozen", episodes=2, way=2, shot=2, queries=1, val_every=0, device="cpu",
+                         heads_options={"trm_dim": 16})
+    heads = train(config, cache, tmp_path / "run").best_checkpoint
+    result = CliRunner().invoke(app, ["evaluate", "--cache", str(cache), "--checkpoint", str(heads), "--episodes", "4",
+                                      "--way", "2", "--shot", "2", "--json", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
