@@ -21,9 +21,6 @@ from pipeline.cache import CacheError, FeatureRecipe
 from pipeline.heads import VARIANTS, ImportReport, STRMHeads, load_authors_checkpoint, load_heads
 from pipeline.video import FRAMES, SAMPLING_RULE_VERSION
 
-KINDS = ("heads", "finetune", "authors")
-
-
 class CheckpointError(ValueError):
     """A file that is missing, unreadable, or no checkpoint this project knows; the message names it."""
 
@@ -33,7 +30,7 @@ class Checkpoint:
     """What a checkpoint file holds, whatever its kind."""
 
     path: Path
-    kind: str  # one of KINDS
+    kind: str  # heads | finetune | authors
     variant: str
     heads: STRMHeads  # eval mode, on the CPU
     recipe: FeatureRecipe | None  # the features its heads were trained on; None when the file does not say

@@ -353,11 +353,6 @@ class ProtoBaseline(nn.Module):
         return self.relate(self.encode(support), support_labels, self.encode(query), way)
 
 
-def proto_baseline(split: SplitFeatures, **options: Any) -> EvalResult:
-    """`evaluate` with the nearest-class-mean baseline on the same tasks (same options)."""
-    return evaluate(ProtoBaseline(), split, **options)
-
-
 # ----------------------------------------------------------------------------------------------
 # Results.
 

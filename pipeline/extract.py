@@ -79,7 +79,6 @@ class Progress:
     done: int = 0
     failed: int = 0
     frames: int = 0  # frames through the backbone
-    last_video: str = ""
 
 
 @dataclass
@@ -329,7 +328,7 @@ def extract(
             writer.fail(job.split, job.index, error)
             failures.append((job.video_id, error))
             state.failed += 1
-        state.frames, state.last_video = frames, job.video_id
+        state.frames = frames
         if progress is not None:
             progress(state)
 

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SCORES = ("max_logit", "margin", "probability", "zscore", "qc", "zscore_qc", "zsum")
 DEFAULT_SCORE = "zscore"  # the best measured on the demo's heads (README), and defined for every model
 
 

@@ -83,7 +83,7 @@ def activation_maps(heads: torch.nn.Module, features: torch.Tensor) -> Activatio
     heads.eval()
     with torch.inference_mode():
         x = features.float()
-        standardised = (x - heads.feature_mean) / heads.feature_std
+        standardised = heads.standardize(x)
         emb = heads.encode(x[None], intermediates=True)
         ple = None if emb.ple_patches is None else emb.ple_patches[0]
     shape = (frames, grid, grid)

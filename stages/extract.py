@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from pipeline.backbones import OFFLINE_DEFAULT, WeightsUnavailable, get_backbone, load_backbone_checkpoint
+from pipeline.backbones import OFFLINE_DEFAULT, WeightsUnavailable, get_backbone, load_backbone_checkpoint, preset_lines
 from pipeline.cache import CacheError, open_cache
 from pipeline.distributed import DeviceError, init_distributed, resolve_device, teardown
 from pipeline.extract import ExtractSettings, RunOptions, extract
@@ -42,7 +42,8 @@ def extract_command(
     manifest: Path | None = typer.Option(None, "--manifest", help="Manifest CSV/Parquet from `strm manifest`; built from --videos when not given."),
     split_dir: Path | None = typer.Option(None, "--split-dir", help="Without --manifest: the folder of split lists (as `strm manifest`)."),
     classes: Path | None = typer.Option(None, "--classes", help="Without --manifest: a class,split CSV (as `strm manifest`)."),
-    backbone_name: str = typer.Option(OFFLINE_DEFAULT, "--backbone", help="resnet50, vit_b_16, tf_efficientnet_lite0, tiny, a preset (dinov2_vits14, dinov2_vitb14, dinov2_vitl14, each also _reg; clip_vitb16, clip_vitl14, siglip_vitb16, siglip2_vitb16: pipeline.backbones.PRESETS), or any timm model name."),
+    backbone_name: str = typer.Option(OFFLINE_DEFAULT, "--backbone", help="resnet50, vit_b_16, tf_efficientnet_lite0, tiny, "
+                                      f"any timm model name, or a preset: {'; '.join(preset_lines())}."),
     layer: str | None = typer.Option(None, "--layer", help="Feature layer (tf_efficientnet_lite0: head or last_block); default: the backbone's own."),
     weights: Path | None = typer.Option(None, "--weights", help="Local weights file instead of the pretrained download."),
     backbone_checkpoint: Path | None = typer.Option(None, "--backbone-checkpoint", help="Fine-tuned backbone from a `strm finetune` checkpoint (its 'backbone' weights)."),

@@ -162,7 +162,7 @@ def test_same_seed_same_tasks_other_seed_other_tasks(split):
     torch.manual_seed(3)
     other = build_heads("trm", dim=DIM, trm_dim=TRM_DIM)
     r1 = ev.evaluate(other, split, episodes=30, way=5, shot=2, seed=7)
-    r2 = ev.proto_baseline(split, episodes=30, way=5, shot=2, seed=7)
+    r2 = ev.evaluate(ev.ProtoBaseline(), split, episodes=30, way=5, shot=2, seed=7)
     assert r1.settings["episodes_digest"] == r2.settings["episodes_digest"]
 
 
@@ -191,8 +191,8 @@ def test_loading_episodes_names_an_unknown_video(tmp_path, split):
 
 def test_proto_baseline_separates_structured_classes_and_not_noise():
     structured, noise = _split(signal=1.0, seed=1), _split(signal=0.0, seed=1)
-    good = ev.proto_baseline(structured, episodes=100, way=5, shot=2, seed=0)
-    chance = ev.proto_baseline(noise, episodes=300, way=5, shot=2, seed=0)
+    good = ev.evaluate(ev.ProtoBaseline(), structured, episodes=100, way=5, shot=2, seed=0)
+    chance = ev.evaluate(ev.ProtoBaseline(), noise, episodes=300, way=5, shot=2, seed=0)
     assert good.mean > 90
     assert abs(chance.mean - 20) < 3 * chance.ci95 + 2  # chance is 1/way
 
@@ -208,16 +208,16 @@ def test_proto_batched_equals_per_task(split):
 
 def test_paired_difference_and_refusal(split, heads):
     a = ev.evaluate(heads, split, episodes=50, way=5, shot=2, seed=4, split_name="test")
-    b = ev.proto_baseline(split, episodes=50, way=5, shot=2, seed=4, split_name="test")
+    b = ev.evaluate(ev.ProtoBaseline(), split, episodes=50, way=5, shot=2, seed=4, split_name="test")
     (pair,) = ev.compare_runs({"results": [a.to_dict()]}, {"results": [b.to_dict()]})
     diff = a.task_accuracy - b.task_accuracy
     assert pair.difference == pytest.approx(diff.mean())
     assert pair.ci95 == pytest.approx(1.96 * diff.std() / math.sqrt(50))
     assert pair.a_better + pair.b_better + pair.ties == 50
-    other = ev.proto_baseline(split, episodes=50, way=5, shot=2, seed=5, split_name="test")
+    other = ev.evaluate(ev.ProtoBaseline(), split, episodes=50, way=5, shot=2, seed=5, split_name="test")
     with pytest.raises(ValueError, match="seed is 4 in A and 5 in B"):
         ev.compare_runs({"results": [a.to_dict()]}, {"results": [other.to_dict()]})
-    shot3 = ev.proto_baseline(split, episodes=50, way=5, shot=3, seed=4, split_name="test")
+    shot3 = ev.evaluate(ev.ProtoBaseline(), split, episodes=50, way=5, shot=3, seed=4, split_name="test")
     with pytest.raises(ValueError, match="share no setting"):
         ev.compare_runs({"results": [a.to_dict()]}, {"results": [shot3.to_dict()]})
 

@@ -343,6 +343,13 @@ class STRMHeads(nn.Module):
         # Evenly spaced, deterministic: floor(i * (T-1) / (keep-1)) are distinct because the step is >= 1.
         return torch.linspace(0, total - 1, keep, device=device).floor().long()
 
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / std per channel with the training split's statistics, in the heads' dtype: what
+        PLE (or the first block) receives."""
+        x = x.to(self.feature_mean.dtype)
+        scale = self.feature_std.reciprocal()
+        return torch.addcmul(-self.feature_mean * scale, x, scale)  # in one pass
+
     def encode(self, x: torch.Tensor, intermediates: bool = False) -> VideoEmbedding:
         """Patch features x [..., L, P, D] (any float dtype) -> per-video embedding with leading dims x.shape[:-3].
 
@@ -354,9 +361,7 @@ class STRMHeads(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         lead = x.shape[:-3]
-        x = x.reshape(-1, self.frames, self.patches, self.dim).to(self.feature_mean.dtype)
-        scale = self.feature_std.reciprocal()
-        x = torch.addcmul(-self.feature_mean * scale, x, scale)  # (x - mean) / std in one pass
+        x = self.standardize(x.reshape(-1, self.frames, self.patches, self.dim))
         n = x.shape[0]
         patches = x if self.ple is None else self.ple(x.reshape(n * self.frames, self.patches, self.dim))
         patches = patches.reshape(n, self.frames, self.patches, self.dim)
