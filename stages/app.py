@@ -30,6 +30,7 @@ STAGES = (
     "cache_cmd",
     "train_heads",
     "evaluate",
+    "compare",
     "predict",
     "finetune",
     "import_checkpoint",

@@ -1,6 +1,9 @@
 """What every stage shares: one-line errors on stderr, progress bars, and the options several stages take."""
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
 from typing import NoReturn
 
@@ -19,6 +22,12 @@ class Loading(str, Enum):
     stream = "stream"
 
 
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adam = "adam"
+    adamw = "adamw"
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print `error: message` as one line on stderr (no wrapping) and stop with `code`."""
     typer.echo(f"error: {message}", err=True)
@@ -29,3 +38,20 @@ def progress_bar(console: Console, *fields: str, transient: bool = False, disabl
     """The bars every stage draws: description, bar, n/N, any extra `{task.fields[...]}` columns, times."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *map(TextColumn, fields),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=transient, disable=disable)
+
+
+@contextmanager
+def training_progress(console: Console, name: str, disable: bool = False) -> Iterator[Callable]:
+    """The bar of train-heads and finetune; yields the loop's progress callback (pipeline.loop.TrainProgress)."""
+    with progress_bar(console, "{task.fields[rate]:.2f} tasks/s", "loss {task.fields[loss]:.4g}", "acc {task.fields[acc]:.1f}%",
+                      "{task.fields[memory]}", "{task.fields[val]}", disable=disable) as bar:
+        rows: list = []  # the bar appears with the first report, after the run's checks passed
+
+        def show(p) -> None:
+            if not rows:
+                rows.append(bar.add_task(name, total=p.total, rate=0.0, loss=math.nan, acc=math.nan, memory="", val=""))
+            memory = f"GPU {p.gpu_memory_gib:.1f} GiB" if p.gpu_memory_gib is not None else ""
+            val = f"val {p.val_accuracy:.1f}% (best {p.best_val_accuracy:.1f}%)" if p.val_accuracy is not None else ""
+            bar.update(rows[0], completed=p.task, rate=p.tasks_per_s, loss=p.loss, acc=p.accuracy, memory=memory, val=val)
+
+        yield show

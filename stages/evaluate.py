@@ -1,11 +1,10 @@
-"""`strm evaluate` (episodic accuracy with its 95% interval) and `strm compare` (two runs, task by task).
+"""`strm evaluate`: episodic accuracy of a model on a cache split, with its 95% interval.
 
-The tasks of a seed are the same for every model, so `strm compare A.json B.json` reports the
-paired difference of two runs with its own interval, which is far tighter than the two intervals.
+The tasks of a seed are the same for every model, so `strm compare A.json B.json` (stages/compare.py)
+reports the paired difference of two runs with its own interval.
 """
 from __future__ import annotations
 
-import json
 import time
 from enum import Enum
 from pathlib import Path
@@ -148,37 +147,6 @@ def evaluate_command(
         typer.echo(f"episodes saved to {path}")
 
 
-def compare_command(
-    run_a: Path = typer.Argument(..., help="Run record (JSON) of model A from `strm evaluate`."),
-    run_b: Path = typer.Argument(..., help="Run record (JSON) of model B, evaluated on the same tasks."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the comparison as JSON."),
-) -> None:
-    """Paired difference A - B on identical tasks, with its 95% interval; refuses runs of different seeds or settings."""
-    try:
-        a, b = ev.read_run(run_a), ev.read_run(run_b)
-        pairs = ev.compare_runs(a, b)
-    except ValueError as err:
-        fail(f"{run_a} vs {run_b}: {err}")
-    setting = ("way", "shot", "queries")
-    paired = {tuple(p.settings[k] for k in setting) for p in pairs}
-    unpaired = sorted({tuple(r[k] for k in setting) for r in a["results"] + b["results"]} - paired)
-    if unpaired:
-        console.print(f"note: (way, shot, queries) {unpaired} are in one run only and are not compared", highlight=False)
-    for p in pairs:
-        s = p.settings
-        verdict = "A better" if p.difference - p.ci95 > 0 else "B better" if p.difference + p.ci95 < 0 else "no clear difference"
-        typer.echo(
-            f"{s['way']}-way {s['shot']}-shot, {s['episodes']} tasks, seed {s['seed']}: "
-            f"A {p.mean_a:.2f} %, B {p.mean_b:.2f} %, A - B = {p.difference:+.2f} ± {p.ci95:.2f} points ({verdict}; "
-            f"A ahead on {p.a_better} tasks, B on {p.b_better}, tied on {p.ties})"
-        )
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps({"a": str(run_a), "b": str(run_b), "pairs": [p.to_dict() for p in pairs]}, indent=1) + "\n")
-        typer.echo(f"comparison written to {json_out}")
-
-
 def register(app: typer.Typer) -> None:
-    """Add `strm evaluate` and `strm compare` to the app."""
+    """Add `strm evaluate` to the app."""
     app.command("evaluate", help=evaluate_command.__doc__)(evaluate_command)
-    app.command("compare", help=compare_command.__doc__)(compare_command)

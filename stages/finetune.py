@@ -19,10 +19,10 @@ from pipeline.backbones import WeightsUnavailable
 from pipeline.checkpoints import CheckpointError, load_checkpoint
 from pipeline.distributed import DeviceError, init_distributed, resolve_device
 from pipeline.finetune import finetune, make_finetune_config, start_settings
-from pipeline.loop import Declined, Estimate, TrainError, TrainProgress
+from pipeline.loop import Declined, Estimate, TrainError
 from pipeline.manifests import ManifestError, training_manifest
 from pipeline.runs import LAST, RunError, saved_settings
-from stages.common import fail, progress_bar
+from stages.common import Optimizer, fail, progress_bar, training_progress
 
 console = Console(stderr=True)
 CPU_LIMIT_S = 3600  # past this estimate a CPU run needs --yes
@@ -32,12 +32,6 @@ NOT_RESUMED = ("dataset", "dim", "frames", "variant", "device", "workers")  # gi
 class BatchNorm(str, Enum):
     train = "train"
     frozen = "frozen"
-
-
-class Optimizer(str, Enum):
-    sgd = "sgd"
-    adam = "adam"
-    adamw = "adamw"
 
 
 class Amp(str, Enum):
@@ -152,17 +146,7 @@ def finetune_command(
                           f"{estimate.tasks_left} tasks left ≈ {_hours(estimate.seconds_left)}", highlight=False)
             return yes or estimate.seconds_left <= CPU_LIMIT_S
 
-        with progress_bar(console, "{task.fields[rate]:.2f} tasks/s", "loss {task.fields[loss]:.4g}",
-                          "acc {task.fields[acc]:.1f}%", "{task.fields[memory]}", "{task.fields[val]}",
-                          disable=quiet) as bar:
-            bar_id = bar.add_task("finetune", total=config.episodes, rate=0.0, loss=float("nan"), acc=0.0,
-                                  memory="GPU -", val="")
-
-            def show(p: TrainProgress) -> None:
-                memory = f"GPU {p.gpu_memory_gib:.1f} GiB" if p.gpu_memory_gib is not None else "GPU -"
-                val = f"val {p.val_accuracy:.1f}% (best {p.best_val_accuracy:.1f}%)" if p.val_accuracy is not None else ""
-                bar.update(bar_id, completed=p.task, rate=p.tasks_per_s, loss=p.loss, acc=p.accuracy, memory=memory, val=val)
-
+        with training_progress(console, "finetune", disable=quiet) as show:
             real_cpu_run = on_cpu and config.backbone != "tiny"
             result = finetune(config, table, out, start=start, resume=resume, videos_root=videos, progress=show,
                               confirm=confirm if real_cpu_run else None)

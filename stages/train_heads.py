@@ -7,7 +7,6 @@ silently become another run.
 from __future__ import annotations
 
 import json
-import math
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -17,10 +16,10 @@ from rich.console import Console
 
 from pipeline.cache import CacheError, open_cache
 from pipeline.distributed import DeviceError, init_distributed, resolve_device
-from pipeline.loop import TrainError, TrainProgress
+from pipeline.loop import TrainError
 from pipeline.runs import RunError, saved_settings
 from pipeline.train import PRESETS, make_config, train
-from stages.common import Loading, fail, progress_bar
+from stages.common import Loading, Optimizer, fail, training_progress
 
 console = Console(stderr=True)
 
@@ -28,12 +27,6 @@ console = Console(stderr=True)
 class Preset(str, Enum):
     frozen = "frozen"
     authors = "authors"
-
-
-class Optimizer(str, Enum):
-    sgd = "sgd"
-    adam = "adam"
-    adamw = "adamw"
 
 
 def _heads_options(pairs: list[str]) -> dict:
@@ -106,17 +99,7 @@ def train_heads(
         if rank == 0:
             console.print(f"training {config.variant} heads ({config.preset} preset, {config.optimizer} lr {config.lr:g}) "
                           f"on {cache} -> {out}" + (f" on {world} processes" if world > 1 else ""))
-        bar = progress_bar(console, "{task.fields[rate]:.2f} tasks/s", "loss {task.fields[loss]:.4g}",
-                           "acc {task.fields[acc]:.1f}%", "{task.fields[val]}", disable=rank != 0)
-        with bar:
-            bar_ids: list = []  # the bar appears with the first progress report, after the checks passed
-
-            def show(p: TrainProgress) -> None:
-                if not bar_ids:
-                    bar_ids.append(bar.add_task("train-heads", total=p.total, rate=0.0, loss=math.nan, acc=math.nan, val=""))
-                val = f"val {p.val_accuracy:.1f}% (best {p.best_val_accuracy:.1f}%)" if p.val_accuracy is not None else ""
-                bar.update(bar_ids[0], completed=p.task, rate=p.tasks_per_s, loss=p.loss, acc=p.accuracy, val=val)
-
+        with training_progress(console, "train-heads", disable=rank != 0) as show:
             result = train(config, features, out, resume=resume, progress=show)
     except (TrainError, CacheError, RunError, DeviceError) as err:
         fail(str(err), 2)
@@ -124,6 +107,8 @@ def train_heads(
         best = (f"best validation {result.best_val_accuracy:.2f}% at task {result.best_task} -> {result.best_checkpoint}"
                 if result.best_val_accuracy is not None else f"no validation; best: {result.best_checkpoint}")
         stop = " (stopped early)" if result.stopped_early else ""
+        for note in result.notes:  # where the training split was read from, first
+            console.print(note)
         console.print(f"done: {result.tasks_done} tasks{stop}; {best}; last: {result.last_checkpoint}")
 
 
