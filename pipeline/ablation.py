@@ -5,16 +5,18 @@ Why this shape: an ablation is only worth reading when its rows differ in one th
 point is trained with the same seed (so the same training tasks, views and initial weights where
 shapes allow) and evaluated on identical test tasks, so each row carries a paired interval against
 the reference row that is much tighter than the rows' own intervals. Post-training changes
-(`strm:gamma0` forces PLE's gate to 0, `strm:no-qc` drops the QC logits) reuse the trained point
-and cost one evaluation. A grid point whose run is complete and whose evaluation is on disk is not
-redone, so an interrupted grid resumes; `strm ablate` and the demo run their grids through here.
+(`strm:gamma0` forces PLE's gate to 0, `jnt-st-1:gamma0` every joint layer's, `strm:no-qc` drops
+the QC logits) reuse the trained point and cost one evaluation. A grid point whose run is complete
+and whose evaluation is on disk is not redone, so an interrupted grid resumes; `strm ablate` and the
+demo run their grids through here. With `flops`, each row also gets its heads' forward GFLOPs on one
+task (pipeline/compute.py), so an accuracy gain can be read against what it costs.
 """
 from __future__ import annotations
 
 import itertools
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import torch
 from pipeline import evaluate as ev
 from pipeline import report
 from pipeline.cache import FeatureCache, SplitFeatures
+from pipeline.compute import TaskCompute, task_compute
 from pipeline.heads import VARIANTS, STRMHeads, load_heads
 from pipeline.heads.model import DEFAULT_OPTIONS
 from pipeline.loop import TrainProgress
@@ -32,6 +35,7 @@ from pipeline.train import make_config, train
 PROTO = "proto"
 AFTER_TRAINING = {"gamma0": "gamma forced to 0", "no-qc": "no QC"}
 TABLE, TABLE_CSV, FIGURE = "ablation.md", "ablation.csv", "ablation.png"
+FLOPS_COLUMNS = ("heads_gflop", "heads_flops_vs_reference")
 
 
 @dataclass(frozen=True)
@@ -130,8 +134,8 @@ def parse_grid(
             raise ValueError(f"unknown variant {variant!r}; known: {', '.join([*VARIANTS, PROTO])}")
         if after and after not in AFTER_TRAINING:
             raise ValueError(f"{name}: unknown post-training change {after!r}; known: {', '.join(AFTER_TRAINING)}")
-        if after == "gamma0" and VARIANTS[variant]["ple"] != "attention":
-            raise ValueError(f"{name}: variant {variant} has no PLE attention gate to force to 0")
+        if after == "gamma0" and VARIANTS[variant]["ple"] != "attention" and not VARIANTS[variant]["joint"]:
+            raise ValueError(f"{name}: variant {variant} has no PLE or joint attention gate to force to 0")
         if after == "no-qc" and not VARIANTS[variant]["qc"]:
             raise ValueError(f"{name}: variant {variant} has no QC to drop")
         for c, lam, keep in itertools.product(cards, lams, keeps):
@@ -194,11 +198,22 @@ def train_point(
     return result.best_checkpoint or result.last_checkpoint
 
 
+def _attention_gates(heads: STRMHeads) -> list[torch.nn.Parameter]:
+    """The gamma gates `gamma0` zeroes: PLE's and every Jnt-ST layer's (None where gamma_zero removed them)."""
+    blocks = [heads.ple, *(heads.joint.layers if heads.joint is not None else ())]
+    return [b.gamma for b in blocks if getattr(b, "gamma", None) is not None]
+
+
 def after_training(heads: STRMHeads, change: str | None) -> STRMHeads:
-    """Apply a post-training change in place: `gamma0` zeroes PLE's attention gate, `no-qc` removes QC."""
+    """Apply a post-training change in place: `gamma0` zeroes the attention gates (PLE's, or each joint
+    layer's), `no-qc` removes QC."""
     if change == "gamma0":
+        gates = _attention_gates(heads)
+        if not gates:
+            raise ValueError(f"the {heads.variant!r} heads have no attention gate to force to 0")
         with torch.no_grad():
-            heads.ple.gamma.zero_()
+            for gamma in gates:
+                gamma.zero_()
     elif change == "no-qc":
         heads.qc = None
     elif change is not None:
@@ -248,6 +263,21 @@ def evaluate_point(
     return result
 
 
+def point_compute(
+    point: GridPoint, cache: FeatureCache, heads_options: Mapping[str, object], *, way: int, shot: int
+) -> TaskCompute | None:
+    """Parameters and forward FLOPs of the point's heads on one `way`-way `shot`-shot task with 1 query a
+    class, at the cache's D, L and P (None for proto, which has no heads). `no-qc` is counted without QC;
+    `gamma0` as trained, since a zero gate still computes its attention branch."""
+    if point.variant == PROTO:
+        return None
+    options = {**heads_options, **point.heads_options()}
+    if point.after == "no-qc":
+        options["qc"] = False
+    return task_compute(point.variant, cache.dim, way=way, shot=shot, queries=1, frames=cache.frames,
+                        patches=cache.patches, **options)
+
+
 @dataclass
 class GridOutcome:
     """Results per row label, the table, and where it was written."""
@@ -271,11 +301,13 @@ def run_grid(
     reference: str | None = None,
     way: int = 5,
     shot: int = 5,
+    flops: bool = False,
     log: Callable[[str], None] = lambda _: None,
     train_progress: Callable[[GridPoint], Callable[[TrainProgress], None] | None] = lambda _: None,
 ) -> GridOutcome:
     """Train every point (runs in out/train/<row>), evaluate all on one set of test tasks (out/eval/<row>.json),
-    and write out/ablation.{md,csv,png}. The reference row defaults to the first one."""
+    and write out/ablation.{md,csv,png}. The reference row defaults to the first one; `flops` adds each
+    row's heads GFLOPs on one task (`point_compute`) and their ratio to the reference row's."""
     out = Path(out)
     reference = reference or points[0].label
     if reference not in {p.label for p in points}:
@@ -301,14 +333,20 @@ def run_grid(
         log(f"evaluating {point.label} on {episodes} tasks")
         results[point.label] = evaluate_point(point, checkpoint, test, tasks, out / "eval" / f"{point.slug}.json", seed=eval_seed)
         seconds[point.label] = time.perf_counter() - start
-    table = write_table(points, results, reference, out, checkpoints)
+    compute = None
+    if flops:
+        log("counting the heads' FLOPs")
+        compute = {p.label: point_compute(p, cache, settings.heads_options, way=way, shot=shot) for p in points}
+    table = write_table(points, results, reference, out, checkpoints, compute)
     written = [out / TABLE, out / TABLE_CSV, out / FIGURE]
     return GridOutcome(list(points), results, checkpoints, table, written, seconds)
 
 
 def write_table(points: Sequence[GridPoint], results: dict[str, ev.EvalResult], reference: str, out: Path,
-                checkpoints: dict[str, Path]) -> object:
-    """The ablation table (markdown, CSV) and its figure; returns the DataFrame."""
+                checkpoints: dict[str, Path], compute: Mapping[str, TaskCompute | None] | None = None) -> object:
+    """The ablation table (markdown, CSV) and its figure; returns the DataFrame. `compute` (per row label,
+    None for a row without heads) adds heads_gflop and heads_flops_vs_reference, blank where either is missing."""
+    ref_compute = (compute or {}).get(reference)
     about = {}
     for p in points:
         row = p.describe()
@@ -318,8 +356,14 @@ def write_table(points: Sequence[GridPoint], results: dict[str, ev.EvalResult], 
             trained = [r["task"] for r in records if r.get("kind") == "train"]
             row["tasks_trained"] = max(trained) if trained else None
             row["checkpoint"] = ckpt.name
+        if compute is not None:
+            c = compute.get(p.label)
+            row["heads_gflop"] = c.heads_flops / 1e9 if c else None
+            row["heads_flops_vs_reference"] = c.heads_flops / ref_compute.heads_flops if c and ref_compute else None
         about[p.label] = row
     table = report.ablation_table(results, reference, about)
+    if compute is not None:  # the cost after the accuracy it buys
+        table = table[[c for c in table.columns if c not in FLOPS_COLUMNS] + list(FLOPS_COLUMNS)]
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / TABLE_CSV, index=False)
     first = results[reference].settings
@@ -330,7 +374,8 @@ def write_table(points: Sequence[GridPoint], results: dict[str, ev.EvalResult], 
         "tasks_better / tasks_worse: tasks where the row got more / fewer queries right.\n\n"
     )
     shown = table.drop(columns=["checkpoint"], errors="ignore")
-    formats = {"accuracy": ".2f", "ci95": ".2f", "difference": "+.2f", "difference_ci95": ".2f", "tasks_trained": ".0f"}
+    formats = {"accuracy": ".2f", "ci95": ".2f", "difference": "+.2f", "difference_ci95": ".2f", "tasks_trained": ".0f",
+               "heads_gflop": ".4g", "heads_flops_vs_reference": ".3f"}
     report.write_markdown(out / TABLE, header + report.markdown_table(shown, formats))
     report.save_figure(report.ablation_figure(table, reference), out / FIGURE)
     return table

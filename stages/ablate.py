@@ -22,7 +22,7 @@ def ablate_command(
     variants: list[str] = typer.Option(
         ["trm,ple-trm,fle-trm,ple-fle-trm,strm"], "--variants",
         help=f"Rows: heads variants ({', '.join(VARIANTS)}), `proto`, or a trained variant with a post-training "
-        "change (strm:gamma0, strm:no-qc). Comma-separated or repeated."),
+        "change (strm:gamma0, jnt-st-1:gamma0, strm:no-qc). Comma-separated or repeated."),
     cardinalities: Optional[list[str]] = typer.Option(
         None, "--cardinalities", help="Tuple cardinality sets to cross with the variants, e.g. 1,2,3,2+3. (default: each variant's own)"),
     lambdas: Optional[list[str]] = typer.Option(None, "--lambdas", help="QC loss/logit weights to cross, e.g. 0,0.1,0.5. (default: 0.1)"),
@@ -34,6 +34,8 @@ def ablate_command(
     episodes: int = typer.Option(10_000, "--episodes", min=1, help="Test tasks, the same for every row."),
     seed: int = typer.Option(0, "--seed", help="Seed of the training tasks and initial weights, and of the test tasks."),
     trm_dim: Optional[int] = typer.Option(None, "--trm-dim", min=1, help="TRM's key/value width D' for every row. (default: 1152)"),
+    flops: bool = typer.Option(False, "--flops", help="Add each row's heads GFLOPs on one task (the grid's way/shot, "
+                               "1 query a class, at the cache's D) and their ratio to the reference row's."),
     out: Path = typer.Option(Path("runs/ablate"), "--out", help="Folder for the runs, evaluations and the table."),
 ) -> None:
     """Train and evaluate a grid of heads on one cache; write ablation.md / .csv / .png with paired intervals."""
@@ -61,7 +63,7 @@ def ablate_command(
 
         try:
             outcome = run_grid(points, features, out, settings, episodes=episodes, eval_seed=seed, reference=reference,
-                               log=lambda m: console.print(m, highlight=False), train_progress=progress_for)
+                               flops=flops, log=lambda m: console.print(m, highlight=False), train_progress=progress_for)
         except (TrainError, ValueError) as err:
             fail(str(err), 2)
         except CacheError as err:

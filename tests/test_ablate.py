@@ -1,7 +1,9 @@
-"""strm ablate: the grid, post-training changes, identical tasks, the table's rows and its resumability."""
+"""strm ablate: the grid, post-training changes, identical tasks, the table's rows, its FLOPs columns and its
+resumability."""
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -11,6 +13,7 @@ from typer.testing import CliRunner
 from pipeline.cache import open_cache, write_random_cache
 from pipeline.heads import build_heads
 from pipeline.ablation import TrainSettings, after_training, parse_grid, run_grid
+from pipeline.compute import task_compute
 from stages.app import app
 
 DIM = 32
@@ -45,7 +48,8 @@ def test_parse_grid_single_values_keep_plain_variant_names_and_post_training_row
     ("args", "message"),
     [
         (dict(variants=["nope"]), "unknown variant"),
-        (dict(variants=["trm:gamma0"]), "no PLE attention gate"),
+        (dict(variants=["trm:gamma0"]), "no PLE or joint attention gate"),
+        (dict(variants=["fle-trm:gamma0"]), "no PLE or joint attention gate"),
         (dict(variants=["trm:no-qc"]), "no QC"),
         (dict(variants=["strm:later"]), "unknown post-training change"),
         (dict(variants=["strm,strm"]), "same row twice"),
@@ -72,6 +76,35 @@ def test_after_training_changes():
     after_training(heads, "no-qc")
     out = heads(support, labels, query)
     assert out.qc_logits is None and torch.equal(out.logits, out.trm_logits)
+
+
+def test_parse_grid_allows_gamma0_on_the_joint_variants():
+    points = parse_grid(["jnt-st-1,jnt-st-1:gamma0,jnt-st-2:gamma0"])
+    assert [p.label for p in points] == ["jnt-st-1", "jnt-st-1, gamma forced to 0", "jnt-st-2, gamma forced to 0"]
+    assert points[2].trained.label == "jnt-st-2" and points[2].after == "gamma0"
+
+
+def test_after_training_gamma0_zeroes_every_joint_layer():
+    torch.manual_seed(0)
+    heads = build_heads("jnt-st-2", dim=DIM, **TINY).eval()
+    with torch.no_grad():
+        for layer in heads.joint.layers:
+            layer.gamma.fill_(0.7)
+    support, query = torch.randn(10, 8, 16, DIM), torch.randn(4, 8, 16, DIM)
+    labels = torch.arange(5).repeat_interleave(2)
+    before = heads(support, labels, query).logits
+    after_training(heads, "gamma0")
+    assert [float(layer.gamma.detach()) for layer in heads.joint.layers] == [0.0, 0.0]
+    assert not torch.allclose(heads(support, labels, query).logits, before)
+    # With every gate at 0 each layer is psi alone: the same as heads whose attention branch never existed.
+    plain = build_heads("jnt-st-2", dim=DIM, gamma_zero=True, **TINY).eval()
+    plain.load_state_dict({k: v for k, v in heads.state_dict().items() if ".qkv." not in k and not k.endswith("gamma")})
+    torch.testing.assert_close(heads(support, labels, query).logits, plain(support, labels, query).logits)
+
+
+def test_after_training_gamma0_refuses_heads_without_a_gate():
+    with pytest.raises(ValueError, match="no attention gate"):
+        after_training(build_heads("trm", dim=DIM, **TINY), "gamma0")
 
 
 def test_run_grid_trains_once_per_point_evaluates_identical_tasks_and_resumes(cache, tmp_path):
@@ -116,6 +149,34 @@ def test_cli_writes_a_table_whose_rows_match_the_grid(cache, tmp_path):
     assert list(table["cardinalities"]) == ["{1}", "{2}"]
     record = json.loads((out / "eval" / "trm_card_1.json").read_text())
     assert record["results"][0]["episodes"] == 30
+    assert "heads_gflop" not in table.columns  # only with --flops
+
+
+def test_cli_flops_columns(cache, tmp_path):
+    out = tmp_path / "flops"
+    result = CliRunner().invoke(app, [
+        "ablate", "--cache", str(cache.path), "--variants", "proto,trm,strm,strm:no-qc,jnt-st-1:gamma0",
+        "--reference", "trm", "--train-episodes", "2", "--val-every", "0", "--episodes", "20", "--trm-dim", "16",
+        "--flops", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "ablation.csv").set_index("row")
+    assert {"heads_gflop", "heads_flops_vs_reference"} <= set(table.columns)
+    assert math.isnan(table.loc["proto", "heads_gflop"]) and math.isnan(table.loc["proto", "heads_flops_vs_reference"])
+    assert table.loc["trm", "heads_flops_vs_reference"] == 1.0
+
+    def gflop(variant: str, **options) -> float:
+        return task_compute(variant, cache.dim, way=5, shot=5, queries=1, frames=cache.frames, patches=cache.patches,
+                            trm_dim=16, **options).heads_flops / 1e9
+
+    assert table.loc["strm", "heads_gflop"] == pytest.approx(gflop("strm"))
+    assert table.loc["strm", "heads_flops_vs_reference"] == pytest.approx(gflop("strm") / gflop("trm"))
+    assert table.loc["strm, no QC", "heads_gflop"] == pytest.approx(gflop("strm", qc=False))
+    assert table.loc["strm, no QC", "heads_gflop"] < table.loc["strm", "heads_gflop"]
+    # A zeroed gate still computes its attention branch: the trained point's cost.
+    assert table.loc["jnt-st-1, gamma forced to 0", "heads_gflop"] == pytest.approx(gflop("jnt-st-1"))
+    proto_line = next(line for line in (out / "ablation.md").read_text().splitlines() if line.startswith("| proto |"))
+    assert proto_line.rstrip().endswith("|  |  |")  # the two FLOPs cells, blank
 
 
 def test_cli_errors_are_one_line(cache, tmp_path):
