@@ -59,7 +59,7 @@ class DemoEvents:
 BACKBONE, LAYER = "tf_efficientnet_lite0", "last_block"
 SHORT_SIDE, CROP = 128, 112
 MAIN = ("proto", "trm", "strm")
-ABLATION = ("proto", "trm", "ple-trm", "fle-trm", "ple-fle-trm", "strm", "strm:gamma0", "strm:no-qc")
+ABLATION = ("proto", "trm", "ple-trm", "fle-trm", "ple-fle-trm", "strm", "jnt-st-1", "strm:gamma0", "strm:no-qc")
 REFERENCE = "trm"
 CONTRASTS = (
     report.Contrast("the whole of STRM over the TRM baseline", "strm", "trm", role="total"),
@@ -70,6 +70,8 @@ CONTRASTS = (
     report.Contrast("adding PLE on top of FLE", "ple-fle-trm", "fle-trm", role="on top", block="PLE"),
     report.Contrast("training with QC (strm against ple-fle-trm)", "strm", "ple-fle-trm",
                     flat_means="Training with the QC loss brings nothing that matters here."),
+    report.Contrast("joint spatio-temporal attention over all patches (Jnt-ST, one layer) instead of PLE and FLE",
+                    "jnt-st-1", "ple-fle-trm"),
     report.Contrast("forcing PLE's attention gate gamma to 0 after training", "strm, gamma forced to 0", "strm",
                     flat_means="PLE's self-attention between patches contributes nothing that matters: whatever PLE adds "
                     "comes from its per-patch MLP (psi) and its positional encoding."),
@@ -103,8 +105,8 @@ class DemoSizes:
              "native size; Lite0 runs about 150 frames/s here against 30-50 at 224"),
             ("training views", f"{self.views} (view 0 + {self.views - 1} augmented), flips off",
              "augmented views (temporal jitter, random crop) cost one backbone pass each; see the note on flips"),
-            ("training tasks", f"{self.train_episodes} a heads variant (5 variants)", "a prototype reached 91% "
-             "validation with STRM after 200 tasks; five variants must train in the time"),
+            ("training tasks", f"{self.train_episodes} a heads variant (6 variants)", "a prototype reached 91% "
+             "validation with STRM after 200 tasks; six variants must train in the time"),
             ("validation", f"every {self.val_every} tasks on {self.val_episodes} tasks", "best.pt (best validation) "
              "is the checkpoint evaluated"),
             ("TRM width D'", str(self.trm_dim), "the paper's 1152 was sized for D=2048; at D=320 features it would make "
@@ -318,7 +320,7 @@ def run_demo(out: Path, sizes: DemoSizes, workers: int, cache_root: Path, events
 
     trained(("strm", "trm"), "train strm, trm")
     evaluated(MAIN, "evaluate proto, trm, strm")
-    trained(("ple-trm", "fle-trm", "ple-fle-trm"), "train ablation variants")
+    trained(("ple-trm", "fle-trm", "ple-fle-trm", "jnt-st-1"), "train ablation variants")
     evaluated(tuple(k for k in points if k not in MAIN), "evaluate ablation rows")
     with clock.stage("ablation table"):
         table = write_table(list(points.values()), results, REFERENCE, out, checkpoints)
