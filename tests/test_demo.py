@@ -120,14 +120,17 @@ def test_mini_demo_runs_every_stage_and_resumes(small_benchmark, tmp_path):
     assert result.exit_code == 0, result.output
     text = (out / "report.md").read_text()
     table = pd.read_csv(out / "ablation.csv")
-    assert list(table["row"]) == ["proto", "trm", "strm", "ple-trm", "fle-trm", "ple-fle-trm",
+    assert list(table["row"]) == ["proto", "trm", "strm", "ple-trm", "fle-trm", "ple-fle-trm", "jnt-st-1",
                                   "strm, gamma forced to 0", "strm, no QC"]
     for _, row in table.iterrows():
         assert f"| {row['row']} |" in text and f"{row['accuracy']:.2f}" in text
     assert "strm beats" in text or "strm does NOT beat" in text
     assert "Flips are off" in text
+    assert "## Using the trained heads on new clips (`strm predict`)" in text and "| score | auroc |" in text
+    predictions = json.loads((out / "predict" / "predictions.json").read_text())
+    assert len(predictions["support"]["used"]) == 15 and predictions["queries"][-1]["segments"]
     for name in ("figures/accuracy", "figures/training", "figures/shots", "figures/per_class", "ablation",
-                 "figures/activation_0", "figures/tuples_0"):
+                 "figures/activation_0", "figures/tuples_0", "figures/timeline"):
         path = out / f"{name}.png"
         assert path.stat().st_size > 10_000 and mpimg.imread(path).std() > 0.02
         assert f"]({name}.png)" in text
@@ -138,7 +141,7 @@ def test_mini_demo_runs_every_stage_and_resumes(small_benchmark, tmp_path):
     assert again.exit_code == 0, again.output
     second = json.loads((out / "timings.json").read_text())
     for stage in ("synth", "manifest", "extract", "train strm, trm", "evaluate proto, trm, strm", "train ablation variants",
-                  "evaluate ablation rows", "accuracy against shots"):
+                  "evaluate ablation rows", "accuracy against shots", "predict"):
         assert second["this_run"][stage]["reused"], stage
         assert second["computed"][stage] == first["computed"][stage]  # the report keeps what the stage cost
     assert pd.read_csv(out / "ablation.csv")["accuracy"].tolist() == table["accuracy"].tolist()
