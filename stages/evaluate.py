@@ -14,7 +14,6 @@ import torch
 import typer
 from rich.console import Console
 
-from pipeline import evaluate as ev
 from pipeline.cache import CacheError, open_cache
 from pipeline.checkpoints import CheckpointError
 from pipeline.distributed import DeviceError, resolve_device
