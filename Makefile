@@ -6,10 +6,12 @@ STAMP  := $(VENV)/.installed
 DATASET ?= hmdb51
 VIDEOS  ?=
 ONLY    ?=
+DEVICE  ?= cuda
+SIZE    ?= paper
 # Spin-waiting OpenMP threads slow torch's small operations several-fold on a shared CPU.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test demo extract bench clean
+.PHONY: install test demo extract bench gpu-check clean
 
 # The stamp is older than pyproject.toml when the dependencies changed: reinstall then.
 $(STAMP): pyproject.toml
@@ -38,6 +40,11 @@ extract: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(if $(ONLY),--only $(ONLY))
+
+# Every CUDA path at the paper's sizes (SIZE=tiny DEVICE=cpu: the same steps, small, on a CPU); writes
+# runs/gpu_check.json. No install: a lent GPU machine may have no venv, and runs its own python3.
+gpu-check:
+	PYTHONPATH=. $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m benchmarks.gpu_check --device $(DEVICE) --size $(SIZE)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -182,7 +182,12 @@ class SplitLayout:
 
 @dataclass
 class SplitFeatures:
-    """A split's done videos in memory (host RAM, pinned host memory or a GPU), as training and evaluation use them."""
+    """A split's done videos in memory (host RAM or a GPU), as training and evaluation use them.
+
+    loading "pinned": the features stay in (pageable) host RAM and every `read` gathers into pinned
+    memory, so the copy of a task to the GPU runs without blocking. Pinning the gathered task, not
+    the split, keeps a split that fills half the RAM from being copied once more to be pinned.
+    """
 
     features: torch.Tensor  # [N, V, L, P*P, D] float16
     labels: torch.Tensor  # [N] int64, 0..C-1
@@ -197,10 +202,23 @@ class SplitFeatures:
     def views(self) -> int:
         return int(self.features.shape[1])
 
+    @property
+    def nbytes(self) -> int:
+        return self.features.numel() * self.features.element_size()
+
     def read(self, videos: np.ndarray, views: np.ndarray) -> torch.Tensor:
-        """[n, L, P*P, D] float16: view views[k] of video videos[k] (indices among the split's videos)."""
-        device = self.features.device
-        return self.features[torch.as_tensor(videos, device=device), torch.as_tensor(views, device=device)]
+        """[n, L, P*P, D] float16: view views[k] of video videos[k] (indices among the split's videos).
+
+        Pinned reads get a fresh block of torch's pinned-memory pool each time: the pool hands a block
+        out again only after the copies that read it have finished, so a read ahead never overwrites
+        a task still in flight to the GPU.
+        """
+        flat = self.features.flatten(0, 1)  # [N * V, L, P*P, D], a view of contiguous features
+        rows = torch.as_tensor(np.asarray(videos) * self.views + np.asarray(views), dtype=torch.int64, device=flat.device)
+        out = None
+        if self.loading == "pinned":
+            out = torch.empty((len(rows),) + tuple(flat.shape[1:]), dtype=flat.dtype, pin_memory=True)
+        return torch.index_select(flat, 0, rows, out=out)
 
     def block(self, videos: np.ndarray, views: int | None = None) -> torch.Tensor:
         """[n, V', L, P*P, D]: the first `views` views (default all) of the given videos."""
@@ -224,6 +242,11 @@ class StreamedSplit:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def nbytes(self) -> int:
+        """The done videos' float16 features, every view (what a read decodes: one chunk is one video)."""
+        return len(self.rows) * int(np.prod(self.array.shape[1:])) * 2
+
     def read(self, videos: np.ndarray, views: np.ndarray) -> torch.Tensor:
         """[n, L, P*P, D] float16 for videos (indices among done videos) and their views."""
         rows = self.rows[np.asarray(videos)]
@@ -246,8 +269,8 @@ def choose_loading(nbytes: int, loading: str, device: torch.device | None = None
     """ram, device or stream for a split of `nbytes` (float16 features) used on `device`.
 
     auto: on CUDA, resident on the GPU when the split takes at most half its free memory; else in
-    RAM when it takes at most half the available memory; else streamed from disk. On CUDA "ram" is
-    pinned host memory, so a task's copy overlaps compute.
+    RAM when it takes at most half the available memory; else streamed from disk. On CUDA "ram"
+    becomes "pinned": each task is gathered into pinned memory, so its copy to the GPU does not block.
     """
     if loading not in LOADINGS:
         raise CacheError(f"loading {loading!r}: expected one of {', '.join(LOADINGS)}")
@@ -402,7 +425,7 @@ class FeatureCache:
         if chosen == "device":
             data.features, data.loading = data.features.to(device), "device"
         elif device is not None and device.type == "cuda":
-            data.features, data.loading = data.features.pin_memory(), "pinned"
+            data.loading = "pinned"  # in RAM; each task is gathered into pinned memory (SplitFeatures.read)
         return data
 
     def summary(self) -> dict:

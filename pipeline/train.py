@@ -2,8 +2,8 @@
 
 What is particular to cached features lives here: the `frozen` and `authors` presets, the heads'
 initial weights and feature standardisation from the seed and the training split, and the task
-source that gathers a task's cached views (from RAM or a GPU at once; from disk with the next
-tasks read by background threads while the current one trains).
+source that gathers a task's cached views (from RAM or a GPU at once; into pinned memory or from
+disk with the next tasks gathered by background threads while the current one trains).
 
 Why two presets: `authors` is the released recipe (SGD, summed loss / 16, a step every 16 tasks),
 made for end-to-end training; `frozen`, the default for cached (frozen) features, was chosen by
@@ -117,15 +117,16 @@ def task_inputs(sampler: EpisodeSampler, indices: list[int], split: SplitReader,
                 ) -> Iterator[tuple[int, Task, torch.Tensor]]:
     """(index, task, inputs [n_s + n_q, L, P, D] float16) for the given tasks, in order.
 
-    From memory the gather is immediate; from disk up to `read_ahead` tasks are read by background
-    threads while the caller trains on the current one.
+    From RAM or a GPU the gather is immediate; into pinned memory (for a GPU) or from disk up to
+    `read_ahead` tasks are gathered by background threads while the caller trains on the current
+    one, so the GPU does not wait for the host's copies.
     """
     def read(i: int) -> tuple[int, Task, torch.Tensor]:
         task = sampler.task(i)
         return i, task, split.read(np.concatenate([task.support, task.query]),
                                    np.concatenate([task.support_views, task.query_views]))
 
-    if split.loading != "stream":
+    if split.loading not in ("pinned", "stream"):
         yield from map(read, indices)
         return
     pending: deque[Future] = deque()
@@ -145,6 +146,18 @@ def task_inputs(sampler: EpisodeSampler, indices: list[int], split: SplitReader,
         finally:
             for f in pending:
                 f.cancel()
+
+
+def loading_note(split: SplitReader, device: torch.device, read_ahead: int) -> str:
+    """Where the training features come from, in words: the one thing that decides the speed of a GPU run."""
+    size = f"{split.nbytes / 1e9:.1f} GB" if split.nbytes >= 1e8 else f"{split.nbytes / 1e6:.1f} MB"
+    if split.loading == "device":
+        return f"training split: device ({size} on {device})"
+    if split.loading == "pinned":
+        return f"training split: pinned host memory ({size} in RAM, each task gathered into pinned memory, copied to {device})"
+    if split.loading == "stream":
+        return f"training split: streamed from disk ({size}, {read_ahead} tasks read ahead)"
+    return f"training split: ram ({size})"
 
 
 @dataclass
@@ -226,6 +239,7 @@ def train(
                               lambda_qc=config.lambda_qc, options=config.heads_options)
         if config.standardize:
             heads.set_feature_stats(*channel_stats(source, views))
+    notes = [loading_note(source, device, config.read_ahead)]
     heads.to(device)
     record = {**asdict(config), "dim": cache.dim, "frames": cache.frames, "patches": cache.patches}
     describe = {"cache": {"path": str(cache.path), "key": cache.key, "fingerprint": cache.fingerprint},
@@ -233,6 +247,6 @@ def train(
     loop = EpisodicLoop(
         config, CachedViews(sampler, source, val_split, config.read_ahead), out, heads=heads, module=heads,
         device=device, amp=distributed.autocast_dtype(config.amp, device), record=record, resumed=resumed,
-        describe=describe, checkpoint_extra=lambda: {"cache_fingerprint": cache.fingerprint},
+        describe=describe, checkpoint_extra=lambda: {"cache_fingerprint": cache.fingerprint}, notes=notes,
     )
     return replace(loop.fit(progress), config=config)

@@ -2,13 +2,23 @@
 from __future__ import annotations
 
 import json
+import os
 
 import h5py
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from pipeline.cache import CacheError, CacheWriter, SplitLayout, cache_key, open_cache, write_random_cache
+from pipeline.cache import (
+    CacheError,
+    CacheWriter,
+    SplitLayout,
+    cache_key,
+    choose_loading,
+    open_cache,
+    write_random_cache,
+)
 from stages.app import app
 
 FP = {"dataset": "toy", "backbone": "tiny", "views": 2}
@@ -69,6 +79,33 @@ def test_random_cache_is_class_structured_and_views_can_be_limited(tmp_path):
     means = [flat[train.labels == c].mean(0) for c in range(3)]
     nearest = [int(np.argmin([((x - m) ** 2).sum() for m in means])) for x in flat]
     assert nearest == train.labels.tolist()
+
+    for loading in ("ram", "stream"):  # every reader gathers the same rows: view views[k] of video videos[k]
+        reader = cache.split("train", loading=loading)
+        videos, views = np.array([11, 0, 5, 5]), np.array([1, 0, 1, 0])
+        expected = torch.stack([reader.block(np.array([v]))[0, w] for v, w in zip(videos, views)])
+        assert torch.equal(reader.read(videos, views), expected), loading
+        assert reader.nbytes == cache.split_nbytes("train")
+
+
+GB = 10**9
+
+
+def test_auto_loading_prefers_the_gpu_then_ram_then_disk(monkeypatch):
+    """On CUDA a split goes to the GPU when it takes at most half its free memory, else to RAM when it
+    takes less than half the available memory, else it is streamed; on CPU the GPU is never chosen."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * GB, 80 * GB))
+    pages = {"SC_AVPHYS_PAGES": 64 * GB // 4096, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert choose_loading(5 * GB, "auto", gpu) == "device"
+    assert choose_loading(6 * GB, "auto", gpu) == "ram"  # FeatureCache.split makes it "pinned" on CUDA
+    assert choose_loading(32 * GB, "auto", gpu) == "stream"
+    assert choose_loading(5 * GB, "auto", cpu) == "ram"
+    assert choose_loading(40 * GB, "auto", cpu) == "stream"
+    assert choose_loading(1, "stream", gpu) == "stream"
+    with pytest.raises(CacheError, match="needs --device cuda"):
+        choose_loading(1, "device", cpu)
 
 
 def test_cli_info_and_hdf5_export(tmp_path):

@@ -146,8 +146,12 @@ def test_streaming_from_disk_trains_the_same_weights_as_ram(tmp_path):
     for loading in ("ram", "stream"):
         config = make_config("frozen", episodes=12, shot=2, queries=2, heads_options=SMALL, val_every=0,
                              loading=loading, read_ahead=3)
-        train(config, cache, tmp_path / loading)
+        result = train(config, cache, tmp_path / loading)
         weights.append(torch.load(tmp_path / loading / "last.pt", weights_only=True)["model"])
+        written = json.loads((tmp_path / loading / "config.json").read_text())
+        assert written["loading"] == loading  # the choice is on record, and in the stage's output
+        assert written["notes"][0] == result.notes[0]
+    assert result.notes[0] == "training split: streamed from disk (0.7 MB, 3 tasks read ahead)"
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
 
