@@ -110,7 +110,7 @@ class DemoSizes:
             ("validation", f"every {self.val_every} tasks on {self.val_episodes} tasks", "best.pt (best validation) "
              "is the checkpoint evaluated"),
             ("TRM width D'", str(self.trm_dim), "the paper's 1152 was sized for D=2048; at D=320 features it would make "
-             "each 10,000-task evaluation about 3x slower than D'=320, and eight rows are evaluated"),
+             "each 10,000-task evaluation about 3x slower than D'=320, and nine rows are evaluated"),
             ("test tasks", f"{self.episodes:,} (5-way 5-shot, 1 query a class), seed {self.seed}", "the paper's protocol; "
              "the same tasks for every row, so differences are paired"),
             ("shot sweep", f"shots 1-5, {self.shot_episodes:,} tasks each", "a curve, not a claim: fewer tasks suffice"),
