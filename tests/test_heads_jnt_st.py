@@ -10,32 +10,13 @@ import torch.nn.functional as F
 
 from pipeline.heads import build_heads, load_heads, save_heads
 from pipeline.heads.reference import reference_forward
+from small_heads import DIM, FRAMES, PATCHES, SMALL, make_heads, random_task
 
-DIM, FRAMES, PATCHES = 16, 8, 4
-SMALL = {"frames": FRAMES, "patches": PATCHES, "trm_dim": 12}
 JOINT = ("jnt-st-1", "jnt-st-2")
 
 
 def n_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def make_heads(variant: str, seed: int = 0, gamma: float = 0.7, **options):
-    torch.manual_seed(seed)
-    heads = build_heads(variant, DIM, **{**SMALL, **options})
-    with torch.no_grad():  # gamma starts at 0; give the attention branch a say
-        for module in heads.modules():
-            if getattr(module, "gamma", None) is not None:
-                module.gamma.fill_(gamma)
-    return heads.eval()
-
-
-def random_task(way: int, shot: int, queries: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    support = torch.randn(way * shot, FRAMES, PATCHES, DIM, generator=g)
-    query = torch.randn(way * queries, FRAMES, PATCHES, DIM, generator=g)
-    labels = torch.arange(way).repeat_interleave(shot)[torch.randperm(way * shot, generator=g)]
-    return support, labels, query
 
 
 def test_parameter_counts_at_d2048():

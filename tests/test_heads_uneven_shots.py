@@ -10,24 +10,11 @@ import torch.nn.functional as F
 import pipeline.heads.qc as qc_module
 import pipeline.heads.trm as trm_module
 from pipeline.evaluate import ProtoBaseline
-from pipeline.heads import VARIANTS, build_heads
+from pipeline.heads import VARIANTS
 from pipeline.heads.model import group_by_class
 from pipeline.heads.qc import nearest_block
 from pipeline.heads.reference import reference_forward
-
-DIM, FRAMES, PATCHES = 16, 8, 4
-SMALL = {"frames": FRAMES, "patches": PATCHES, "trm_dim": 12}
-TOL = {"rtol": 1e-4, "atol": 1e-5}
-
-
-def make_heads(variant: str = "strm", seed: int = 0, **options):
-    torch.manual_seed(seed)
-    heads = build_heads(variant, DIM, **{**SMALL, **options})
-    with torch.no_grad():  # gamma starts at 0; give the attention branch a say
-        for module in heads.modules():
-            if getattr(module, "gamma", None) is not None:
-                module.gamma.fill_(0.7)
-    return heads.eval()
+from small_heads import DIM, FRAMES, PATCHES, TOL, assert_matches_reference, make_heads
 
 
 def shuffled_labels(shots: list[int], g: torch.Generator) -> torch.Tensor:
@@ -40,16 +27,6 @@ def uneven_task(shots: list[int], queries: int, seed: int):
     support = torch.randn(sum(shots), FRAMES, PATCHES, DIM, generator=g)
     query = torch.randn(queries, FRAMES, PATCHES, DIM, generator=g)
     return support, shuffled_labels(shots, g), query
-
-
-def assert_matches_reference(heads, support, labels, query) -> None:
-    with torch.no_grad():
-        fast = heads(support, labels, query)
-        ref = reference_forward(heads, support, labels, query)
-    torch.testing.assert_close(fast.trm_logits, ref["trm_logits"], **TOL)
-    torch.testing.assert_close(fast.logits, ref["logits"], **TOL)
-    if heads.has_qc:
-        torch.testing.assert_close(fast.qc_logits, ref["qc_logits"], **TOL)
 
 
 def test_group_by_class_pads_with_video_0_and_masks_the_padding():

@@ -226,7 +226,7 @@ def test_manifest_command_writes_manifest_report_and_counts(tmp_path, hmdb_tree)
                                       "--out", str(out), "--workers", "1"])
     assert result.exit_code == 0, result.output
     report = tmp_path / "out" / "mine.report.csv"
-    assert f"bad videos: 4 (" in result.output and str(report) in result.output
+    assert "bad videos: 4 (" in result.output and str(report) in result.output
     table = read_manifest(out)
     assert len(table) == 6 and (table["status"] == "ok").sum() == 2
     assert set(pd.read_csv(report)["video_id"]) == {"brush_hair/short", "fencing/bad", "fencing/zero", "fencing/cut"}

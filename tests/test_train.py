@@ -28,13 +28,7 @@ SMALL = {"trm_dim": 32}  # D' = 32 keeps a task at D = 32 in tens of millisecond
 CLI = "from stages.app import main; main()"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPU is shared: one BLAS thread is faster than two fighting for it (and the subprocesses match)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env() -> dict:
