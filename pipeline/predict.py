@@ -83,13 +83,17 @@ def probe_video(path: str) -> tuple[int, float]:
 
 
 def window_starts(frames: int, fps: float, window_s: float, stride_s: float) -> list[tuple[int, int]]:
-    """(first frame, frame count) of each window [t, t + window) for t = 0, stride, 2 stride, ...; a video
+    """(first frame, frame count) of each window [t, t + window) for t = 0, stride, 2 stride, ..., plus one
+    window ending at the last frame when the stride leaves a tail, so every frame is classified; a video
     shorter than one window is one window of all its frames."""
     width = max(1, round(window_s * fps))
     step = max(1, round(stride_s * fps))
     if frames <= width:
         return [(0, frames)]
-    return [(first, width) for first in range(0, frames - width + 1, step)]
+    firsts = list(range(0, frames - width + 1, step))
+    if firsts[-1] + width < frames:
+        firsts.append(frames - width)
+    return [(first, width) for first in firsts]
 
 
 @dataclass
@@ -129,17 +133,26 @@ class FeatureMaker:
         """One job per clip: its test view (view 0 of the sampling rule), whole."""
         return [VideoJob(kind, k, str(p), str(p), -1, 1, 0, self.spec) for k, p in enumerate(paths)]
 
-    def window_jobs(self, path: Path, window_s: float, stride_s: float, first_index: int
-                    ) -> tuple[list[VideoJob], list[tuple[float, float]], str | None]:
-        """The jobs of a recording's windows and their (start, end) times in seconds, or the reason it has none."""
-        probed = _probe([str(path)], self.workers)[0]
-        if isinstance(probed, str):
-            return [], [], probed
-        frames, fps = probed
-        starts = window_starts(frames, fps, window_s, stride_s)
-        jobs = [VideoJob("window", first_index + k, str(path), str(path), frames, 1, 0, self.spec, window=w)
-                for k, w in enumerate(starts)]
-        return jobs, [(first / fps, (first + count) / fps) for first, count in starts], None
+    def window_jobs(self, paths: Sequence[Path], window_s: float, stride_s: float, first_index: int
+                    ) -> list[tuple[list[VideoJob], list[tuple[float, float]], str | None]]:
+        """Per recording: the jobs of its windows and their (start, end) times in seconds, or the reason it
+        has none. The recordings are probed in one pool of crash-isolated workers."""
+        out = []
+        for path, probed in zip(paths, _probe([str(p) for p in paths], self.workers)):
+            if isinstance(probed, str):
+                out.append(([], [], probed))
+                continue
+            frames, fps = probed
+            starts = window_starts(frames, fps, window_s, stride_s)
+            if frames > starts[0][1] and starts[0][1] < FRAMES:
+                out.append(([], [], f"a window of {window_s:g} s is {starts[0][1]} frames at {fps:g} fps; "
+                                    f"a window needs at least {FRAMES} (--window)"))
+                continue
+            jobs = [VideoJob("window", first_index + k, str(path), str(path), frames, 1, 0, self.spec, window=w)
+                    for k, w in enumerate(starts)]
+            first_index += len(jobs)
+            out.append((jobs, [(first / fps, (first + count) / fps) for first, count in starts], None))
+        return out
 
 
 def _short_reason(reason: str) -> str:
@@ -159,7 +172,7 @@ def _probe(paths: list[str], workers: int) -> list[tuple[int, float] | str]:
                 out.append(str(err))
         return out
     results = {item: (value if error is None else _short_reason(error))
-               for item, value, error in imap_isolated(probe_video, paths, workers=1)}
+               for item, value, error in imap_isolated(probe_video, paths, workers=workers)}
     return [results[p] for p in paths]
 
 
@@ -184,15 +197,16 @@ def _weights_backbone(recipe: FeatureRecipe, weights: Path | None, state: dict |
 
 
 def feature_maker(recipe: FeatureRecipe, *, state: dict | None = None, weights: Path | None = None,
-                  allow_other_weights: bool = False, device: torch.device, batch_size: int = 64, workers: int = 2
-                  ) -> tuple[FeatureMaker, list[str]]:
-    """A FeatureMaker for `recipe`, and notes; PredictError when the recipe cannot be rebuilt exactly."""
+                  backbone: Backbone | None = None, allow_other_weights: bool = False, device: torch.device,
+                  batch_size: int = 64, workers: int = 2) -> tuple[FeatureMaker, list[str]]:
+    """A FeatureMaker for `recipe` (with `backbone` when it is already built), and notes; PredictError when
+    the recipe cannot be rebuilt exactly."""
     if recipe.sampling_rule != SAMPLING_RULE_VERSION:
         raise PredictError(f"the checkpoint's features used sampling rule {recipe.sampling_rule!r}; this strm samples "
                            f"{SAMPLING_RULE_VERSION!r}: re-extract and retrain, or use the strm that made it")
     if recipe.frames != FRAMES:
         raise PredictError(f"the checkpoint's features have L={recipe.frames} frames; this strm samples {FRAMES}")
-    backbone = _weights_backbone(recipe, weights, state)
+    backbone = backbone or _weights_backbone(recipe, weights, state)
     notes = []
     if backbone.weights_id != recipe.weights:
         message = (f"the backbone weights differ from the ones the heads were trained on "
@@ -220,6 +234,7 @@ class SupportSet:
     calibration: Calibration
     checkpoint_sha256: str
     recipe: FeatureRecipe
+    weights_id: str  # the backbone weights the clips went through (may differ from the recipe's with --allow-other-weights)
 
     def save(self, path: Path) -> Path:
         """A safetensors file: the embeddings as tensors, everything else as JSON metadata."""
@@ -237,14 +252,14 @@ class SupportSet:
                     tensors[f"embedding.{f.name}"] = value.contiguous()
         meta = {"format": INDEX_FORMAT, "actions": self.actions, "used": self.used, "failed": self.failed,
                 "calibration": self.calibration.to_dict(), "checkpoint_sha256": self.checkpoint_sha256,
-                "recipe": self.recipe.to_dict()}
+                "recipe": self.recipe.to_dict(), "weights_id": self.weights_id}
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata={"strm": json.dumps(meta)})
         return path
 
     @classmethod
-    def load(cls, path: Path, checkpoint_sha256: str, recipe: FeatureRecipe) -> SupportSet:
-        """A saved index, refused (naming the difference) when made with another checkpoint or recipe."""
+    def load(cls, path: Path, checkpoint_sha256: str, recipe: FeatureRecipe, weights_id: str) -> SupportSet:
+        """A saved index, refused (naming the difference) when made with another checkpoint, recipe or weights."""
         from safetensors import safe_open
 
         try:
@@ -263,6 +278,9 @@ class SupportSet:
         differ = saved.differences(recipe, names)
         if differ:
             raise PredictError(f"{path}: made with another feature recipe ({'; '.join(differ)}: index vs checkpoint)")
+        if meta["weights_id"] != weights_id:
+            raise PredictError(f"{path}: made with other backbone weights ({meta['weights_id'][:16]}, these are "
+                               f"{weights_id[:16]}): save the support again with these weights")
         if "embedding" in tensors:
             embedding: Any = tensors["embedding"]
         else:
@@ -277,7 +295,7 @@ class SupportSet:
                                           ("trm_k", "trm_k_rstd", "trm_v", "qc", "qc_norms", "tuples")})
         return cls(meta["actions"], tensors["labels"], embedding, [tuple(x) for x in meta["used"]],
                    [tuple(x) for x in meta["failed"]], Calibration.from_dict(meta["calibration"]), checkpoint_sha256,
-                   saved)
+                   saved, weights_id)
 
 
 # ---------------------------------------------------------------------------------------------- predictions
@@ -347,11 +365,10 @@ class FewShotRecognizer:
         if str(checkpoint) == PROTO:
             if not backbone:
                 raise PredictError("proto needs --backbone NAME (e.g. dinov2_vits14, tf_efficientnet_lite0)")
-            net = get_backbone(backbone, weights=weights)
+            net = get_backbone(backbone, weights=weights, image_size=ViewSpec().crop)
             spec = ViewSpec(interpolation=net.interpolation)
             recipe = extraction_recipe(net, ExtractSettings(views=1, spec=spec), distributed.resolve_precision("auto", dev))
-            maker, notes = feature_maker(recipe, weights=weights, allow_other_weights=True, device=dev,
-                                         batch_size=batch_size, workers=workers)
+            maker, notes = feature_maker(recipe, backbone=net, device=dev, batch_size=batch_size, workers=workers)
             return cls(ProtoBaseline(), PROTO, f"proto:{recipe.weights}", maker, notes)
         try:
             loaded = load_checkpoint(checkpoint)
@@ -377,7 +394,8 @@ class FewShotRecognizer:
         """A support folder (decoded and encoded once) or a saved index; PredictError names what is wrong."""
         source = Path(source)
         if source.is_file():
-            self.support = SupportSet.load(source, self.checkpoint_sha256, self.maker.recipe)
+            self.support = SupportSet.load(source, self.checkpoint_sha256, self.maker.recipe,
+                                           self.maker.backbone.weights_id)
             self.support.embedding = self.support.embedding.to(self.maker.device)
             return self.support
         clips = support_folder(source)
@@ -395,7 +413,10 @@ class FewShotRecognizer:
         embedding = self._encode([results[k] for k in range(len(clips)) if isinstance(results[k], torch.Tensor)])
         calibration = calibrate(self.model, embedding, labels.to(self.maker.device), len(actions))
         self.support = SupportSet(actions, labels, embedding, used, failed, calibration, self.checkpoint_sha256,
-                                  self.maker.recipe)
+                                  self.maker.recipe, self.maker.backbone.weights_id)
+        if not calibration.support_scores.get("max_logit"):
+            self.notes.append("no action has 2 support clips to hold one out, so the temperature is 1 (probabilities "
+                              "uncalibrated) and --unknown has no threshold: add a second clip to an action")
         return self.support
 
     def save_support(self, path: Path | str) -> Path:
@@ -444,12 +465,20 @@ class FewShotRecognizer:
         also gets its sliding windows (stride seconds apart) and their merged segments."""
         if self.support is None:
             raise PredictError("no support set yet: add_support(folder or index) first")
+        if stride is not None and window is None:
+            raise PredictError("--stride needs --window (the length of the windows it moves)")
+        if unknown is not None and not self.support.calibration.support_scores.get(unknown.score):
+            raise PredictError("--unknown needs a threshold from held-out support clips, and no action of the support "
+                               "has 2 clips: add a second clip to at least one action, or use --unknown off")
         videos = find_videos(paths)
+        if not videos:
+            raise PredictError(f"no query videos in {', '.join(map(str, paths)) or 'the arguments'} "
+                               f"(files, or folders holding {', '.join(sorted(VIDEO_SUFFIXES))})")
         jobs = self.maker.clip_jobs(videos, "query")
         spans: dict[int, tuple[list[int], list[tuple[float, float]], str | None]] = {}
         if window is not None:
-            for k, video in enumerate(videos):
-                window_jobs, times, reason = self.maker.window_jobs(video, window, stride or window, len(jobs))
+            planned = self.maker.window_jobs(videos, window, stride or window, len(jobs))
+            for k, (window_jobs, times, reason) in enumerate(planned):
                 spans[k] = ([j.index for j in window_jobs], times, reason)
                 jobs += window_jobs
         results = self.maker.run(jobs, _counter(progress, len(jobs)))
@@ -462,7 +491,7 @@ class FewShotRecognizer:
                 record.update(status="ok", reason=None, **classified[k])
             else:
                 record.update(status="failed", reason=results[k], prediction=None, probability=None,
-                              probabilities={}, top_k=[])
+                              probabilities={}, top_k=[], logits={})
             if k in spans:
                 indices, times, reason = spans[k]
                 record["windows"] = [

@@ -65,7 +65,7 @@ def predict_command(
                                          progress=lambda done, total: bar.update(row, completed=done, total=total))
     except DeviceError as err:
         fail(str(err), 2)
-    except (PredictError, WeightsUnavailable, FileNotFoundError) as err:
+    except (PredictError, WeightsUnavailable, FileNotFoundError, ValueError) as err:  # PredictError is a ValueError
         fail(str(err))
     for path, reason in chosen.failed:
         console.print(f"support clip skipped: {path}: {reason}", highlight=False, soft_wrap=True)
@@ -82,9 +82,10 @@ def predict_command(
     Console().print(table)
     report = recognizer.report(records)
     try:
-        for r in records:
-            if r.get("windows"):
-                r["timeline"] = str(timeline_figure(r, chosen.actions, figures / f"{Path(r['path']).stem}_timeline.png"))
+        for k, r in enumerate(records):
+            if r.get("windows"):  # numbered: recordings of one name in two folders keep a figure each
+                name = f"{k:03d}_{Path(r['path']).stem}_timeline.png"
+                r["timeline"] = str(timeline_figure(r, chosen.actions, figures / name))
                 console.print(f"timeline: {r['timeline']}", highlight=False)
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -168,8 +168,43 @@ def test_weights_other_than_the_recorded_ones_are_refused_unless_allowed(world, 
     with pytest.raises(PredictError, match="weights differ .*--allow-other-weights"):
         FewShotRecognizer.from_checkpoint(heads_path, weights=tmp_path / "other.pt", device="cpu")
     allowed = FewShotRecognizer.from_checkpoint(heads_path, weights=tmp_path / "other.pt", allow_other_weights=True,
-                                                device="cpu")
+                                                device="cpu", workers=0)
     assert any("--allow-other-weights" in n for n in allowed.notes)
+    # A support index made through the other weights is refused with the recorded ones, and the reverse.
+    allowed.add_support(_support(root, tmp_path / "support", {"c4": [0, 1], "c5": [0, 1]}))
+    index = allowed.save_support(tmp_path / "other-weights.safetensors")
+    with pytest.raises(PredictError, match="other backbone weights"):
+        FewShotRecognizer.from_checkpoint(heads_path, device="cpu", workers=0).add_support(index)
+
+
+def test_options_that_cannot_work_fail_before_decoding(world, tmp_path):
+    root, _, heads_path = world
+    recognizer = FewShotRecognizer.from_checkpoint(heads_path, device="cpu", workers=0)
+    single = recognizer.add_support(_support(root, tmp_path / "single", {"c4": [0], "c5": [0]}))
+    assert single.calibration.temperature == 1.0 and any("no action has 2 support clips" in n for n in recognizer.notes)
+    query = root / "videos" / "test" / "c5" / "v4.mp4"
+    with pytest.raises(PredictError, match="--unknown needs .* 2 clips"):
+        recognizer.predict([query], unknown=UnknownRule())
+    assert recognizer.predict([query])[0]["status"] == "ok"  # without --unknown one clip an action is enough
+    with pytest.raises(PredictError, match="--stride needs --window"):
+        recognizer.predict([query], stride=0.5)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PredictError, match="no query videos in"):
+        recognizer.predict([tmp_path / "empty"])
+    record = recognizer.predict([query], window=0.25)[0]  # 3 frames at 12 fps: fewer than a view samples
+    assert record["status"] == "ok" and record["windows"] == [] and "at least 8" in record["windows_reason"]
+
+
+def test_unknown_verdict_follows_the_score_and_threshold(world, tmp_path):
+    root, _, heads_path = world
+    recognizer = FewShotRecognizer.from_checkpoint(heads_path, device="cpu", workers=0)
+    recognizer.add_support(_support(root, tmp_path / "support", {"c4": [0, 1, 2], "c5": [0, 1, 2]}))
+    queries = [root / "videos" / "test" / f"c{c}" / f"v{i}.mp4" for c in (4, 5, 6) for i in (3, 4)]
+    strict = recognizer.predict(queries, unknown=UnknownRule(0.95))  # rejects 95% of the support's own clips
+    assert all((r["prediction"] == "unknown") == (r["score"] < r["threshold"]) for r in strict)
+    assert all(r["action"] in ("c4", "c5") for r in strict) and any(r["prediction"] == "unknown" for r in strict)
+    plain = recognizer.predict(queries)
+    assert [r["action"] for r in strict] == [r["prediction"] for r in plain]
 
 
 def test_long_recording_windows_segments_timeline_and_cli_json(world, tmp_path):
@@ -212,6 +247,8 @@ def test_windows_and_segments_and_temperature():
     assert window_starts(100, 10.0, 2.0, 1.0) == [(0, 20), (10, 20), (20, 20), (30, 20), (40, 20), (50, 20), (60, 20),
                                                  (70, 20), (80, 20)]
     assert window_starts(12, 10.0, 2.0, 1.0) == [(0, 12)]
+    # A stride that does not reach the end adds one window ending at the last frame: nothing goes unclassified.
+    assert window_starts(59, 10.0, 2.0, 2.0) == [(0, 20), (20, 20), (39, 20)]
     windows = [{"start": 0, "end": 1, "prediction": "a", "probability": 0.8},
                {"start": 0.5, "end": 1.5, "prediction": "a", "probability": 0.6},
                {"start": 1, "end": 2, "prediction": None, "probability": None},
