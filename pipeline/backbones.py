@@ -111,11 +111,15 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")
-    if path.suffix == ".safetensors":
-        import safetensors.torch
+    try:
+        if path.suffix == ".safetensors":
+            import safetensors.torch
 
-        return safetensors.torch.load_file(path, device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return safetensors.torch.load_file(path, device="cpu")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch and safetensors raise many kinds for a broken file
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"{path}: not a readable weights file ({type(err).__name__}: {first})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -359,8 +363,10 @@ def _timm(name: str, weights: Path | None, layer: str | None, pretrained: bool, 
     if layer == "features":
         kwargs["num_classes"] = 0
     else:
-        probe = timm.create_model(name, pretrained=False, features_only=True, **size)
-        modules = [info["module"] for info in probe.feature_info.get_dicts()]
+        # The whole model's feature_info lists every level (a ViT's features_only default keeps only its
+        # last 3 blocks); out_indices index this list.
+        probe = timm.create_model(name, pretrained=False, **size)
+        modules = [info["module"] for info in probe.feature_info]
         if layer not in modules:
             raise ValueError(f"{name} has layers 'features' and {modules}, not {layer!r}")
         kwargs.update(features_only=True, out_indices=(modules.index(layer),))
@@ -491,35 +497,19 @@ def get_backbone(name: str, weights: Path | None = None, layer: str | None = Non
     weights = Path(weights) if weights is not None else None
     build = REGISTRY.get(name)
     if build is not None:
-        backbone = build(weights, layer, pretrained, image_size)
+        try:
+            backbone = build(weights, layer, pretrained, image_size)
+        except RuntimeError as err:  # load_state_dict: missing / unexpected keys, shapes that do not fit
+            if weights is None:
+                raise
+            first = str(err).splitlines()[0]
+            raise ValueError(f"{weights}: these weights do not fit {name}: {first}") from None
     elif name in PRESETS:
         preset = PRESETS[name]
         backbone = _timm(preset.timm_name, weights, layer, pretrained, image_size or preset.image_size, preset=name)
     else:
         backbone = _timm(name, weights, layer, pretrained, image_size)
     return backbone.eval()
-
-
-def load_backbone_checkpoint(backbone: Backbone, path: Path) -> Backbone:
-    """Load a fine-tuned backbone from a project checkpoint (its `backbone` state dict) into `backbone`.
-
-    The checkpoint file's sha256 becomes `weights_id`, so features of a fine-tuned backbone never
-    share a cache with the pretrained one's. DistributedDataParallel's `module.` prefix is accepted.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("backbone") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: no 'backbone' state dict in this checkpoint")
-    state = {key.removeprefix("module."): value for key, value in state.items()}
-    try:
-        backbone.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"{path}: its backbone does not fit {backbone.name} (layer {backbone.layer}): {err}") from err
-    backbone.weights_id = file_sha256(path)
-    return backbone
 
 
 # ---------------------------------------------------------------------------------------------

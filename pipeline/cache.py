@@ -268,8 +268,9 @@ SplitReader = Union[SplitFeatures, StreamedSplit]
 def choose_loading(nbytes: int, loading: str, device: torch.device | None = None) -> str:
     """ram, device or stream for a split of `nbytes` (float16 features) used on `device`.
 
-    auto: on CUDA, resident on the GPU when the split takes at most half its free memory; else in
-    RAM when it takes at most half the available memory; else streamed from disk. On CUDA "ram"
+    auto: on CUDA, resident on the GPU when the split takes at most half its free memory (and the host
+    can hold it on the way); else in RAM when it takes at most half the available memory; else
+    streamed from disk. On CUDA "ram"
     becomes "pinned": each task is gathered into pinned memory, so its copy to the GPU does not block.
     """
     if loading not in LOADINGS:
@@ -279,15 +280,28 @@ def choose_loading(nbytes: int, loading: str, device: torch.device | None = None
         raise CacheError("loading 'device' keeps a split on the GPU: it needs --device cuda")
     if loading != "auto":
         return loading
+    available = available_ram()
     if cuda:
         free, _ = torch.cuda.mem_get_info(device)
-        if nbytes <= 0.5 * free:
+        if nbytes <= 0.5 * free and (available == 0 or nbytes < 0.8 * available):  # it passes through RAM once
             return "device"
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        available = 0
     return "ram" if available == 0 or nbytes < 0.5 * available else "stream"
+
+
+def available_ram(meminfo: str = "/proc/meminfo") -> int:
+    """Bytes of memory the kernel can give without swapping (MemAvailable: free plus reclaimable page
+    cache, which extraction fills); 0 when unknown."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
 
 
 def channel_stats(

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.backbones import file_sha256, resnet_trunk_state
+from pipeline.backbones import Backbone, file_sha256, resnet_trunk_state
 from pipeline.cache import CacheError, FeatureRecipe
 from pipeline.heads import VARIANTS, ImportReport, STRMHeads, load_authors_checkpoint, load_heads
 from pipeline.video import FRAMES, SAMPLING_RULE_VERSION
+
 
 class CheckpointError(ValueError):
     """A file that is missing, unreadable, or no checkpoint this project knows; the message names it."""
@@ -119,3 +120,22 @@ def load_checkpoint(path: Path | str, variant: str | None = None) -> Checkpoint:
         raise CheckpointError(f"{path}: {err}") from None
     notes = [] if contents.get("cache_fingerprint") else [f"{path} does not say which features its heads were trained on"]
     return Checkpoint(path, "heads", heads.variant, heads, recipe, None, contents, notes)
+
+
+def load_backbone_weights(backbone: Backbone, path: Path | str) -> Backbone:
+    """The backbone a fine-tune or authors' checkpoint holds, loaded into `backbone` (built for its recipe).
+
+    The checkpoint file's sha256 becomes `weights_id`, so features of a fine-tuned backbone never share
+    a cache with the pretrained one's, and match the recipe `load_checkpoint` gives the same file.
+    """
+    loaded = load_checkpoint(path)
+    if loaded.backbone_state is None:
+        raise CheckpointError(f"{loaded.path}: a {loaded.kind} checkpoint without backbone weights")
+    try:
+        backbone.load_state_dict(loaded.backbone_state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise CheckpointError(f"{loaded.path}: its backbone does not fit {backbone.name} (layer {backbone.layer}): "
+                              f"{first}") from None
+    backbone.weights_id = loaded.sha256
+    return backbone

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from pipeline import distributed
-from pipeline.backbones import Backbone, get_backbone, load_backbone_checkpoint
+from pipeline.backbones import Backbone, get_backbone
 from pipeline.cache import FeatureRecipe
-from pipeline.checkpoints import CheckpointError, load_checkpoint
+from pipeline.checkpoints import CheckpointError, load_backbone_weights, load_checkpoint
 from pipeline.evaluate import ProtoBaseline
 from pipeline.extract import ExtractSettings, RunOptions, VideoJob, recipe as extraction_recipe, run_jobs
 from pipeline.heads import VideoEmbedding
@@ -184,14 +184,12 @@ def _weights_backbone(recipe: FeatureRecipe, weights: Path | None, state: dict |
         backbone.load_state_dict(state)
         backbone.weights_id = recipe.weights  # the checkpoint file itself
         return backbone
-    if weights is not None and weights.suffix not in (".safetensors",):
+    if weights is not None and weights.suffix != ".safetensors":
+        backbone = get_backbone(recipe.backbone, layer=recipe.layer, pretrained=False, image_size=recipe.crop)
         try:
-            raw = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - not a torch file: get_backbone says what it is
-            raw = None
-        if isinstance(raw, dict) and isinstance(raw.get("backbone"), dict):
-            backbone = get_backbone(recipe.backbone, layer=recipe.layer, pretrained=False, image_size=recipe.crop)
-            return load_backbone_checkpoint(backbone, weights)
+            return load_backbone_weights(backbone, weights)
+        except CheckpointError:
+            pass  # not a checkpoint with a backbone: plain weights, which get_backbone reads
     return get_backbone(recipe.backbone, weights=weights, layer=recipe.layer, pretrained=weights is None,
                         image_size=recipe.crop)
 

@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from pipeline.backbones import OFFLINE_DEFAULT, WeightsUnavailable, get_backbone, load_backbone_checkpoint, preset_lines
+from pipeline.backbones import OFFLINE_DEFAULT, WeightsUnavailable, get_backbone, preset_lines
+from pipeline.checkpoints import load_backbone_weights
 from pipeline.cache import CacheError, open_cache
 from pipeline.distributed import DeviceError, init_distributed, resolve_device, teardown
 from pipeline.extract import ExtractSettings, RunOptions, extract
@@ -46,7 +47,7 @@ def extract_command(
                                       f"any timm model name, or a preset: {'; '.join(preset_lines())}."),
     layer: str | None = typer.Option(None, "--layer", help="Feature layer (tf_efficientnet_lite0: head or last_block); default: the backbone's own."),
     weights: Path | None = typer.Option(None, "--weights", help="Local weights file instead of the pretrained download."),
-    backbone_checkpoint: Path | None = typer.Option(None, "--backbone-checkpoint", help="Fine-tuned backbone from a `strm finetune` checkpoint (its 'backbone' weights)."),
+    backbone_checkpoint: Path | None = typer.Option(None, "--backbone-checkpoint", help="Fine-tuned backbone from a `strm finetune` checkpoint or an authors' STRM/TRX file."),
     views: int = typer.Option(4, "--views", min=1, help="Views per training video: the test view plus views-1 augmented ones."),
     short_side: int = typer.Option(256, "--short-side", min=1, help="Resize the shorter side to this many pixels."),
     crop: int = typer.Option(224, "--crop", min=1, help="Square crop size."),
@@ -78,7 +79,7 @@ def extract_command(
         backbone = get_backbone(backbone_name, weights=weights, layer=layer, pretrained=backbone_checkpoint is None,
                                 image_size=crop)
         if backbone_checkpoint is not None:
-            load_backbone_checkpoint(backbone, backbone_checkpoint)
+            load_backbone_weights(backbone, backbone_checkpoint)
         table = _manifest(dataset, videos, manifest, split_dir, classes)
     except (WeightsUnavailable, FileNotFoundError, ValueError, OSError) as err:
         fail(str(err))

@@ -50,7 +50,7 @@ def import_checkpoint(
     for line in report.notes:
         console.print(f"  [yellow]note[/yellow]     {line}")
 
-    extra = {"source": {"path": str(src), "import_report": asdict(report)}}
+    extra = {"source": {"path": str(src), "import_report": asdict(report)}, "recipe": loaded.recipe.to_dict()}
     if loaded.backbone_state:
         extra["backbone"] = loaded.backbone_state  # as `Backbone.state_dict()` names it
     try:

@@ -14,8 +14,9 @@ from pipeline.backbones import (
     file_sha256,
     get_backbone,
     lite0_wheel_weights,
-    load_backbone_checkpoint,
 )
+from pipeline.checkpoints import CheckpointError, load_backbone_weights
+from pipeline.heads import build_heads, save_heads
 
 # ImageNet class indices (torchvision's ordering).
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -100,19 +101,31 @@ def test_local_weights_file_replaces_the_weights_and_names_them(tmp_path):
 def test_backbone_checkpoint_loads_the_backbone_key_and_changes_the_id(tmp_path):
     base = get_backbone("tiny")
     tuned = {k: v * 1.5 for k, v in base.state_dict().items()}
+    heads = build_heads("strm", base.dim, trm_dim=8)
     path = tmp_path / "finetune.pt"
-    torch.save({"format": "strm-finetune/1", "backbone": {f"module.{k}": v for k, v in tuned.items()}}, path)
+    save_heads(path, heads, backbone={f"module.{k}": v for k, v in tuned.items()})
     x = torch.rand(1, 3, 32, 32)
     before = base(x)
-    load_backbone_checkpoint(base, path)
+    load_backbone_weights(base, path)
     assert base.weights_id == file_sha256(path)
     assert not torch.equal(base(x), before)
-    torch.save({"model": tuned}, tmp_path / "heads.pt")
-    with pytest.raises(ValueError, match="no 'backbone' state dict"):
-        load_backbone_checkpoint(get_backbone("tiny"), tmp_path / "heads.pt")
-    torch.save({"backbone": get_backbone("resnet50", pretrained=False).state_dict()}, tmp_path / "r50.pt")
-    with pytest.raises(ValueError, match="does not fit tiny"):
-        load_backbone_checkpoint(get_backbone("tiny"), tmp_path / "r50.pt")
+    save_heads(tmp_path / "heads.pt", heads)
+    with pytest.raises(CheckpointError, match="heads checkpoint without backbone weights"):
+        load_backbone_weights(get_backbone("tiny"), tmp_path / "heads.pt")
+    save_heads(tmp_path / "r50.pt", heads, backbone=get_backbone("resnet50", pretrained=False).state_dict())
+    with pytest.raises(CheckpointError, match="does not fit tiny"):
+        load_backbone_weights(get_backbone("tiny"), tmp_path / "r50.pt")
+
+
+def test_weights_files_that_are_broken_or_do_not_fit_are_one_line_errors(tmp_path):
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 32)
+    (tmp_path / "broken.pth").write_bytes(b"not a torch file")
+    for name in ("broken.safetensors", "broken.pth"):
+        with pytest.raises(ValueError, match=f"{name}: not a readable weights file"):
+            get_backbone("tiny", weights=tmp_path / name)
+    torch.save(get_backbone("resnet50", pretrained=False).trunk.state_dict(), tmp_path / "r50.pth")
+    with pytest.raises(ValueError, match="r50.pth: these weights do not fit tiny"):
+        get_backbone("tiny", weights=tmp_path / "r50.pth")
 
 
 def test_offline_download_failure_names_weights_and_the_offline_default(monkeypatch, tmp_path):

@@ -64,6 +64,17 @@ def test_vits_give_their_patch_tokens_as_a_map_at_the_extraction_size(name, size
     assert torch.equal(fmap.flatten(2).transpose(1, 2), tokens[:, prefix:])
 
 
+@pytest.mark.parametrize(("layer", "blocks"), [("blocks.11", 12), ("blocks.2", 3)])
+def test_a_vit_layer_is_that_block(layer, blocks):
+    """--layer blocks.N keeps blocks 0..N (timm's features_only default lists only a ViT's last 3 blocks,
+    so an index into that list picked another block)."""
+    backbone = get_backbone(DINO, layer=layer, pretrained=False, image_size=56)
+    kept = {m.group(1) for k in backbone.trunk.state_dict() if (m := re.search(r"blocks\.(\d+)\.attn\.qkv\.weight", k))}
+    assert len(kept) == blocks and backbone.layer == layer
+    with pytest.raises(ValueError, match="blocks.0"):
+        get_backbone(DINO, layer="blocks.12", pretrained=False, image_size=56)
+
+
 def test_without_an_image_size_a_dinov2_name_is_built_for_518_px():
     backbone = get_backbone(DINO, pretrained=False)
     with pytest.raises(AssertionError, match="518"), torch.inference_mode():

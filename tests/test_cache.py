@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import h5py
 import numpy as np
@@ -10,10 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import pipeline.cache as cache_module
 from pipeline.cache import (
     CacheError,
     CacheWriter,
     SplitLayout,
+    available_ram,
     cache_key,
     choose_loading,
     open_cache,
@@ -92,13 +93,15 @@ GB = 10**9
 
 
 def test_auto_loading_prefers_the_gpu_then_ram_then_disk(monkeypatch):
-    """On CUDA a split goes to the GPU when it takes at most half its free memory, else to RAM when it
-    takes less than half the available memory, else it is streamed; on CPU the GPU is never chosen."""
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * GB, 80 * GB))
-    pages = {"SC_AVPHYS_PAGES": 64 * GB // 4096, "SC_PAGE_SIZE": 4096}
-    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    """On CUDA a split goes to the GPU when it takes at most half its free memory (and fits the host's on
+    the way), else to RAM when it takes less than half the available memory, else it is streamed; on CPU
+    the GPU is never chosen."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (130 * GB, 140 * GB))
+    monkeypatch.setattr(cache_module, "available_ram", lambda: 64 * GB)
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert choose_loading(5 * GB, "auto", gpu) == "device"
+    assert choose_loading(55 * GB, "auto", gpu) == "stream"  # fits the GPU, not 0.8 of the host on its way
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * GB, 80 * GB))
     assert choose_loading(6 * GB, "auto", gpu) == "ram"  # FeatureCache.split makes it "pinned" on CUDA
     assert choose_loading(32 * GB, "auto", gpu) == "stream"
     assert choose_loading(5 * GB, "auto", cpu) == "ram"
@@ -106,6 +109,15 @@ def test_auto_loading_prefers_the_gpu_then_ram_then_disk(monkeypatch):
     assert choose_loading(1, "stream", gpu) == "stream"
     with pytest.raises(CacheError, match="needs --device cuda"):
         choose_loading(1, "device", cpu)
+
+
+def test_available_ram_counts_reclaimable_page_cache(tmp_path):
+    """MemAvailable (free + reclaimable cache), not MemFree: after an extraction fills the page cache,
+    MemFree alone would stream splits that fit in RAM."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         2000000 kB\nMemAvailable:   20000000 kB\n")
+    assert available_ram(str(meminfo)) == 20000000 * 1024
+    assert available_ram() > 0  # this machine's
 
 
 def test_cli_info_and_hdf5_export(tmp_path):

@@ -145,6 +145,14 @@ def test_import_checkpoint_stage(golden, tmp_path):
     assert not heads.has_qc and torch.equal(checkpoint["backbone"]["trunk.0.weight"], released["resnet.0.weight"])
     assert torch.equal(checkpoint["backbone"]["trunk.7.0.bn1.running_mean"], released["resnet.7.0.bn1.running_mean"])
     close(logits(heads, golden).logits, golden["trm_logits"])
+    # The imported file keeps the authors' feature recipe (raw [0, 1] pixels, 256/224, 4x4), its own
+    # sha256 as the weights, so predict and finetune rebuild the right input.
+    from pipeline.checkpoints import load_checkpoint
+
+    imported = load_checkpoint(dst)
+    assert imported.kind == "finetune" and not imported.notes
+    assert imported.recipe.mean is None and (imported.recipe.short_side, imported.recipe.crop) == (256, 224)
+    assert imported.recipe.weights == imported.sha256 != load_checkpoint(src).recipe.weights
 
     bad = CliRunner().invoke(app, ["import-checkpoint", str(src), str(dst), "--variant", "trx"])
     assert bad.exit_code == 1 and "does not have" in bad.output
