@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 T = TypeVar("T")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AMP_MODES = ("bf16", "fp16", "off")  # training autocast (finetune's --amp)
 
 
 class DeviceError(ValueError):
@@ -54,14 +55,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast_dtype(amp: str | bool, device: torch.device) -> torch.dtype | None:
-    """The training autocast dtype: None on CPU or with amp off; True means bf16 (train-heads' switch)."""
-    amp = {True: "bf16", False: "off"}.get(amp, amp) if isinstance(amp, bool) else amp
-    if amp not in ("bf16", "fp16", "off"):
-        raise ValueError(f"amp {amp!r}: expected bf16, fp16 or off")
+    """The training autocast dtype: None on CPU or with amp off.
+
+    True (train-heads' switch, which has no --amp) is the GPU's best: bf16, else fp16, which the
+    loop's GradScaler makes safe. A string is finetune's --amp, kept as asked.
+    """
+    if isinstance(amp, bool):
+        amp = resolve_precision("auto", device) if amp and device.type == "cuda" else "off"
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp {amp!r}: expected one of {', '.join(AMP_MODES)}")
     if device.type != "cuda" or amp == "off":
         return None
     if amp == "bf16" and not torch.cuda.is_bf16_supported():
-        raise DeviceError(f"{torch.cuda.get_device_name(device)} has no bfloat16: use amp fp16 (or off)")
+        raise DeviceError(f"{torch.cuda.get_device_name(device)} has no bfloat16: use --amp fp16 (or off)")
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 

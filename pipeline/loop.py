@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, astuple, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,6 +34,9 @@ from pipeline.heads import STRMHeads, save_heads
 from pipeline.runs import BEST, FREE, LAST, RunLog, plot_curve, resume_differences
 
 PROBE_TASKS = 2  # tasks run before `confirm` is asked; the first one includes the warm-up
+# fp16 steps in a row the loss scaler may skip (gradient not finite) before the run counts as diverged:
+# each skip halves the scale, so by then it has fallen by 2**20 and the gradient is not an overflow.
+SKIPPED_STEPS = 20
 
 
 class TrainError(ValueError):
@@ -85,6 +88,10 @@ def check_config(config: EpisodicConfig) -> None:
         raise TrainError("episodes, tasks_per_step, checkpoint_every, log_every, way, shot and queries must be >= 1")
     if config.episodes % config.tasks_per_step:
         raise TrainError(f"episodes ({config.episodes}) must be a multiple of tasks_per_step ({config.tasks_per_step})")
+    world = distributed.world_size()
+    if config.tasks_per_step % world:
+        raise TrainError(f"{world} processes share the {config.tasks_per_step} tasks of an optimiser step: "
+                         f"--tasks-per-step must be a multiple of {world}")
     if config.val_every and config.val_episodes < 1:
         raise TrainError("val_episodes must be >= 1 when validating")
 
@@ -119,8 +126,6 @@ def derived_seed(*entropy: int) -> int:
 class TaskSource(Protocol):
     """Where a run's tasks and validation features come from (cached views, or clips through the backbone)."""
 
-    sampler: EpisodeSampler
-
     def inputs(self, indices: list[int]) -> Iterator[tuple[int, Task, torch.Tensor]]:
         """(index, task, inputs [n_s + n_q, ...] support first) for the given tasks, in order; a generator."""
 
@@ -130,7 +135,7 @@ class TaskSource(Protocol):
 
 @dataclass
 class MetricWindow:
-    """Sums over the tasks since the last log line (this rank's)."""
+    """Sums over the tasks since the last log line (this rank's; in a checkpoint, all ranks')."""
 
     loss: float = 0.0
     correct: float = 0.0
@@ -213,6 +218,14 @@ def resume_point(out: Path, resume: bool, config: EpisodicConfig, also_free: tup
     return ckpt
 
 
+def _unreached_parameters(heads: STRMHeads) -> list[nn.Parameter]:
+    """Parameters the loss never reaches: QC's when lambda_qc is 0 (STRMHeads.loss leaves its term out).
+
+    Frozen before DDP is built: DDP would wait for their gradients and fail the next step.
+    """
+    return list(heads.qc.parameters()) if heads.qc is not None and not heads.lambda_qc else []
+
+
 def make_optimizer(config: EpisodicConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -249,14 +262,13 @@ class EpisodicLoop:
         checkpoint_extra: Callable[[], dict] = dict, notes: list[str] | None = None, divergence_hint: str = "",
     ) -> None:
         self.config, self.source, self.out = config, source, out
-        self.rank, self.world = distributed.rank_world()
-        if config.tasks_per_step % self.world:
-            raise TrainError(f"{self.world} processes share the {config.tasks_per_step} tasks of an optimiser step: "
-                             "tasks_per_step must be a multiple of the number of processes")
+        self.rank, self.world = distributed.rank_world()  # check_config made tasks_per_step a multiple of world
         self.heads, self.module, self.device, self.amp = heads, module, device, amp
         self.record, self.extra, self.notes, self.hint = record, checkpoint_extra, list(notes or []), divergence_hint
         distributed.enable_tf32(device)
         module.train()
+        for p in _unreached_parameters(heads):
+            p.requires_grad_(False)
         cuda = device.type == "cuda"
         self.ddp = (nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if cuda else None)
                     if self.world > 1 else module)
@@ -266,9 +278,10 @@ class EpisodicLoop:
         factor = ((lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))) if config.schedule == "cosine"
                   else (lambda s: 1.0))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
         self.state = RunState()
         self.done = self.saved = 0  # tasks trained; tasks in last.pt
+        self.skipped = 0  # optimiser steps in a row whose gradient was not finite (fp16 loss scaling)
         if resumed is not None:
             self.optimizer.load_state_dict(resumed["optimizer"])
             if resumed.get("scheduler"):
@@ -277,6 +290,8 @@ class EpisodicLoop:
                 self.scaler.load_state_dict(resumed["scaler"])
             _set_rng_state(resumed["rng"])
             self.state = RunState.from_dict(resumed["state"])
+            if self.rank != 0:  # the saved window is every rank's sum: rank 0 carries it, or _log counts it twice
+                self.state.window = MetricWindow()
             self.done = self.saved = int(resumed["task_index"])
         self.log = None
         if self.rank == 0:
@@ -316,11 +331,16 @@ class EpisodicLoop:
             self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)  # the same on every rank: DDP averaged the gradients
-        # Under fp16 loss scaling an inf gradient is the scaler's to handle (it skips the step, lowers the scale).
-        if not torch.isfinite(norm) and not self.scaler.is_enabled():
+        finite = bool(torch.isfinite(norm))
+        self.skipped = 0 if finite else self.skipped + 1
+        # Under fp16 loss scaling a non-finite gradient is the scaler's to handle (it skips the step and lowers
+        # the scale), up to SKIPPED_STEPS steps in a row.
+        if not finite and (not self.scaler.is_enabled() or self.skipped == SKIPPED_STEPS):
+            first = first_task - (self.skipped - 1) * config.tasks_per_step
+            skips = f" ({self.skipped} steps in a row skipped by the fp16 loss scaler)" if self.skipped > 1 else ""
             kept = f"{self.out / LAST} holds task {self.saved}" if self.saved else "no checkpoint was written yet"
-            raise TrainError(f"training diverged: the gradient of tasks {first_task}-{first_task + config.tasks_per_step - 1} "
-                             f"is not finite; {kept}; lower the learning rate (now {config.lr:g}){self.hint}")
+            raise TrainError(f"training diverged: the gradient of tasks {first}-{first_task + config.tasks_per_step - 1} "
+                             f"is not finite{skips}; {kept}; lower the learning rate (now {config.lr:g}){self.hint}")
         if config.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(self.params, config.grad_clip, norm)
         self.scaler.step(self.optimizer)
@@ -368,10 +388,11 @@ class EpisodicLoop:
                                                  "episodes": config.val_episodes, "seed": config.val_seed})
             plot_curve(self.out, config.way)
 
-    def _save(self, path: Path, **more) -> None:
+    def _save(self, path: Path, window: MetricWindow | None = None, **more) -> None:
+        """`window`: the metric window to store (last.pt: every rank's sum); this rank's by default."""
         if path.name == LAST:
             self.saved = self.done
-        state = {**asdict(self.state), "window": asdict(self.state.window)}
+        state = {**asdict(self.state), "window": asdict(window or self.state.window)}
         save_heads(  # temp file + os.replace: a kill never leaves a half-written checkpoint
             path, self.heads, optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(), rng=_rng_state(), task_index=self.done, config=self.record,
@@ -424,8 +445,11 @@ class EpisodicLoop:
                 validate = bool(config.val_every) and (self.done % config.val_every == 0 or final)
                 if validate:
                     self._validate()
-                if self.rank == 0 and (validate or final or state.stopped or self.done % config.checkpoint_every == 0):
-                    self._save(self.out / LAST)
+                if validate or final or state.stopped or self.done % config.checkpoint_every == 0:
+                    # Every rank's window since the last log line, so that a resume logs the same line.
+                    window = MetricWindow(*distributed.sum_values(astuple(state.window), self.device))
+                    if self.rank == 0:
+                        self._save(self.out / LAST, window)
                 if state.stopped:
                     break
         finally:

@@ -36,19 +36,24 @@ def write_atomic(path: Path, text: str) -> None:
 def read_metrics(out: Path | str) -> list[dict]:
     """The records of a run's metrics.jsonl (train and val lines), in order.
 
-    A last line cut short by a kill is dropped: the resumed run writes it again.
+    A last line cut short by a kill is dropped: the resumed run writes it again. Any other line
+    that is not a record ({"kind": ..., "task": N, ...}) is a RunError naming it.
     """
     path = Path(out) / METRICS
     if not path.exists():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
     records = []
-    for n, line in enumerate(lines):
+    for k, (n, line) in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            if n < len(lines) - 1:
-                raise
+            if k == len(lines) - 1:
+                break
+            raise RunError(f"{path}: line {n} is not JSON (cut short?); delete the line or start a new run folder") from None
+        if not isinstance(record, dict) or not isinstance(record.get("task"), int) or "kind" not in record:
+            raise RunError(f"{path}: line {n} is not a metrics record (no \"kind\" and integer \"task\")")
+        records.append(record)
     return records
 
 
@@ -82,18 +87,18 @@ class RunLog:
     """metrics.jsonl of a run (rank 0), and the same scalars in TensorBoard when asked."""
 
     def __init__(self, out: Path, tensorboard: bool = False) -> None:
-        self.out = out
+        self.out, self.tensorboard = out, tensorboard
         self.writer = None
-        if tensorboard:
+
+    def start(self, record: dict, resumed_at: int | None) -> None:
+        """config.json, and metrics.jsonl (and TensorBoard's events) emptied (new run) or cut back to task
+        `resumed_at` (resume): the tasks after it are written again."""
+        if self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise RunError("--tensorboard needs the tensorboard package: pip install 'strm[tensorboard]' "
                                "(or pip install tensorboard)") from None
-            self.writer = SummaryWriter(str(out / TENSORBOARD))
-
-    def start(self, record: dict, resumed_at: int | None) -> None:
-        """config.json, and metrics.jsonl emptied (new run) or cut back to task `resumed_at` (resume)."""
         self.out.mkdir(parents=True, exist_ok=True)
         if resumed_at is None:
             write_atomic(self.out / METRICS, "")
@@ -101,6 +106,9 @@ class RunLog:
             keep = [r for r in read_metrics(self.out) if r["task"] <= resumed_at]
             write_atomic(self.out / METRICS, "".join(json.dumps(r) + "\n" for r in keep))
         write_atomic(self.out / CONFIG, json.dumps(record, indent=2) + "\n")
+        if self.tensorboard:  # purge_step: TensorBoard drops the events of a killed run from that step on
+            purge = 0 if resumed_at is None else resumed_at + 1
+            self.writer = SummaryWriter(str(self.out / TENSORBOARD), purge_step=purge)
 
     def write(self, line: dict) -> None:
         """Append one record ({"kind": "train" | "val", "task": N, ...}); numbers also go to TensorBoard."""

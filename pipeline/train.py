@@ -21,7 +21,16 @@ import numpy as np
 import torch
 
 from pipeline import distributed
-from pipeline.cache import CacheError, FeatureCache, SplitFeatures, SplitReader, channel_stats, fingerprint_diff, open_cache
+from pipeline.cache import (
+    LOADINGS,
+    CacheError,
+    FeatureCache,
+    SplitFeatures,
+    SplitReader,
+    channel_stats,
+    fingerprint_diff,
+    open_cache,
+)
 from pipeline.episodes import EpisodeSampler, Task
 from pipeline.heads import STRMHeads, build_heads, load_heads
 from pipeline.heads.model import DEFAULT_OPTIONS
@@ -52,7 +61,7 @@ class TrainConfig(EpisodicConfig):
     lambda_qc: float = DEFAULT_OPTIONS["lambda_qc"]
     standardize: bool = True  # per-channel feature standardisation from the training split
     augment: bool = True  # each video in a task uses one of its cached views at random
-    amp: bool = True  # bf16 autocast + TF32 on CUDA; ignored on CPU
+    amp: bool = True  # autocast (bf16, else fp16 with loss scaling) + TF32 on CUDA; ignored on CPU
     loading: str = field(default="auto", metadata=FREE)  # auto | ram | device | stream
     read_ahead: int = field(default=8, metadata=FREE)  # tasks read ahead when streaming
 
@@ -93,8 +102,8 @@ def make_config(preset: str = "frozen", dataset: str | None = None, **overrides)
 
 def _check(config: TrainConfig) -> None:
     check_config(config)
-    if config.loading not in ("auto", "ram", "device", "stream"):
-        raise TrainError(f"loading {config.loading!r}: expected auto, ram, device or stream")
+    if config.loading not in LOADINGS:
+        raise TrainError(f"loading {config.loading!r}: expected one of {', '.join(LOADINGS)}")
     fixed = {"frames", "patches", "lambda_qc"} & set(config.heads_options)
     if fixed:
         raise TrainError(f"heads options {sorted(fixed)} come from the cache (L, P) and the lambda_qc setting, not heads_options")
@@ -240,13 +249,16 @@ def train(
         if config.standardize:
             heads.set_feature_stats(*channel_stats(source, views))
     notes = [loading_note(source, device, config.read_ahead)]
+    amp = distributed.autocast_dtype(config.amp, device)
+    if amp is torch.float16:
+        notes.append(f"{device} has no bfloat16: autocast fp16 with loss scaling")
     heads.to(device)
     record = {**asdict(config), "dim": cache.dim, "frames": cache.frames, "patches": cache.patches}
     describe = {"cache": {"path": str(cache.path), "key": cache.key, "fingerprint": cache.fingerprint},
                 "loading": source.loading}
     loop = EpisodicLoop(
         config, CachedViews(sampler, source, val_split, config.read_ahead), out, heads=heads, module=heads,
-        device=device, amp=distributed.autocast_dtype(config.amp, device), record=record, resumed=resumed,
+        device=device, amp=amp, record=record, resumed=resumed,
         describe=describe, checkpoint_extra=lambda: {"cache_fingerprint": cache.fingerprint}, notes=notes,
     )
     return replace(loop.fit(progress), config=config)

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from pipeline.cache import CacheError, open_cache
-from pipeline.distributed import DeviceError, init_distributed, resolve_device
+from pipeline.distributed import DeviceError, init_distributed, resolve_device, teardown
 from pipeline.loop import TrainError
 from pipeline.runs import RunError, saved_settings
 from pipeline.train import PRESETS, make_config, train
@@ -90,6 +90,8 @@ def train_heads(
             out = Path("runs") / f"{variant or 'strm'}-{name}-seed{seed or 0}"
         saved = {k: v for k, v in saved_settings(out).items() if k not in ("dim", "frames", "patches")} if resume else {}
         if saved:
+            if "preset" not in saved:
+                fail(f"{out}: not a train-heads run folder (its config.json has no preset; a finetune run?)", 2)
             if preset and preset.value != saved["preset"]:
                 fail(f"{out}: the run uses preset {saved['preset']!r}, not {preset.value!r}", 2)
             name = saved.pop("preset")
@@ -103,6 +105,8 @@ def train_heads(
             result = train(config, features, out, resume=resume, progress=show)
     except (TrainError, CacheError, RunError, DeviceError) as err:
         fail(str(err), 2)
+    finally:
+        teardown()
     if rank == 0:
         best = (f"best validation {result.best_val_accuracy:.2f}% at task {result.best_task} -> {result.best_checkpoint}"
                 if result.best_val_accuracy is not None else f"no validation; best: {result.best_checkpoint}")

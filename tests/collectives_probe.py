@@ -3,6 +3,8 @@
 Each rank writes $COLLECTIVES_LOG.<rank> (JSON): every collective called from Python, the devices of
 the tensors it was handed (and its `device=` argument), and the file that called it. The DDP tests
 check that every tensor is on the training device and that only pipeline/distributed.py calls them.
+On CPU (gloo) the training device and the CPU are the same, so there the device check cannot catch a
+collective built on the wrong device (only a GPU run can); the caller check is the one with force.
 """
 from __future__ import annotations
 

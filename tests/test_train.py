@@ -182,6 +182,10 @@ def test_caches_and_options_that_do_not_fit_are_clear_errors(tmp_path):
     result = runner.invoke(app, [*common, "--episodes", "4", "--shot", "2", "--queries", "2", "--lr", "0.5",
                                  "--out", str(tmp_path / "run"), "--resume"])
     assert result.exit_code == 2 and "lr: 0.001 in the checkpoint, 0.5 asked" in result.output
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft" / "config.json").write_text(json.dumps({"config": {"backbone": "tiny", "bn": "train"}}))
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "ft"), "--resume"])
+    assert result.exit_code == 2 and f"{tmp_path / 'ft'}: not a train-heads run folder" in result.output
 
 
 def test_presets():
@@ -196,10 +200,13 @@ def test_presets():
 
 
 def test_ddp_on_two_cpu_processes_gives_the_gradients_of_one_process(tmp_path):
-    """One SGD step at lr 1 moves the weights by exactly minus the gradient of the step's 16 tasks."""
+    """One SGD step at lr 1 moves the weights by exactly minus the gradient of the step's 16 tasks.
+
+    With lambda_qc 0 the QC weights get no gradient: DDP must not wait for them.
+    """
     cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2)}, dim=32)
     args = ["--cache", str(cache), "--preset", "authors", "--episodes", "16", "--shot", "2", "--queries", "2",
-            "--heads-option", "trm_dim=32", "--val-every", "0", "--device", "cpu"]
+            "--heads-option", "trm_dim=32", "--lambda-qc", "0", "--val-every", "0", "--device", "cpu"]
     probe = Path(__file__).with_name("collectives_probe.py")
     script = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(probe),
               "train-heads"]
@@ -210,7 +217,8 @@ def test_ddp_on_two_cpu_processes_gives_the_gradients_of_one_process(tmp_path):
     assert_collectives_on(tmp_path / "collectives", "cpu", ranks=2)
 
     def one_process(lr: float) -> dict:
-        config = make_config("authors", episodes=16, shot=2, queries=2, heads_options=SMALL, val_every=0, lr=lr, device="cpu")
+        config = make_config("authors", episodes=16, shot=2, queries=2, heads_options=SMALL, lambda_qc=0.0, val_every=0,
+                             lr=lr, device="cpu")
         train(config, cache, tmp_path / f"one-{lr}")
         return torch.load(tmp_path / f"one-{lr}" / "last.pt", weights_only=True)["model"]
 
@@ -225,3 +233,68 @@ def test_ddp_on_two_cpu_processes_gives_the_gradients_of_one_process(tmp_path):
         torch.testing.assert_close(grad_ddp, grad_one, rtol=1e-4, atol=1e-6, msg=key)
         moved += int(grad_one.abs().max() > 0)
     assert moved >= 10
+
+
+def test_a_world_that_does_not_divide_a_step_is_refused_before_the_cache_is_opened(tmp_path, monkeypatch):
+    config = make_config("frozen", episodes=4, heads_options=SMALL, val_every=0)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun, before the process group exists
+    with pytest.raises(TrainError, match="2 processes share the 1 tasks.*--tasks-per-step must be a multiple of 2"):
+        train(config, tmp_path / "no-cache", tmp_path / "run")
+    assert make_config("frozen", episodes=32, tasks_per_step=16).tasks_per_step == 16
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # every step is skipped, by design
+def test_fp16_steps_skipped_by_the_loss_scaler_end_as_divergence(tmp_path, monkeypatch):
+    """With every gradient infinite the GradScaler would skip steps forever; the loop stops after SKIPPED_STEPS."""
+    from pipeline.heads import STRMHeads
+    from pipeline.loop import SKIPPED_STEPS
+
+    cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2)}, dim=32)
+    monkeypatch.setattr("pipeline.distributed.autocast_dtype", lambda amp, device: torch.float16)  # the scaler on, on CPU
+    loss = STRMHeads.loss
+    monkeypatch.setattr(STRMHeads, "loss", lambda self, *a, **k: loss(self, *a, **k) * float("inf"))
+    config = make_config("frozen", episodes=30, shot=2, queries=2, heads_options=SMALL, val_every=0)
+    with pytest.raises(TrainError, match=rf"tasks 0-{SKIPPED_STEPS - 1} is not finite \({SKIPPED_STEPS} steps in a row"):
+        train(config, cache, tmp_path / "run")
+
+
+def test_train_heads_autocast_falls_back_to_fp16_without_bfloat16(monkeypatch):
+    from pipeline.distributed import DeviceError, autocast_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Old GPU")
+    cuda = torch.device("cuda", 0)
+    assert autocast_dtype(True, cuda) is torch.float16 and autocast_dtype(True, torch.device("cpu")) is None
+    with pytest.raises(DeviceError, match="Old GPU has no bfloat16: use --amp fp16"):
+        autocast_dtype("bf16", cuda)  # finetune's --amp, which can say fp16
+
+
+def test_metrics_lines_that_are_not_records_name_the_file_and_line(tmp_path):
+    from pipeline.runs import RunError
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "task": 1}\n\n{"kind": "train", "ta\n{"kind": "val", "task": 2}\n')
+    with pytest.raises(RunError, match=r"metrics.jsonl: line 3 is not JSON"):
+        read_metrics(tmp_path)
+    path.write_text('{"kind": "train", "task": 1}\n{"kind": "val"}\n')
+    with pytest.raises(RunError, match=r"metrics.jsonl: line 2 is not a metrics record"):
+        read_metrics(tmp_path)
+    path.write_text('{"kind": "train", "task": 1}\n{"kind": "val", "ta')
+    assert read_metrics(tmp_path) == [{"kind": "train", "task": 1}]  # a last line torn by a kill
+
+
+def test_a_resumed_run_does_not_log_its_tasks_twice_to_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.runs import RunLog
+
+    for start, resumed_at in ((1, None), (3, 2)):  # killed after task 4, last.pt at task 2
+        log = RunLog(tmp_path, tensorboard=True)
+        log.start({}, resumed_at)
+        for task in range(start, 5):
+            log.write({"kind": "train", "task": task, "loss": float(task)})
+        log.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
