@@ -22,6 +22,7 @@ Why it is built this way:
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -56,9 +57,10 @@ from pipeline.runs import FREE, INHERIT
 from pipeline.train import PRESETS, authors_lr
 from pipeline.video import FRAMES, SAMPLING_RULE_VERSION, ViewSpec, VideoError, count_frames, load_view
 
-AMP = ("bf16", "fp16", "off")
 BN_MODES = ("train", "frozen")
 VIEW_DRAWS = 2**31 - 1  # training views are 1..VIEW_DRAWS: in effect a fresh augmentation per use
+# What to do about a video that cannot be decoded: a resumed run must see the videos it started with.
+NEW_RUN = "mark the video bad in the manifest and start again in a new run folder; a run cannot resume on other videos"
 
 
 class FinetuneError(TrainError):
@@ -131,8 +133,8 @@ def _check(config: FinetuneConfig) -> None:
         check_config(config)
     except TrainError as err:
         raise FinetuneError(str(err)) from None
-    if config.amp not in AMP:
-        raise FinetuneError(f"amp {config.amp!r}: expected one of {', '.join(AMP)}")
+    if config.amp not in distributed.AMP_MODES:
+        raise FinetuneError(f"amp {config.amp!r}: expected one of {', '.join(distributed.AMP_MODES)}")
     if config.bn not in BN_MODES:
         raise FinetuneError(f"bn {config.bn!r}: expected one of {', '.join(BN_MODES)}")
     if config.freeze_stages < 0 or config.workers < 0:
@@ -320,7 +322,7 @@ def encode_videos(model: EndToEnd, videos: SplitVideos, spec: ViewSpec, *, devic
     with torch.inference_mode(), autocast:
         for item in _loader(ViewZeroClips(videos, spec), workers, device.type == "cuda"):
             if item["error"] is not None:
-                raise FinetuneError(f"validation video: {item['error']} (mark it bad in the manifest)")
+                raise FinetuneError(f"validation video: {item['error']} ({NEW_RUN})")
             frames = item["frames"].to(device, non_blocking=True)
             parts.append(model.features(frames, torch.float16)[:, None].cpu())
     return SplitFeatures(torch.cat(parts), torch.from_numpy(videos.labels), videos.class_names, videos.video_ids)
@@ -344,7 +346,7 @@ class DecodedClips:
         for batch in _loader(clips, config.workers, self.pin):
             i = int(batch["index"])
             if batch["error"] is not None:
-                raise FinetuneError(f"task {i}: {batch['error']} (mark the video bad in the manifest, then resume)")
+                raise FinetuneError(f"task {i}: {batch['error']} ({NEW_RUN})")
             yield i, self.sampler.task(i), batch["frames"]
 
     def validation_split(self, device: torch.device) -> SplitFeatures:
@@ -355,8 +357,13 @@ class DecodedClips:
 # ---------------------------------------------------------------- the run
 
 
-def _manifest_record(train: SplitVideos, val: SplitVideos) -> str:
-    rows = [(s, str(v.class_names[c]), i, p) for s, v in (("train", train), ("val", val))
+def _manifest_record(train: SplitVideos, val: SplitVideos, videos_root: Path | None) -> str:
+    """The digest of the usable train/val rows; paths relative to the videos root, so that a resume
+    given `--videos` absolute, relative or from another directory is the same run."""
+    def name(path: str) -> str:
+        return path if videos_root is None else os.path.relpath(os.path.abspath(path), os.path.abspath(videos_root))
+
+    rows = [(s, str(v.class_names[c]), i, name(p)) for s, v in (("train", train), ("val", val))
             for i, p, c in zip(v.video_ids, v.paths, v.labels)]
     return manifest_digest(rows)
 
@@ -366,7 +373,7 @@ def run_recipe(config: FinetuneConfig, backbone: Backbone, amp: torch.dtype | No
     (pipeline/checkpoints.py fills in the file's sha256 when it reads it)."""
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, "fp32")
     spec = config.spec
-    return FeatureRecipe(backbone=config.backbone, layer=backbone.layer, weights="", short_side=spec.short_side,
+    return FeatureRecipe(backbone=backbone.name, layer=backbone.layer, weights="", short_side=spec.short_side,
                          crop=spec.crop, flip=spec.flip, mean=backbone.mean if config.normalize else None,
                          std=backbone.std if config.normalize else None, frames=FRAMES, patches=config.patches,
                          train_views=1, view_seed=0, sampling_rule=SAMPLING_RULE_VERSION, precision=precision,
@@ -411,7 +418,7 @@ def finetune(
         if not len(val_videos):
             raise FinetuneError("the manifest has no usable val videos to validate on (set val_every to 0 to train without)")
         check_validation_split(val_videos.labels, config, "the manifest's")
-    digest = _manifest_record(train_videos, val_videos)
+    digest = _manifest_record(train_videos, val_videos, videos_root)
 
     try:
         resumed = resume_point(out, resume, config)

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from pipeline.backbones import WeightsUnavailable
 from pipeline.checkpoints import CheckpointError, load_checkpoint
-from pipeline.distributed import DeviceError, init_distributed, resolve_device
+from pipeline.distributed import DeviceError, init_distributed, resolve_device, teardown
 from pipeline.finetune import finetune, make_finetune_config, start_settings
 from pipeline.loop import Declined, Estimate, TrainError
 from pipeline.manifests import ManifestError, training_manifest
@@ -156,6 +156,8 @@ def finetune_command(
         fail(str(err), 2)
     except (WeightsUnavailable, FileNotFoundError) as err:
         fail(str(err))
+    finally:
+        teardown()
     if rank != 0:
         return
     for note in result.notes:

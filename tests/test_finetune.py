@@ -106,7 +106,7 @@ def _args(root: Path, heads: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _model(checkpoint: Path) -> EndToEnd:
-    """Backbone + heads of a fine-tune checkpoint (or the start of a run when given its `Start`)."""
+    """Backbone + heads of a fine-tune checkpoint."""
     ckpt = torch.load(checkpoint, weights_only=True)
     heads, _ = load_heads(ckpt)
     backbone = get_backbone("tiny")
@@ -290,7 +290,8 @@ def test_cpu_run_of_a_real_backbone_is_timed_and_refused_past_an_hour(world, tmp
 
 def test_two_gloo_ranks_under_torchrun_match_one_process(world, tmp_path):
     root, manifest, _, heads = world
-    settings = dict(backbone="tiny", short_side=40, crop=32, episodes=4, way=2, shot=1, queries=1, tasks_per_step=2,
+    # 4 tasks a step on 2 ranks: each rank accumulates 2, the first under DDP's no_sync.
+    settings = dict(backbone="tiny", short_side=40, crop=32, episodes=4, way=2, shot=1, queries=1, tasks_per_step=4,
                     lr=1e-4, val_every=0, log_every=2, checkpoint_every=4, freeze_stages=1, device="cpu", workers=0)
     single = finetune(make_finetune_config("toy", **settings), manifest, tmp_path / "single", start=load_checkpoint(heads),
                       videos_root=root / "videos")
@@ -298,7 +299,7 @@ def test_two_gloo_ranks_under_torchrun_match_one_process(world, tmp_path):
     probe = Path(__file__).with_name("collectives_probe.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(probe),
            *_args(root, heads, tmp_path / "ddp", "--episodes", "4", "--val-every", "0", "--log-every", "2",
-                  "--checkpoint-every", "4", "--freeze-stages", "1", "--workers", "0")]
+                  "--checkpoint-every", "4", "--freeze-stages", "1", "--workers", "0", "--tasks-per-step", "4")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "COLLECTIVES_LOG": str(tmp_path / "collectives")}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -342,7 +343,8 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_weights_and_writes_are_a
     renamed = []
     real_replace = os.replace
     monkeypatch.setattr("pipeline.runs.os.replace", lambda a, b: (renamed.append(Path(b).name), real_replace(a, b)))
-    result = CliRunner().invoke(app, _args(root, heads, out, "--resume", "--workers", "0"))
+    monkeypatch.chdir(root)  # resumed with --videos and --manifest relative: the same videos
+    result = CliRunner().invoke(app, _args(Path("."), heads, out, "--resume", "--workers", "0"))
     assert result.exit_code == 0, result.output
     assert {"config.json", "metrics.jsonl"} <= set(renamed)  # written to a temp file, then renamed over
     _states_equal(out / "last.pt", tuned[0] / "last.pt")
