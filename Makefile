@@ -44,7 +44,7 @@ bench: $(STAMP)
 # Every CUDA path at the paper's sizes (SIZE=tiny DEVICE=cpu: the same steps, small, on a CPU); writes
 # runs/gpu_check.json. No install: a lent GPU machine may have no venv, and runs its own python3.
 gpu-check:
-	PYTHONPATH=. $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m benchmarks.gpu_check --device $(DEVICE) --size $(SIZE)
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m benchmarks.gpu_check --device $(DEVICE) --size $(SIZE)
 
 clean:
 	rm -rf runs .pytest_cache

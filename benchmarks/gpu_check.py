@@ -1,7 +1,7 @@
 """`make gpu-check`: every CUDA path of the project at the paper's sizes, in one short script.
 
-Steps, each timed and each catching its own failure (a failed step is reported with a traceback
-summary and the next one runs):
+Steps, each timed and each in a process of its own (a failed step is reported with a traceback
+summary, a crashed or hung one with how it ended, and the next one runs):
 - decode: torchcodec on the CPU through the decoding worker pool vs torchcodec's CUDA decoder;
 - extract: ResNet-50 through `pipeline.extract.extract` in fp32, bf16 and fp16, against the
   backbone alone on tensors already on the device;
@@ -14,7 +14,8 @@ summary and the next one runs):
 Why a script of its own: a GPU is lent for minutes, so everything that can only be checked there
 runs in one go, each step writing its figures to the JSON as it ends. Only the standard library and
 torch are imported up front; the project's modules and zarr, PyAV and torchcodec are imported by
-the steps that need them, and a step whose import fails is reported as skipped with the reason.
+the steps that need them; a step whose PyAV or torchcodec fails to import is reported as skipped
+with the reason (any other failed import is a failure).
 Weights are random (`pretrained=False`): the same cost as ImageNet's, and nothing is downloaded.
 
     python3 -m benchmarks.gpu_check --device cuda --size paper    # or: make gpu-check
@@ -31,8 +32,8 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -104,18 +105,21 @@ class StepResult:
 
 
 class Recorder:
-    """Where a step puts its figures and notes; each is printed as it comes, so a later failure keeps them."""
+    """Where a step puts its figures and notes; each is printed and saved as it comes, so a later failure
+    (even a crash of the step's process) keeps them."""
 
-    def __init__(self, step: str, result: StepResult) -> None:
-        self.step, self.result = step, result
+    def __init__(self, step: str, result: StepResult, save: Callable[[], None] = lambda: None) -> None:
+        self.step, self.result, self.save = step, result, save
 
     def figure(self, name: str, value: float, unit: str, goal: str = "") -> None:
         self.result.figures[name] = {"value": float(value), "unit": unit, "goal": goal}
         print(f"gpu-check: {self.step}: {name}: {value:.4g} {unit}" + (f" (goal {goal})" if goal else ""), flush=True)
+        self.save()
 
     def note(self, text: str) -> None:
         self.result.notes.append(text)
         print(f"  {self.step}: {text}", flush=True)
+        self.save()
 
 
 @dataclass
@@ -150,7 +154,11 @@ class Context:
             rec.figure(name, torch.cuda.max_memory_allocated(self.device) / 1e9, "GB")
 
     def videos(self) -> list[dict]:
-        """Manifest rows of the test videos (class c, video i), written in parallel on first use."""
+        """Manifest rows of the test videos (class c, video i), written in parallel on first use (by
+        whichever step's process needs them first; the later ones read the rows back)."""
+        listing = self.root / "videos.json"
+        if self.rows is None and listing.exists():
+            self.rows = json.loads(listing.read_text())
         if self.rows is None:
             try:
                 import av  # noqa: F401 - write_mp4's encoder
@@ -172,6 +180,7 @@ class Context:
                 if error is not None:
                     raise RuntimeError(f"writing {job[0]}: {error}")
             self.rows = rows
+            listing.write_text(json.dumps(rows))
         return self.rows
 
 
@@ -402,7 +411,8 @@ def step_evaluate(ctx: Context, rec: Recorder) -> None:
     trained.to(ctx.device)
     test = open_cache(cache).split("test", views=1, loading="device" if ctx.cuda else "ram", device=ctx.device)
     options = dict(episodes=s.autocast_episodes, way=5, shot=5, queries=1, seed=0, device=ctx.device)
-    plain = ev.evaluate(trained, test, **options)
+    with _without_tf32():  # train() turned TF32 on; strm evaluate in its own process runs true fp32
+        plain = ev.evaluate(trained, test, **options)
     mixed = ev.evaluate(trained, test, autocast=True, **options)
     paired = ev.compare_results(mixed, plain)
     rec.figure("accuracy_fp32", plain.mean, "%")
@@ -410,6 +420,17 @@ def step_evaluate(ctx: Context, rec: Recorder) -> None:
     rec.figure("autocast_minus_fp32_ci95", paired.ci95, "points")
     rec.note(f"heads trained {s.autocast_tasks} tasks on a class-structured random cache; "
              f"{s.autocast_episodes} identical test tasks; tasks that differ: {paired.a_better + paired.b_better}")
+
+
+@contextmanager
+def _without_tf32() -> Iterator[None]:
+    """Float32 matmuls and convolutions in full float32 for a while (CUDA's TF32 switches restored after)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def _finetune_start(ctx: Context) -> Path:
@@ -589,10 +610,13 @@ STEPS: dict[str, Callable[[Context, Recorder], None]] = {
 # ---------------------------------------------------------------------------------------------- running
 
 
-def run_step(name: str, ctx: Context) -> StepResult:
-    """One step, timed; its failure or skip is recorded, never raised."""
+OPTIONAL = ("av", "torchcodec")  # the video libraries a machine may lack: their steps are skipped, not failed
+
+
+def run_step(name: str, ctx: Context, save: Callable[[StepResult], None] = lambda result: None) -> StepResult:
+    """One step in this process, timed; its failure or skip is recorded, never raised."""
     result = StepResult()
-    rec = Recorder(name, result)
+    rec = Recorder(name, result, lambda: save(result))
     print(f"gpu-check: {name}: running", flush=True)
     start = time.perf_counter()
     try:
@@ -600,26 +624,61 @@ def run_step(name: str, ctx: Context) -> StepResult:
         result.ok = True
     except Skipped as why:
         result.skipped = str(why)
-    except ImportError as err:
-        result.skipped = f"{err.name or 'a module'} could not be imported: {err}"
     except Exception as err:  # noqa: BLE001 - a failed step is reported and the next one runs
-        result.error = f"{type(err).__name__}: {err}"
-        result.traceback = "".join(traceback.format_exception(err)[-12:])
+        if isinstance(err, ImportError) and (err.name or "").split(".")[0] in OPTIONAL:
+            result.skipped = f"{err.name} could not be imported: {err}"
+        else:
+            result.error = f"{type(err).__name__}: {err}"
+            result.traceback = "".join(traceback.format_exception(err)[-12:])
     result.seconds = time.perf_counter() - start
     gc.collect()
     if ctx.cuda:
         try:
             torch.cuda.empty_cache()
-        except RuntimeError as err:  # a step that broke the CUDA context: the next steps will say so
+        except RuntimeError as err:  # a step that broke the CUDA context
             result.notes.append(f"after the step: {err}")
     verdict = "ok" if result.ok else f"skipped: {result.skipped}" if result.skipped else f"FAILED: {result.error}"
     if result.traceback:
         print(result.traceback, end="", file=sys.stderr, flush=True)
     print(f"gpu-check: {name}: {verdict} ({result.seconds:.1f} s)", flush=True)
+    save(result)
     return result
 
 
+def run_isolated(name: str, args: argparse.Namespace, scratch: Path) -> StepResult:
+    """One step in a child process, so that a crash in native code (a decoder, a CUDA error that poisons
+    the context) or a hang ends only that step; what the child saved before it died is kept."""
+    part = scratch / f"{name}.result.json"
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--device", args.device, "--size", args.size,
+               "--only", name, "--in-process", "--scratch", str(scratch), "--out", str(part)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    start = time.perf_counter()
+    try:
+        code = subprocess.run(command, env=env, timeout=args.step_timeout).returncode
+        ended = None if code in (0, 1) else f"its process ended with {_exit_reason(code)}"
+    except subprocess.TimeoutExpired:
+        ended = f"timed out after {args.step_timeout:g} s (--step-timeout)"
+    saved = json.loads(part.read_text()).get(name) if part.exists() else None
+    result = StepResult(**saved) if saved else StepResult()
+    if ended is not None and (not saved or not (result.ok or result.error or result.skipped)):
+        result.ok, result.error = False, f"the step did not finish: {ended}"
+        result.seconds = time.perf_counter() - start
+        print(f"gpu-check: {name}: FAILED: {result.error}", flush=True)
+    return result
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        import signal
+
+        return f"signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
 def _commit() -> str:
+    """The commit checked: git's, or $STRM_COMMIT on a copy of the tree without .git (a lent GPU machine)."""
+    if os.environ.get("STRM_COMMIT"):
+        return os.environ["STRM_COMMIT"]
     try:
         done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
@@ -638,6 +697,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="paper", help="paper: the paper's sizes; tiny: a CPU's")
     parser.add_argument("--only", help="run only these steps, comma-separated (the others keep their results in --out)")
     parser.add_argument("--out", type=Path, default=Path("runs/gpu_check.json"))
+    parser.add_argument("--step-timeout", type=float, default=300.0, help="seconds a step may take (default 300)")
+    parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # a step's child process
+    parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)  # the run's folder, shared by its steps
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",")] if args.only else list(STEPS)
     unknown = [n for n in names if n not in STEPS]
@@ -651,6 +713,11 @@ def main(argv: list[str] | None = None) -> int:
     except DeviceError as err:
         print(f"gpu-check: {err}", file=sys.stderr)
         return 2
+    if args.in_process:  # one step of a run, in the child process run_isolated started
+        ctx = Context(device=device, size=SIZES[args.size], root=args.scratch, workers=_workers())
+        for name in names:
+            run_step(name, ctx, lambda result, name=name: _write(args.out, {name: asdict(result)}))
+        return 0
     record = json.loads(args.out.read_text()) if args.only and args.out.exists() else {}
     record.update(_about(device, args.size))
     print(f"gpu-check: {record['device']}, torch {record['torch']}, CUDA {record['cuda']}, commit {record['commit'][:12]}, "
@@ -658,19 +725,27 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     failed = 0
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
-        workers = max(1, min(8, (os.cpu_count() or 2) - 1))
-        ctx = Context(device=device, size=SIZES[args.size], root=Path(tmp), workers=workers)
         for name in names:
-            result = run_step(name, ctx)
+            result = run_isolated(name, args, Path(tmp))
             failed += result.error is not None
             record[name] = asdict(result)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(record, indent=2, allow_nan=True) + "\n")
+            _write(args.out, record)
     total = time.perf_counter() - start
     ok = sum(record[n]["ok"] for n in names)
     print(f"gpu-check: {ok} ok, {len(names) - ok - failed} skipped, {failed} failed in {total:.0f} s -> {args.out}",
           flush=True)
     return 1 if failed else 0
+
+
+def _workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def _write(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, allow_nan=True) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`make gpu-check` at --size tiny on the CPU: every step runs (or says why it cannot), and the JSON says so."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -25,6 +26,9 @@ def test_every_step_runs_on_cpu_at_tiny_sizes(tmp_path):
             assert isinstance(value["value"], float) and math.isfinite(value["value"]), (name, figure)
     for name in ("train_heads", "evaluate", "ddp"):  # they need no video library: they run on any CPU
         assert record[name]["ok"], record[name]
+    if all(importlib.util.find_spec(m) for m in ("av", "torchcodec")):  # installed here: no step may skip
+        for name in ("decode", "extract", "finetune"):
+            assert record[name]["ok"], record[name]
     assert record["train_heads"]["figures"]["ram_tasks_per_s"]["value"] > 0
     assert any(note.startswith("training split: ram") for note in record["train_heads"]["notes"])
     assert record["ddp"]["figures"]["train_heads_step_difference"]["value"] <= 1e-4
@@ -35,3 +39,15 @@ def test_unknown_steps_and_devices_are_refused(tmp_path, capsys):
     assert "unknown step 'decodee'" in capsys.readouterr().err
     assert main(["--device", "tpu", "--out", str(tmp_path / "x.json")]) == 2
     assert not Path(tmp_path / "x.json").exists()
+
+
+def test_a_step_that_hangs_is_ended_and_recorded(tmp_path):
+    """Each step runs in a process of its own: one past --step-timeout is killed, recorded as failed, and
+    the run goes on to the next step."""
+    out = tmp_path / "gpu_check.json"
+    code = main(["--device", "cpu", "--size", "tiny", "--only", "evaluate,ddp", "--step-timeout", "0.5",
+                 "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert code == 1
+    for name in ("evaluate", "ddp"):
+        assert not record[name]["ok"] and "timed out after 0.5 s" in record[name]["error"], record[name]
