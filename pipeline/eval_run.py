@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from pipeline import evaluate as ev
-from pipeline.cache import FeatureCache, FeatureRecipe, SplitReader
+from pipeline.cache import CacheError, FeatureCache, FeatureRecipe, SplitReader
 from pipeline.checkpoints import load_checkpoint
 from pipeline.episodes import TaskBatch
 from pipeline.heads import VARIANTS
-from pipeline.train import initial_heads
+from pipeline.train import TrainError, make_config, starting_heads
 
 BASELINES = ("proto", "untrained")
 Progress = Callable[[str, int, int, int | None], None]  # (phase, done, total, shot or None while encoding)
@@ -61,8 +61,16 @@ def choose_model(cache: FeatureCache, *, checkpoint: Path | None = None, baselin
         name = variant or "strm"
         if name not in VARIANTS:
             raise EvalError(f"variant {name!r} is not one of {', '.join(VARIANTS)}")
-        heads = initial_heads(name, cache.dim, cache.frames, cache.patches, seed=seed)
-        return ModelChoice(heads, {"baseline": "untrained", "variant": name, "init_seed": seed}, f"untrained-{name}")
+        config = make_config("frozen", variant=name, seed=seed)
+        about = {"baseline": "untrained", "variant": name, "init_seed": seed, "preset": config.preset}
+        if "train" not in cache.splits and config.standardize:  # nothing to standardise on: say so
+            config = make_config("frozen", variant=name, seed=seed, standardize=False)
+            about["note"] = f"{cache.path} has no train split: the untrained heads are not standardised"
+        try:
+            heads = starting_heads(config, cache)
+        except (TrainError, CacheError) as err:
+            raise EvalError(str(err)) from None
+        return ModelChoice(heads, about, f"untrained-{name}")
     if baseline is not None:
         raise EvalError(f"baseline {baseline!r}: expected one of {', '.join(BASELINES)}")
     loaded = load_checkpoint(checkpoint, variant)

@@ -109,14 +109,22 @@ def _check(config: TrainConfig) -> None:
         raise TrainError(f"heads options {sorted(fixed)} come from the cache (L, P) and the lambda_qc setting, not heads_options")
 
 
-def initial_heads(variant: str, dim: int, frames: int, patches: int, *, seed: int,
-                  lambda_qc: float = DEFAULT_OPTIONS["lambda_qc"], options: dict | None = None) -> STRMHeads:
-    """The heads a run with this seed starts from (also evaluate's "untrained" baseline)."""
-    torch.manual_seed(derived_seed(seed, INIT_SEED))
+def starting_heads(config: TrainConfig, cache: FeatureCache, source: SplitReader | None = None) -> STRMHeads:
+    """The heads a run of `config` starts from: seeded, and standardised on the training split's channel
+    statistics when the preset standardises (evaluate's "untrained" baseline is exactly this).
+    `source`: the training split already opened with the run's views (else it is streamed)."""
+    torch.manual_seed(derived_seed(config.seed, INIT_SEED))
     try:
-        return build_heads(variant, dim=dim, frames=frames, patches=patches, lambda_qc=lambda_qc, **(options or {}))
+        heads = build_heads(config.variant, dim=cache.dim, frames=cache.frames, patches=cache.patches,
+                            lambda_qc=config.lambda_qc, **(config.heads_options or {}))
     except (TypeError, ValueError) as e:
         raise TrainError(f"heads: {e}") from None
+    if config.standardize:
+        views = None if config.augment else 1
+        if source is None:
+            source = cache.split("train", views=views, loading="stream")
+        heads.set_feature_stats(*channel_stats(source, views))
+    return heads
 
 
 # ---------------------------------------------------------------- task inputs
@@ -244,10 +252,7 @@ def train(
     if resumed is not None:
         heads, _ = load_heads(resumed)
     else:
-        heads = initial_heads(config.variant, cache.dim, cache.frames, cache.patches, seed=config.seed,
-                              lambda_qc=config.lambda_qc, options=config.heads_options)
-        if config.standardize:
-            heads.set_feature_stats(*channel_stats(source, views))
+        heads = starting_heads(config, cache, source)
     notes = [loading_note(source, device, config.read_ahead)]
     amp = distributed.autocast_dtype(config.amp, device)
     if amp is torch.float16:

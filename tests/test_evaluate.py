@@ -321,3 +321,23 @@ def test_autocast_runs_and_mostly_agrees():
     mixed = ev.evaluate(model, structured, episodes=30, way=5, shot=2, seed=0, autocast=True)
     assert mixed.settings["autocast"] and not exact.settings["autocast"]
     assert abs(mixed.mean - exact.mean) <= 10
+
+
+def test_the_untrained_baseline_is_where_train_heads_starts(tmp_path):
+    """--baseline untrained --seed S scores the very heads a train-heads run with seed S starts from,
+    feature standardisation included: with lr 0 one task of training changes nothing."""
+    from pipeline.eval_run import choose_model
+    from pipeline.cache import open_cache
+    from pipeline.heads import load_heads
+    from pipeline.train import make_config, train
+
+    cache = open_cache(write_random_cache(tmp_path / "c", splits={"train": (5, 4, 2), "test": (5, 3, 1)}, dim=8))
+    run = train(make_config("frozen", episodes=1, lr=0.0, val_every=0, seed=3, way=2, shot=1, queries=1,
+                            device="cpu"), cache, tmp_path / "run")
+    started, _ = load_heads(run.best_checkpoint)
+    baseline = choose_model(cache, baseline="untrained", seed=3).model
+    assert baseline.feature_mean is not None and baseline.feature_mean.abs().sum() > 0
+    for (name, a), (_, b) in zip(started.state_dict().items(), baseline.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    other = choose_model(cache, baseline="untrained", seed=4).model
+    assert not torch.equal(other.ple.psi[0].weight, baseline.ple.psi[0].weight)
