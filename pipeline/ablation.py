@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline import distributed, report
 from pipeline import evaluate as ev
-from pipeline import report
 from pipeline.cache import FeatureCache, SplitFeatures
 from pipeline.compute import TaskCompute, task_compute
 from pipeline.heads import VARIANTS, STRMHeads, load_heads
@@ -172,6 +172,7 @@ class TrainSettings:
     lr: float | None = None
     log_every: int | None = None  # None: the preset's
     heads_options: dict = field(default_factory=dict)  # shared by every point (e.g. trm_dim); a point's own win
+    device: str = "auto"  # where every point trains and is evaluated
 
 
 def train_point(
@@ -192,7 +193,7 @@ def train_point(
         "frozen", cache.fingerprint.get("dataset"), variant=point.variant, episodes=settings.episodes,
         seed=settings.seed, lambda_qc=point.lambda_qc, heads_options={**settings.heads_options, **point.heads_options()},
         val_every=settings.val_every, val_episodes=settings.val_episodes, patience=settings.patience, lr=settings.lr,
-        log_every=settings.log_every,
+        log_every=settings.log_every, device=settings.device,
     )
     result = train(config, cache, out, resume=True, progress=progress, train_split=train_split, val_split=val_split)
     return result.best_checkpoint or result.last_checkpoint
@@ -228,7 +229,9 @@ def _checkpoint_id(path: Path) -> dict:
 
 
 def _gamma(ckpt: dict) -> float | None:
-    value = ckpt.get("model", {}).get("ple.gamma")
+    """The first attention gate: PLE's, or the first Jnt-ST layer's."""
+    model = ckpt.get("model", {})
+    value = model.get("ple.gamma", model.get("joint.layers.0.gamma"))
     return None if value is None else float(value.reshape(-1)[0])
 
 
@@ -240,6 +243,7 @@ def evaluate_point(
     record: Path,
     *,
     seed: int,
+    device: str | torch.device = "cpu",
 ) -> ev.EvalResult:
     """Evaluate the point on exactly `tasks` (a TaskBatch of `test`); reuse `record` when it holds this very evaluation."""
     about = {"row": point.label, "point": asdict(point), **(_checkpoint_id(checkpoint) if checkpoint else {})}
@@ -258,7 +262,7 @@ def evaluate_point(
     else:
         model, _ = load_heads(checkpoint)
         after_training(model, point.after)
-    result = ev.evaluate(model, test, tasks=tasks, seed=seed, split_name="test")
+    result = ev.evaluate(model, test, tasks=tasks, seed=seed, split_name="test", device=device)
     ev.write_run(record, [result], about)
     return result
 
@@ -309,6 +313,7 @@ def run_grid(
     and write out/ablation.{md,csv,png}. The reference row defaults to the first one; `flops` adds each
     row's heads GFLOPs on one task (`point_compute`) and their ratio to the reference row's."""
     out = Path(out)
+    device = distributed.resolve_device(settings.device)
     reference = reference or points[0].label
     if reference not in {p.label for p in points}:
         raise ValueError(f"reference row {reference!r} is not in the grid ({', '.join(p.label for p in points)})")
@@ -331,7 +336,8 @@ def run_grid(
                                                       progress=train_progress(base))
             checkpoint = checkpoints[base.label]
         log(f"evaluating {point.label} on {episodes} tasks")
-        results[point.label] = evaluate_point(point, checkpoint, test, tasks, out / "eval" / f"{point.slug}.json", seed=eval_seed)
+        results[point.label] = evaluate_point(point, checkpoint, test, tasks, out / "eval" / f"{point.slug}.json",
+                                              seed=eval_seed, device=device)
         seconds[point.label] = time.perf_counter() - start
     compute = None
     if flops:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import distributed
 from pipeline import evaluate as ev
 from pipeline import report, synth
 from pipeline.ablation import GridPoint, TrainSettings, evaluate_point, parse_grid, train_point, write_table
@@ -36,6 +37,8 @@ from pipeline.heads import load_heads
 from pipeline.loop import TrainProgress
 from pipeline.manifests import build_manifest, read_manifest, validate_manifest, write_manifest
 from pipeline.predict import FewShotRecognizer, UnknownRule, timeline_figure
+
+PREDICT_FACTS = 2  # the predict step's facts.json layout: older ones are computed again
 from pipeline.runs import read_metrics
 from pipeline.unknown import unknown_protocol
 from pipeline.video import ViewSpec, decode_frames
@@ -288,6 +291,7 @@ def run_demo(out: Path, sizes: DemoSizes, workers: int, cache_root: Path, events
     settings = TrainSettings(episodes=sizes.train_episodes, seed=sizes.seed, val_every=sizes.val_every,
                              val_episodes=sizes.val_episodes, heads_options={"trm_dim": sizes.trm_dim},
                              log_every=max(1, sizes.train_episodes // 30))
+    device = distributed.resolve_device(settings.device)
     splits = {"train": cache.load_split("train"), "val": cache.load_split("val", views=1), "test": cache.load_split("test")}
     tasks = ev.sample_tasks(splits["test"].labels, episodes=sizes.episodes, way=5, shot=5, queries=1, seed=sizes.seed)
     checkpoints: dict[str, Path] = {}
@@ -313,7 +317,7 @@ def run_demo(out: Path, sizes: DemoSizes, workers: int, cache_root: Path, events
                 mtime = record.stat().st_mtime if record.exists() else None
                 events.message(f"evaluating {label} on {sizes.episodes:,} tasks")
                 results[label] = evaluate_point(point, checkpoints.get(point.trained.label), splits["test"], tasks, record,
-                                                seed=sizes.seed)
+                                                seed=sizes.seed, device=device)
                 reused &= mtime is not None and record.stat().st_mtime == mtime
                 events.message(f"  {label}: {results[label].mean:.2f} ± {results[label].ci95:.2f}")
             state["reused"] = reused
@@ -340,10 +344,10 @@ def run_demo(out: Path, sizes: DemoSizes, workers: int, cache_root: Path, events
     with clock.stage("predict") as state:
         facts_path, stamp = out / "predict" / "facts.json", checkpoints["strm"].stat().st_mtime
         saved = json.loads(facts_path.read_text()) if facts_path.exists() else {}
-        state["reused"] = saved.get("checkpoint_mtime") == stamp
+        state["reused"] = saved.get("checkpoint_mtime") == stamp and saved.get("version") == PREDICT_FACTS
         prediction = saved["facts"] if state["reused"] else _predict(out, manifest, checkpoints["strm"], splits["test"],
                                                                      sizes, workers, events)
-        facts_path.write_text(json.dumps({"checkpoint_mtime": stamp, "facts": prediction}) + "\n")
+        facts_path.write_text(json.dumps({"checkpoint_mtime": stamp, "version": PREDICT_FACTS, "facts": prediction}) + "\n")
         figures["timeline"] = prediction["timeline"]
     with clock.stage("report"):
         main = {k: results[k] for k in MAIN}
@@ -404,10 +408,12 @@ def _predict(out: Path, manifest, checkpoint: Path, test, sizes: DemoSizes, work
               "threshold": r["threshold"]} for (q, truth), r in zip(queries, records)]
     events.message("unknown-action scores on the test split (40 draws)")
     n_actions = len(test.class_names)
+    draw = {"known": min(5, n_actions // 2), "shots": 5, "draws": 40}
+    draw["unknown"] = min(5, n_actions - draw["known"])
     protocol = unknown_protocol(recognizer.model, ev.embed_split(recognizer.model, test), test.labels.numpy(),
-                                known=min(5, n_actions // 2), unknown=min(5, n_actions - min(5, n_actions // 2)),
-                                draws=40, seed=sizes.seed)
-    return {"queries": table, "temperature": recognizer.support.calibration.temperature,
+                                seed=sizes.seed, **draw)
+    return {"queries": table, "support_actions": len(known), "unseen_actions": len(outsiders), "protocol": draw,
+            "temperature": recognizer.support.calibration.temperature,
             "segments": windowed["segments"], "recording": [a for a in known[:3]], "unknown": protocol,
             "timeline": timeline.relative_to(out).as_posix(), "files": str(folder)}
 

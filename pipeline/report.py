@@ -455,6 +455,7 @@ def demo_report(facts: DemoFacts) -> str:
 def _prediction_section(facts: DemoFacts) -> list[str]:
     """`strm predict` on held-out clips: the queries, the recording's segments, the unknown-score measurement."""
     p = facts.prediction
+    d = p["protocol"]
     queries = pd.DataFrame(p["queries"])
     known = queries[queries["truth"] != "unknown"]
     unseen = queries[queries["truth"] == "unknown"]
@@ -463,9 +464,9 @@ def _prediction_section(facts: DemoFacts) -> list[str]:
     best = scores.iloc[0]
     return [
         "## Using the trained heads on new clips (`strm predict`)", "",
-        f"The strm heads, a support folder of 5 test actions x 5 clips (`{p['files']}/support`, also saved as a "
-        f"support index), and clips they have not seen: {len(known)} of those actions and {len(unseen)} of 2 actions "
-        f"not in the support. Probabilities are softmax(logits / T) with T = {p['temperature']:.3g} from the "
+        f"The strm heads, a support folder of {p['support_actions']} test actions x 5 clips (`{p['files']}/support`, "
+        f"also saved as a support index), and clips they have not seen: {len(known)} of those actions and "
+        f"{len(unseen)} of {p['unseen_actions']} actions not in the support. Probabilities are softmax(logits / T) with T = {p['temperature']:.3g} from the "
         "support's leave-one-out; `--unknown auto` labels a query `unknown` below the z-score threshold that "
         "rejects 5% of the support's own held-out clips.", "",
         markdown_table(queries, {"probability": ".3f", "score": ".2f", "threshold": ".2f"}), "",
@@ -473,8 +474,9 @@ def _prediction_section(facts: DemoFacts) -> list[str]:
         f"labelled unknown: {int((unseen['predicted'] == 'unknown').sum())} of {len(unseen)}.", "",
         f"A recording of {', '.join(p['recording'])} joined (windows of 2 s, 0.5 s apart): {segments}.", "",
         _figure(facts, "timeline", "Probability of each support action over the recording's windows, segments shaded"),
-        "How well each score tells an action that is not in the support (40 draws of 5 test actions x 5 support "
-        "clips; their other clips against every clip of 5 other test actions): AUROC, the share of unseen-action "
+        f"How well each score tells an action that is not in the support ({d['draws']} draws of {d['known']} test "
+        f"actions x {d['shots']} support clips; their other clips against every clip of {d['unknown']} other test "
+        "actions): AUROC, the share of unseen-action "
         "queries caught at a threshold rejecting 5% of the known queries (oracle), and with the threshold "
         "calibrated on the support alone (what `--unknown auto` does) the share caught and the false rejection it gives.", "",
         markdown_table(scores, {c: ".3f" for c in ("auroc", "catch_oracle", "catch_auto", "false_rejection_auto")}), "",

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from pipeline.ablation import TABLE, GridPoint, TrainSettings, parse_grid, run_grid
 from pipeline.cache import CacheError, open_cache
+from pipeline.distributed import resolve_device
 from pipeline.heads import VARIANTS
 from pipeline.loop import TrainError, TrainProgress
 from stages.common import fail, progress_bar
@@ -37,10 +38,12 @@ def ablate_command(
     flops: bool = typer.Option(False, "--flops", help="Add each row's heads GFLOPs on one task (the grid's way/shot, "
                                "1 query a class, at the cache's D) and their ratio to the reference row's."),
     out: Path = typer.Option(Path("runs/ablate"), "--out", help="Folder for the runs, evaluations and the table."),
+    device: str = typer.Option("auto", "--device", help="Where every row trains and is evaluated: auto (CUDA when present), cpu, cuda, cuda:N."),
 ) -> None:
     """Train and evaluate a grid of heads on one cache; write ablation.md / .csv / .png with paired intervals."""
     console = Console(stderr=True)
     try:
+        resolve_device(device)  # an unusable device is an error before any split loads
         points = parse_grid(variants, cardinalities, lambdas, retain)
         features = open_cache(cache)
         for split in ("train", "test"):
@@ -50,7 +53,7 @@ def ablate_command(
     except CacheError as err:
         fail(str(err))
     settings = TrainSettings(episodes=train_episodes, seed=seed, val_every=val_every, val_episodes=val_episodes,
-                             heads_options={"trm_dim": trm_dim} if trm_dim else {})
+                             heads_options={"trm_dim": trm_dim} if trm_dim else {}, device=device)
     console.print(f"ablation: {len(points)} rows on {cache} -> {out}", highlight=False)
     with progress_bar(console, "{task.fields[info]}", transient=True) as bar:
         def progress_for(point: GridPoint) -> Callable[[TrainProgress], None]:

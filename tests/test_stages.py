@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("stage", ["extract", "train-heads", "finetune", "evaluate"])
+@pytest.mark.parametrize("stage", ["extract", "train-heads", "finetune", "evaluate", "ablate", "predict"])
 def test_device_cuda_without_cuda_is_one_line_in_every_stage(stage, tmp_path):
     cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2), "val": (5, 3, 1), "test": (5, 3, 1)}, dim=32)
     args = {
@@ -25,6 +25,8 @@ def test_device_cuda_without_cuda_is_one_line_in_every_stage(stage, tmp_path):
         "train-heads": ["train-heads", "--cache", str(cache), "--out", str(tmp_path / "run")],
         "finetune": ["finetune", "toy", "--from", str(tmp_path / "none.pt"), "--videos", str(tmp_path)],
         "evaluate": ["evaluate", "--cache", str(cache), "--baseline", "proto"],
+        "ablate": ["ablate", "--cache", str(cache), "--out", str(tmp_path / "ablate")],
+        "predict": ["predict", "--checkpoint", "proto", "--backbone", "tiny", "--support", str(tmp_path), str(tmp_path)],
     }[stage]
     result = CliRunner().invoke(app, [*args, "--device", "cuda"])
     assert result.exit_code == 2, result.output
