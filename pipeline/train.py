@@ -130,14 +130,58 @@ def starting_heads(config: TrainConfig, cache: FeatureCache, source: SplitReader
 # ---------------------------------------------------------------- task inputs
 
 
-def task_inputs(sampler: EpisodeSampler, indices: list[int], split: SplitReader, read_ahead: int = 8
-                ) -> Iterator[tuple[int, Task, torch.Tensor]]:
+def task_inputs(sampler: EpisodeSampler, indices: list[int], split: SplitReader, read_ahead: int = 8,
+                device: torch.device | None = None) -> Iterator[tuple[int, Task, torch.Tensor]]:
     """(index, task, inputs [n_s + n_q, L, P, D] float16) for the given tasks, in order.
 
     From RAM or a GPU the gather is immediate; into pinned memory (for a GPU) or from disk up to
     `read_ahead` tasks are gathered by background threads while the caller trains on the current
-    one, so the GPU does not wait for the host's copies.
+    one, so the GPU does not wait for the host's copies. Pinned inputs for a CUDA `device` are also
+    copied to it one task ahead on a stream of their own, so the copy overlaps the current task's
+    compute instead of queueing before it.
     """
+    gathered = _gathered(sampler, indices, split, read_ahead)
+    if split.loading == "pinned" and device is not None and device.type == "cuda":
+        yield from _copied_ahead(gathered, device)
+    else:
+        yield from gathered
+
+
+def _copied_ahead(items: Iterator[tuple[int, Task, torch.Tensor]], device: torch.device
+                  ) -> Iterator[tuple[int, Task, torch.Tensor]]:
+    """Task i + 1's host-to-GPU copy is issued on a side stream before task i is handed out; the compute
+    stream waits only for each task's own copy (an event), and the tensor is marked as used there so
+    the caching allocator does not reuse its memory early."""
+    stream = torch.cuda.Stream(device)
+
+    def issue(item: tuple[int, Task, torch.Tensor]) -> tuple[int, Task, torch.Tensor, torch.cuda.Event]:
+        i, task, x = item
+        with torch.cuda.stream(stream):
+            y = x.to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return i, task, y, done
+
+    def hand_out(item: tuple[int, Task, torch.Tensor, torch.cuda.Event]) -> tuple[int, Task, torch.Tensor]:
+        i, task, y, done = item
+        compute = torch.cuda.current_stream(device)
+        compute.wait_event(done)
+        y.record_stream(compute)
+        return i, task, y
+
+    ahead = None
+    for item in items:
+        issued = issue(item)
+        if ahead is not None:
+            yield hand_out(ahead)
+        ahead = issued
+    if ahead is not None:
+        yield hand_out(ahead)
+
+
+def _gathered(sampler: EpisodeSampler, indices: list[int], split: SplitReader, read_ahead: int
+              ) -> Iterator[tuple[int, Task, torch.Tensor]]:
+    """The tasks' inputs gathered from `split` (by read-ahead threads when pinned or streamed)."""
     def read(i: int) -> tuple[int, Task, torch.Tensor]:
         task = sampler.task(i)
         return i, task, split.read(np.concatenate([task.support, task.query]),
@@ -185,9 +229,10 @@ class CachedViews:
     split: SplitReader
     val_split: SplitFeatures | None
     read_ahead: int
+    device: torch.device | None = None  # the training device: pinned inputs are copied there ahead
 
     def inputs(self, indices: list[int]) -> Iterator[tuple[int, Task, torch.Tensor]]:
-        return task_inputs(self.sampler, indices, self.split, self.read_ahead)
+        return task_inputs(self.sampler, indices, self.split, self.read_ahead, self.device)
 
     def validation_split(self, device: torch.device) -> SplitFeatures:
         return self.val_split
@@ -262,7 +307,7 @@ def train(
     describe = {"cache": {"path": str(cache.path), "key": cache.key, "fingerprint": cache.fingerprint},
                 "loading": source.loading}
     loop = EpisodicLoop(
-        config, CachedViews(sampler, source, val_split, config.read_ahead), out, heads=heads, module=heads,
+        config, CachedViews(sampler, source, val_split, config.read_ahead, device), out, heads=heads, module=heads,
         device=device, amp=amp, record=record, resumed=resumed,
         describe=describe, checkpoint_extra=lambda: {"cache_fingerprint": cache.fingerprint}, notes=notes,
     )
