@@ -42,8 +42,7 @@ def fit_note(trained: FeatureRecipe | None, features: FeatureRecipe | None) -> s
     """A note when heads meet features of another backbone, weights or input than they were trained on."""
     if trained is None or features is None:
         return ""
-    differ = trained.differences(features, ("backbone", "layer", "weights", "mean", "std", "short_side", "crop",
-                                            "interpolation"))
+    differ = trained.differences(features)  # the fields that change a test view's feature (cache.FEATURE_FIELDS)
     if not differ:
         return ""
     return f"the heads were trained on other features than this cache's ({'; '.join(differ)}: trained vs cache)"
