@@ -230,14 +230,14 @@ class StreamedSplit:
 
     loading = "stream"
 
-    def __init__(self, cache: FeatureCache, split: str) -> None:
+    def __init__(self, cache: FeatureCache, split: str, views: int | None = None) -> None:
         self.rows = np.flatnonzero(cache.done(split))
         self.array = cache.features_array(split)
         self.labels = torch.from_numpy(cache.labels(split)[self.rows].astype(np.int64))
         self.class_names = cache.class_names(split)
         ids = cache.video_ids(split)
         self.video_ids = [ids[i] for i in self.rows]
-        self.views = cache.views(split)
+        self.views = cache.views(split) if views is None else min(views, cache.views(split))  # as load_split keeps
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -405,7 +405,7 @@ class FeatureCache:
     def split_nbytes(self, split: str, views: int | None = None) -> int:
         """Bytes a split's done videos take in RAM as float16 (with `views` views, default all)."""
         n = int(self.done(split).sum())
-        v = self.views(split) if views is None else views
+        v = self.views(split) if views is None else min(views, self.views(split))
         return n * v * self.frames * self.patches * self.dim * 2
 
     def load_split(self, split: str, views: int | None = None) -> SplitFeatures:
@@ -434,7 +434,7 @@ class FeatureCache:
         """A split's done videos, placed by `choose_loading` (ram, pinned, device or streamed)."""
         chosen = choose_loading(self.split_nbytes(split, views), loading, device)
         if chosen == "stream":
-            return StreamedSplit(self, split)
+            return StreamedSplit(self, split, views)
         data = self.load_split(split, views=views)
         if chosen == "device":
             data.features, data.loading = data.features.to(device), "device"

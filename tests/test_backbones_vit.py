@@ -196,9 +196,10 @@ def test_a_bilinear_cache_keeps_its_key_and_another_interpolation_gets_its_own()
     assert bicubic == {**before, "interpolation": "bicubic"} and cache_key(bicubic) != cache_key(fp)
 
 
-@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2", "vit_base_patch16_clip_224"])
+@pytest.mark.parametrize("name", ["dinov2_vits14", "dinov2_vits14_reg", "clip_vitb16"])
 def test_frozen_vits_run_extract_train_heads_and_evaluate(name, tmp_path):
-    """Random weights (no hub here) through the real stages on a tiny synthetic set."""
+    """The presets with random weights (no hub here) through extraction's and training's library calls and
+    the evaluate stage, on a tiny synthetic set."""
     from typer.testing import CliRunner
 
     from pipeline.extract import ExtractSettings, RunOptions, extract

@@ -87,6 +87,9 @@ def test_random_cache_is_class_structured_and_views_can_be_limited(tmp_path):
         expected = torch.stack([reader.block(np.array([v]))[0, w] for v, w in zip(videos, views)])
         assert torch.equal(reader.read(videos, views), expected), loading
         assert reader.nbytes == cache.split_nbytes("train")
+        assert cache.split("train", views=1, loading=loading).views == 1  # the views a sampler may draw
+        assert cache.split("train", views=5, loading=loading).views == 2  # at most the cached ones
+    assert cache.split_nbytes("train", views=5) == cache.split_nbytes("train")
 
 
 GB = 10**9
