@@ -283,7 +283,11 @@ class EpisodicLoop:
         self.done = self.saved = 0  # tasks trained; tasks in last.pt
         self.skipped = 0  # optimiser steps in a row whose gradient was not finite (fp16 loss scaling)
         if resumed is not None:
-            self.optimizer.load_state_dict(resumed["optimizer"])
+            try:
+                self.optimizer.load_state_dict(resumed["optimizer"])
+            except ValueError as err:  # another set of trained parameters (e.g. QC, frozen at lambda_qc 0 since)
+                raise TrainError(f"{out / LAST}: its optimiser state does not fit these heads' trained parameters "
+                                 f"({err}); start a new run folder") from None
             if resumed.get("scheduler"):
                 self.scheduler.load_state_dict(resumed["scheduler"])
             if resumed.get("scaler"):
