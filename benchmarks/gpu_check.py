@@ -654,11 +654,18 @@ def run_isolated(name: str, args: argparse.Namespace, scratch: Path) -> StepResu
                "--only", name, "--in-process", "--scratch", str(scratch), "--out", str(part)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
+    child = subprocess.Popen(command, env=env, start_new_session=True)  # its own group: workers and ranks too
     try:
-        code = subprocess.run(command, env=env, timeout=args.step_timeout).returncode
+        code = child.wait(timeout=args.step_timeout)
         ended = None if code in (0, 1) else f"its process ended with {_exit_reason(code)}"
     except subprocess.TimeoutExpired:
         ended = f"timed out after {args.step_timeout:g} s (--step-timeout)"
+    finally:
+        try:
+            os.killpg(child.pid, 9)  # whatever the step left running (decoding workers, torchrun ranks)
+        except ProcessLookupError:
+            pass
+        child.wait()
     saved = json.loads(part.read_text()).get(name) if part.exists() else None
     result = StepResult(**saved) if saved else StepResult()
     if ended is not None and (not saved or not (result.ok or result.error or result.skipped)):
