@@ -463,6 +463,7 @@ class FewShotRecognizer:
         also gets its sliding windows (stride seconds apart) and their merged segments."""
         if self.support is None:
             raise PredictError("no support set yet: add_support(folder or index) first")
+        paths = list(paths)
         if stride is not None and window is None:
             raise PredictError("--stride needs --window (the length of the windows it moves)")
         if unknown is not None and not self.support.calibration.support_scores.get(unknown.score):

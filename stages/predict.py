@@ -57,7 +57,10 @@ def predict_command(
             console.print(f"note: {note}", highlight=False)
         with progress_bar(console, transient=True) as bar:
             row = bar.add_task("support clips", total=None)
+            shown = len(recognizer.notes)
             chosen = recognizer.add_support(support, lambda done, total: bar.update(row, completed=done, total=total))
+            for note in recognizer.notes[shown:]:  # what the support set taught (e.g. nothing to calibrate on)
+                console.print(f"note: {note}", highlight=False)
             if save_support is not None:
                 recognizer.save_support(save_support)
             row = bar.add_task("queries", total=None)

@@ -193,6 +193,9 @@ def test_options_that_cannot_work_fail_before_decoding(world, tmp_path):
         recognizer.predict([tmp_path / "empty"])
     record = recognizer.predict([query], window=0.25)[0]  # 3 frames at 12 fps: fewer than a view samples
     assert record["status"] == "ok" and record["windows"] == [] and "at least 8" in record["windows_reason"]
+    cli = CliRunner().invoke(app, ["predict", "--checkpoint", str(heads_path), "--support", str(tmp_path / "single"),
+                                   str(query), "--device", "cpu", "--workers", "0"])
+    assert cli.exit_code == 0 and "note: no action has 2 support clips" in cli.output, cli.output
 
 
 def test_unknown_verdict_follows_the_score_and_threshold(world, tmp_path):
