@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from pipeline.heads import build_heads
 from pipeline.heads.reference import reference_forward
@@ -42,3 +43,26 @@ def assert_matches_reference(heads, support, labels, query) -> None:
         torch.testing.assert_close(fast.qc_logits, ref["qc_logits"], **TOL)
     else:
         assert fast.qc_logits is None and ref["qc_logits"] is None
+
+
+def assert_gradients_match_reference(variant: str, support, labels, query, query_labels) -> dict:
+    """L_TM + 0.1 L_QC backpropagated through the fast heads and the loop reference (fresh seeded heads
+    each) give the same gradients; returns the fast side's, by parameter name."""
+    grads = []
+    for side in ("fast", "reference"):
+        heads = make_heads(variant)
+        if side == "fast":
+            out = heads(support, labels, query)
+            trm, qc = out.trm_logits, out.qc_logits
+        else:
+            ref = reference_forward(heads, support, labels, query)
+            trm, qc = ref["trm_logits"], ref["qc_logits"]
+        loss = F.cross_entropy(trm, query_labels)
+        if qc is not None:
+            loss = loss + 0.1 * F.cross_entropy(qc, query_labels)
+        loss.backward()
+        grads.append({name: p.grad for name, p in heads.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "trm.0.k_linear.weight" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], **TOL, msg=name)
+    return grads[0]

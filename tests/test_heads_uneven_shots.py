@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import pipeline.heads.qc as qc_module
 import pipeline.heads.trm as trm_module
@@ -14,7 +13,15 @@ from pipeline.heads import VARIANTS
 from pipeline.heads.model import group_by_class
 from pipeline.heads.qc import nearest_block
 from pipeline.heads.reference import reference_forward
-from small_heads import DIM, FRAMES, PATCHES, TOL, assert_matches_reference, make_heads
+from small_heads import (
+    DIM,
+    FRAMES,
+    PATCHES,
+    TOL,
+    assert_gradients_match_reference,
+    assert_matches_reference,
+    make_heads,
+)
 
 
 def shuffled_labels(shots: list[int], g: torch.Generator) -> torch.Tensor:
@@ -62,26 +69,9 @@ def test_random_uneven_shapes(shots, options):
 def test_gradients_match_reference_with_uneven_shots(variant):
     """Padded shots repeat a real video: any weight they kept would show in these gradients."""
     support, labels, query = uneven_task([1, 3, 2, 5], queries=4, seed=7)
-    query_labels = torch.tensor([0, 1, 2, 3])
-    grads = []
-    for side in ("fast", "reference"):
-        heads = make_heads(variant)
-        if side == "fast":
-            out = heads(support, labels, query)
-            trm, qc = out.trm_logits, out.qc_logits
-        else:
-            ref = reference_forward(heads, support, labels, query)
-            trm, qc = ref["trm_logits"], ref["qc_logits"]
-        loss = F.cross_entropy(trm, query_labels)
-        if qc is not None:
-            loss = loss + 0.1 * F.cross_entropy(qc, query_labels)
-        loss.backward()
-        grads.append({name: p.grad for name, p in heads.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and "trm.0.k_linear.weight" in grads[0]
+    grads = assert_gradients_match_reference(variant, support, labels, query, torch.tensor([0, 1, 2, 3]))
     if variant == "strm":
-        assert "qc.0.proj.weight" in grads[0]
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], **TOL, msg=name)
+        assert "qc.0.proj.weight" in grads
 
 
 # Four tasks of 4 classes and 12 support videos, each with its own counts (one of them equal shots).
