@@ -12,6 +12,7 @@ has (a TRX file is `trx`, an STRM file `strm`), in every stage. Files are read w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -40,8 +41,9 @@ class Checkpoint:
     notes: list[str] = field(default_factory=list)
     import_report: ImportReport | None = None
 
-    @property
+    @cached_property
     def sha256(self) -> str:
+        """The file's sha256 (read once): the weights id of the backbone it holds."""
         return file_sha256(self.path)
 
     def about(self) -> dict:
@@ -101,19 +103,21 @@ def load_checkpoint(path: Path | str, variant: str | None = None) -> Checkpoint:
         state = resnet_trunk_state(heads.backbone_state_dict) if heads.backbone_state_dict else None
         if state is None:
             notes.append("the authors' file holds no backbone weights")
-        return Checkpoint(path, "authors", name, heads, authors_recipe(file_sha256(path)), state, {}, notes,
-                          heads.import_report)
+        found = Checkpoint(path, "authors", name, heads, None, state, {}, notes, heads.import_report)
+        found.recipe = authors_recipe(found.sha256)
+        return found
     try:
         heads, contents = load_heads(raw)
     except (ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: {err}") from None
     if isinstance(contents.get("backbone"), dict):
         state = {k.removeprefix("module."): v for k, v in contents["backbone"].items()}
-        recipe = None
+        found = Checkpoint(path, "finetune", heads.variant, heads, None, state, contents)
         if isinstance(contents.get("recipe"), dict):  # the fine-tuned backbone is this very file
-            recipe = FeatureRecipe.from_dict({**contents["recipe"], "weights": file_sha256(path)})
-        notes = [] if recipe else [f"{path} does not record its feature recipe (written before recipes were saved)"]
-        return Checkpoint(path, "finetune", heads.variant, heads, recipe, state, contents, notes)
+            found.recipe = FeatureRecipe.from_dict({**contents["recipe"], "weights": found.sha256})
+        else:
+            found.notes.append(f"{path} does not record its feature recipe (written before recipes were saved)")
+        return found
     try:
         recipe = FeatureRecipe.from_fingerprint(contents.get("cache_fingerprint") or {})
     except CacheError as err:

@@ -32,7 +32,7 @@ from pipeline.checkpoints import CheckpointError, load_backbone_weights, load_ch
 from pipeline.evaluate import ProtoBaseline
 from pipeline.extract import ExtractSettings, RunOptions, VideoJob, recipe as extraction_recipe, run_jobs
 from pipeline.heads import VideoEmbedding
-from pipeline.unknown import DEFAULT_SCORE, Calibration, calibrate, scores, threshold
+from pipeline.unknown import DEFAULT_SCORE, Calibration, calibrate, relate, scores, threshold
 from pipeline.video import FRAMES, SAMPLING_RULE_VERSION, VideoError, ViewSpec, count_frames, frame_rate
 from pipeline.workers import imap_isolated
 
@@ -430,16 +430,13 @@ class FewShotRecognizer:
         actions, way, cal = support.actions, len(support.actions), support.calibration
         device = self.maker.device
         labels = support.labels.to(device)
+        cut = threshold(cal, unknown.score, unknown.false_rejection) if unknown else None
         rows = []
         for start in range(0, len(features), QUERY_CHUNK):
             query = self._encode(features[start : start + QUERY_CHUNK])
-            with torch.inference_mode():
-                out = self.model.relate(support.embedding, labels, query, way)
-            logits = out.logits.float().cpu()
-            qc = None if out.qc_logits is None else out.qc_logits.float().cpu()
+            logits, qc = relate(self.model, support.embedding, labels, query, way)
             probs = (logits.double() / cal.temperature).softmax(-1)
             values = scores(logits, qc, cal) if unknown else {}
-            cut = threshold(cal, unknown.score, unknown.false_rejection) if unknown else None
             for i in range(len(logits)):
                 order = probs[i].argsort(descending=True).tolist()
                 best = actions[order[0]]
