@@ -15,3 +15,10 @@ class Figure:
     unit: str
     goal: str
     details: dict[str, object] = field(default_factory=dict)
+
+
+def steady_rate(stamps: list[tuple[float, int]], first: int, last: int) -> float:
+    """Units a second between the progress reports (time, count) at counts `first` and `last` (tasks,
+    frames): the steady state, without the set-up before `first`."""
+    at = {count: t for t, count in stamps}
+    return (last - first) / (at[last] - at[first])

@@ -24,17 +24,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import Figure
+from benchmarks import Figure, steady_rate
 
 DIM, VIEWS, WARMUP, TIMED, ROUNDS = 320, 4, 10, 100, 2
 SPLITS = {"train": (20, 10, VIEWS)}  # 200 videos: 20 classes x 10, 65 MB as float16
 STREAM_DIM, STREAM_SPLITS, STREAM_TASKS = 2048, {"train": (10, 10, VIEWS)}, 60  # 100 videos, 210 MB
-
-
-def _steady_rate(stamps: list[tuple[float, int]]) -> float:
-    """Tasks a second between the progress reports at tasks WARMUP and WARMUP + TIMED."""
-    at = {task: t for t, task in stamps}
-    return TIMED / (at[WARMUP + TIMED] - at[WARMUP])
 
 
 def train_loading_fraction() -> Figure:
@@ -56,7 +50,7 @@ def train_loading_fraction() -> Figure:
                 start = time.perf_counter()
                 train(config, cache, root / f"{side}-{round_}",
                       progress=lambda p: stamps.append((time.perf_counter(), p.task)))
-                best[side] = max(best.get(side, 0.0), _steady_rate(stamps))
+                best[side] = max(best.get(side, 0.0), steady_rate(stamps, WARMUP, WARMUP + TIMED))
                 setup[side] = min(setup.get(side, float("inf")), stamps[0][0] - start)
     return Figure(
         value=best["stream"] / best["ram"],

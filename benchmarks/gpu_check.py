@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import steady_rate
+
 REPO = Path(__file__).resolve().parents[1]
 VIEWS = 4  # cached views of a training video, as extraction writes them
 FRAMES, PATCHES = 8, 16  # L and P*P of every cached video
@@ -209,12 +211,6 @@ def write_clip(job: tuple[str, int, int, int, int]) -> str:
     return path
 
 
-def _steady(stamps: list[tuple[float, int]], first: int, last: int) -> float:
-    """Units a second between the progress reports at counts `first` and `last` (tasks, frames)."""
-    at = {count: t for t, count in stamps}
-    return (last - first) / (at[last] - at[first])
-
-
 # ---------------------------------------------------------------------------------------------- steps
 
 
@@ -310,7 +306,7 @@ def step_extract(ctx: Context, rec: Recorder) -> None:
                          videos_root=ctx.video_root, progress=lambda p: stamps.append((time.perf_counter(), p.frames)))
         if result.failures:
             raise RuntimeError(f"extraction failed on {result.failures[:3]}")
-        steady = _steady(stamps, stamps[0][1], stamps[-1][1])
+        steady = steady_rate(stamps, stamps[0][1], stamps[-1][1])
         alone = _backbone_alone(backbone.place(ctx.device), frames, precision, s.backbone_repeats, ctx)
         rec.figure(f"{precision}_frames_per_s", steady, "frames/s")
         rec.figure(f"{precision}_backbone_alone_frames_per_s", alone, "frames/s")
@@ -346,7 +342,7 @@ def _timed_training(ctx: Context, split, cache: Path, out: Path) -> tuple[float,
                          device=str(ctx.device), heads_options=s.heads_options)
     stamps: list[tuple[float, int]] = []
     result = train(config, cache, out, train_split=split, progress=lambda p: stamps.append((time.perf_counter(), p.task)))
-    return _steady(stamps, s.warmup_tasks, episodes), result.notes
+    return steady_rate(stamps, s.warmup_tasks, episodes), result.notes
 
 
 def step_train_heads(ctx: Context, rec: Recorder) -> None:
@@ -498,7 +494,7 @@ def step_finetune(ctx: Context, rec: Recorder) -> None:
         finetune(_finetune_config(ctx, bn=bn, grad_clip=1.0), pd.DataFrame(rows), ctx.root / f"finetune-{bn}",
                  start=load_checkpoint(start), videos_root=ctx.video_root,
                  progress=lambda p: stamps.append((time.perf_counter(), p.task)))
-        rec.figure(f"bn_{bn}_tasks_per_s", _steady(stamps, s.ft_tasks_per_step, s.ft_tasks), "tasks/s")
+        rec.figure(f"bn_{bn}_tasks_per_s", steady_rate(stamps, s.ft_tasks_per_step, s.ft_tasks), "tasks/s")
         ctx.peak_figure(rec, f"bn_{bn}_peak_gpu_gb")
     rec.note(f"{s.backbone} + STRM heads at {s.crop}, {s.ft_way}-way {s.ft_shot}-shot {s.ft_queries} queries, "
              f"{s.ft_tasks} tasks ({s.ft_tasks_per_step} a step, the first step untimed, gradients clipped to norm 1), "
@@ -508,8 +504,7 @@ def step_finetune(ctx: Context, rec: Recorder) -> None:
 
 def _torchrun(args: list[str], ctx: Context) -> None:
     """`strm ARGS` on 2 ranks under torchrun (nccl on CUDA, gloo on CPU)."""
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    env = {**_child_env(), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
            sys.executable, "-c", "from stages.app import main; main()", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
@@ -652,9 +647,8 @@ def run_isolated(name: str, args: argparse.Namespace, scratch: Path) -> StepResu
     part = scratch / f"{name}.result.json"
     command = [sys.executable, "-m", "benchmarks.gpu_check", "--device", args.device, "--size", args.size,
                "--only", name, "--in-process", "--scratch", str(scratch), "--out", str(part)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
-    child = subprocess.Popen(command, env=env, start_new_session=True)  # its own group: workers and ranks too
+    child = subprocess.Popen(command, env=_child_env(), start_new_session=True)  # its own group: workers and ranks too
     try:
         code = child.wait(timeout=args.step_timeout)
         ended = None if code in (0, 1) else f"its process ended with {_exit_reason(code)}"
@@ -673,6 +667,11 @@ def run_isolated(name: str, args: argparse.Namespace, scratch: Path) -> StepResu
         result.seconds = time.perf_counter() - start
         print(f"gpu-check: {name}: FAILED: {result.error}", flush=True)
     return result
+
+
+def _child_env() -> dict[str, str]:
+    """This environment with the repository first on PYTHONPATH (the carried wheels' paths kept after it)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 def _exit_reason(code: int) -> str:
@@ -750,10 +749,10 @@ def _workers() -> int:
 
 
 def _write(path: Path, record: dict) -> None:
+    from pipeline.runs import write_atomic  # standard library only: safe before any step's imports
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, allow_nan=True) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(record, indent=2, allow_nan=True) + "\n")
 
 
 if __name__ == "__main__":
