@@ -223,16 +223,11 @@ def after_training(heads: STRMHeads, change: str | None) -> STRMHeads:
 
 
 def _checkpoint_id(path: Path) -> dict:
+    """Which checkpoint a row was evaluated from, and its first learned attention gate (PLE's or Jnt-ST's)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return {"checkpoint": str(path), "task_index": int(ckpt.get("task_index", -1)),
-            "val": ckpt.get("val"), "gamma": _gamma(ckpt)}
-
-
-def _gamma(ckpt: dict) -> float | None:
-    """The first attention gate: PLE's, or the first Jnt-ST layer's."""
-    model = ckpt.get("model", {})
-    value = model.get("ple.gamma", model.get("joint.layers.0.gamma"))
-    return None if value is None else float(value.reshape(-1)[0])
+    gates = _attention_gates(load_heads(ckpt)[0])
+    return {"checkpoint": str(path), "task_index": int(ckpt.get("task_index", -1)), "val": ckpt.get("val"),
+            "gamma": float(gates[0].detach().reshape(-1)[0]) if gates else None}
 
 
 def evaluate_point(
