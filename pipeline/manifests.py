@@ -24,7 +24,7 @@ from pipeline.workers import imap_isolated
 SPLITS = ("train", "val", "test")
 COLUMNS = ("video_id", "class", "split", "path", "n_frames", "status")
 VIDEO_SUFFIXES = frozenset(
-    {".avi", ".mp4", ".m4v", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ogv"}
+    {".avi", ".mp4", ".m4v", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ogv", ".ts"}
 )
 DATA_MANIFESTS = Path(__file__).resolve().parent.parent / "data_manifests"
 

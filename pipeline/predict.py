@@ -32,11 +32,11 @@ from pipeline.checkpoints import CheckpointError, load_backbone_weights, load_ch
 from pipeline.evaluate import ProtoBaseline
 from pipeline.extract import ExtractSettings, RunOptions, VideoJob, recipe as extraction_recipe, run_jobs
 from pipeline.heads import VideoEmbedding
+from pipeline.manifests import VIDEO_SUFFIXES
 from pipeline.unknown import DEFAULT_SCORE, Calibration, calibrate, relate, scores, threshold
 from pipeline.video import FRAMES, SAMPLING_RULE_VERSION, VideoError, ViewSpec, count_frames, frame_rate
 from pipeline.workers import imap_isolated
 
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ogv", ".3gp", ".ts"}
 INDEX_FORMAT = "strm-support/1"
 PROTO = "proto"
 QUERY_CHUNK = 64  # query videos related to the support at a time
