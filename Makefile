@@ -11,7 +11,7 @@ SIZE    ?= paper
 # Spin-waiting OpenMP threads slow torch's small operations several-fold on a shared CPU.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test demo extract bench gpu-check clean
+.PHONY: install test lint format demo extract bench gpu-check clean
 
 # The stamp is older than pyproject.toml when the dependencies changed: reinstall then.
 $(STAMP): pyproject.toml
@@ -28,6 +28,18 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Style, types and layers (pyproject.toml holds each tool's settings): ruff's rules and formatting,
+# mypy over pipeline/ and stages/, and import-linter's contracts (the data flow's layers).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 demo: $(STAMP)
 	$(BIN)/strm demo
@@ -47,4 +59,4 @@ gpu-check:
 	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m benchmarks.gpu_check --device $(DEVICE) --size $(SIZE)
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

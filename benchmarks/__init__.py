@@ -2,6 +2,7 @@
 
 Every figure is a ratio or a time measured side by side in one run, never a timed unit test.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,4 +1,5 @@
 """Run the benchmarks: `python -m benchmarks [--only NAME]`, writing runs/bench.json."""
+
 from __future__ import annotations
 
 import argparse

@@ -9,6 +9,7 @@ its best wall time counts. The figure is the ratio of the summed wall times; the
 ratio of CPU time (ours: this process; theirs: ffmpeg + this process), which a busy shared
 machine skews less (ffmpeg's many threads win a larger share of a contended CPU).
 """
+
 from __future__ import annotations
 
 import os
@@ -24,11 +25,23 @@ import numpy as np
 import torch
 
 from benchmarks import Figure
-from pipeline.video import ViewSpec, count_frames, decoder_name, load_view, sample_indices
+from pipeline.data.video import (
+    ViewSpec,
+    count_frames,
+    decoder_name,
+    load_view,
+    sample_indices,
+)
 
 # HMDB51/UCF101 are 320x240 MPEG-4 Part 2 AVIs of ~3-6 s at 25-30 fps; Kinetics is mostly H.264.
-VIDEOS = [("mpeg4", ".avi", 96), ("mpeg4", ".avi", 150), ("mpeg4", ".avi", 120), ("h264", ".mp4", 110),
-          ("h264", ".mp4", 180), ("h264", ".mp4", 75)]
+VIDEOS = [
+    ("mpeg4", ".avi", 96),
+    ("mpeg4", ".avi", 150),
+    ("mpeg4", ".avi", 120),
+    ("h264", ".mp4", 110),
+    ("h264", ".mp4", 180),
+    ("h264", ".mp4", 75),
+]
 SIZE = (320, 240)
 FPS = 30
 ROUNDS = 3  # per video and route; the best time counts

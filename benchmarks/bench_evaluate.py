@@ -6,6 +6,7 @@ end to end, and the naive per-task forward `heads(support, labels, query)` on a 
 tasks, extrapolated to 10,000. Peak memory is the process's resident high-water mark over the
 evaluation (reset before it where Linux allows).
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,9 +19,9 @@ import numpy as np
 import torch
 
 from benchmarks import Figure
-from pipeline import evaluate as ev
-from pipeline.cache import SplitFeatures
-from pipeline.episodes import EpisodeSampler
+from pipeline import evaluation as ev
+from pipeline.data.episodes import EpisodeSampler
+from pipeline.features.readers import SplitFeatures
 from pipeline.heads import build_heads
 
 VIDEOS, CLASSES, FRAMES, PATCHES, DIM = 1292, 10, 8, 16, 2048
@@ -65,7 +66,7 @@ def _arithmetic_gflop(heads: torch.nn.Module, qc_table: bool) -> float:
     support key rows, then each class's attention-weighted rows [n_q*T, K*w*L] with its K*w*L value
     rows, both of width D' (pipeline/heads/trm.py). QC makes, per task, one [n_q*T, way*K*T] distance
     matmul of width D''; or, with the split's table, the products of its blocks of videos once
-    (pipeline/evaluate.py). FlopCounterMode does not count CPU SDPA.
+    (pipeline/evaluation/batched.py). FlopCounterMode does not count CPU SDPA.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -161,10 +162,13 @@ def evaluate_seconds() -> Figure:
         goal="<= 120 s for 10,000 tasks incl. the per-video pass; peak memory <= 8 GB",
         details={
             "per-video pass (1,292 videos) s": round(r["embed_s"], 1),
-            "CPU seconds of this process (all threads): per-video pass, total": (round(r["embed_cpu_s"]), round(r["total_cpu_s"])),
+            "CPU seconds of this process (all threads): per-video pass, total": (
+                round(r["embed_cpu_s"]),
+                round(r["total_cpu_s"]),
+            ),
             "machine load average before, after (2 cores; > 2 means shared)": tuple(round(x, 1) for x in r["load"]),
             "10,000 tasks through relate s (QC's table included when used)": round(r["relate_s"], 1),
-            "QC read from the split's table (pipeline/evaluate.py)": r["qc_table"],
+            "QC read from the split's table (pipeline/evaluation/batched.py)": r["qc_table"],
             "tasks per s (relate only)": round(EPISODES / r["relate_s"], 1),
             "arithmetic TFLOP of the products (encode once + relate)": round(r["floor_gflop"] / 1e3, 2),
             "float32 matmul GFLOPS of this machine, measured just before": round(r["matmul_gflops"]),
@@ -188,7 +192,9 @@ def evaluate_speedup() -> Figure:
             f"per-task forward s/task (mean of {NAIVE_SAMPLE})": round(r["naive_per_task_s"], 2),
             "per-task forward, 10,000 tasks extrapolated s": round(r["naive_10k_s"]),
             "batched evaluation s": round(r["total_s"], 1),
-            "speedup in CPU seconds (less sensitive to a shared machine)": round(r["naive_cpu_10k_s"] / r["total_cpu_s"], 1),
+            "speedup in CPU seconds (less sensitive to a shared machine)": round(
+                r["naive_cpu_10k_s"] / r["total_cpu_s"], 1
+            ),
         },
     )
 

@@ -1,6 +1,6 @@
 """Extraction throughput versus the backbone alone, in the same run.
 
-The pipeline side is the real `pipeline.extract.extract` (decoding in worker processes, resize and
+The pipeline side is the real `pipeline.features.extract.extract` (decoding in worker processes, resize and
 crop, backbone, max pooling, Zarr writes) on H.264 videos of a photo panning at 320 x 240 (the
 size of HMDB51/UCF101 clips). The backbone side is the same backbone, batch size and memory
 format on preloaded, normalised tensors, measured before and after the pipeline and averaged, as
@@ -8,6 +8,7 @@ the CPU is shared. The ratio uses the pipeline's steady state (first to last fin
 worker start-up is paid once per run, which a real dataset of thousands of videos amortises; the
 ratio including it is in the details.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -21,10 +22,10 @@ import skimage.data
 import torch
 
 from benchmarks import Figure
-from pipeline.backbones import get_backbone
-from pipeline.extract import ExtractSettings, RunOptions, extract
-from pipeline.synth import write_mp4
-from pipeline.video import ViewSpec
+from pipeline.data.synth import write_mp4
+from pipeline.data.video import ViewSpec
+from pipeline.features.backbones import get_backbone
+from pipeline.features.extract import ExtractSettings, RunOptions, extract
 
 GOAL = ">= 0.8"
 SIZE = (240, 320)  # H, W
@@ -35,8 +36,9 @@ def _panning_video(path: Path, shift: int) -> None:
     """A camera pan over skimage's astronaut photo: real texture, so the codec does real work."""
     photo = skimage.data.astronaut()  # 512 x 512 x 3
     h, w = SIZE
-    frames = np.stack([photo[(shift + 2 * t) % (512 - h) :][:h, (3 * t) % (512 - w) :][:, :w]
-                       for t in range(FRAMES_PER_VIDEO)])
+    frames = np.stack(
+        [photo[(shift + 2 * t) % (512 - h) :][:h, (3 * t) % (512 - w) :][:, :w] for t in range(FRAMES_PER_VIDEO)]
+    )
     write_mp4(np.ascontiguousarray(frames), path)
 
 
@@ -63,14 +65,29 @@ def _fraction(name: str, *, videos: int, views: int, batch_size: int, workers: i
         rows = []
         for i in range(videos):
             _panning_video(root / f"v{i}.mp4", shift=17 * i)
-            rows.append({"video_id": f"c{i % 2}/v{i}", "class": f"c{i % 2}", "split": "train",
-                         "path": f"v{i}.mp4", "n_frames": FRAMES_PER_VIDEO, "status": "ok"})
+            rows.append(
+                {
+                    "video_id": f"c{i % 2}/v{i}",
+                    "class": f"c{i % 2}",
+                    "split": "train",
+                    "path": f"v{i}.mp4",
+                    "n_frames": FRAMES_PER_VIDEO,
+                    "status": "ok",
+                }
+            )
         before = _backbone_fps(backbone, batch, repeats)
         stamps: list[tuple[float, int]] = []
         start = time.perf_counter()
-        result = extract("bench", pd.DataFrame(rows), backbone, root / "cache", settings,
-                         RunOptions(batch_size=batch_size, workers=workers), videos_root=root,
-                         progress=lambda p: stamps.append((time.perf_counter(), p.frames)))
+        result = extract(
+            "bench",
+            pd.DataFrame(rows),
+            backbone,
+            root / "cache",
+            settings,
+            RunOptions(batch_size=batch_size, workers=workers),
+            videos_root=root,
+            progress=lambda p: stamps.append((time.perf_counter(), p.frames)),
+        )
         wall = time.perf_counter() - start
         after = _backbone_fps(backbone, batch, repeats)
     if result.failures:
@@ -88,17 +105,20 @@ def _fraction(name: str, *, videos: int, views: int, batch_size: int, workers: i
             "extraction frames/s, steady state": f"{steady:.2f}",
             "extraction frames/s incl. worker start-up": f"{total:.2f} (ratio {total / alone:.2f})",
             "setup": f"{videos} videos x {views} views x 8 frames, {SIZE[1]}x{SIZE[0]} H.264 -> 256/224 "
-                     f"{settings.spec.interpolation}, "
-                     f"batch {batch_size}, {workers} decoding worker(s), {torch.get_num_threads()} torch threads",
+            f"{settings.spec.interpolation}, "
+            f"batch {batch_size}, {workers} decoding worker(s), {torch.get_num_threads()} torch threads",
         },
     )
 
 
 BENCHES: dict[str, Callable[[], Figure]] = {
     "extract_fraction_of_backbone_lite0": lambda: _fraction(
-        "tf_efficientnet_lite0", videos=10, views=2, batch_size=32, workers=1, repeats=3),
+        "tf_efficientnet_lite0", videos=10, views=2, batch_size=32, workers=1, repeats=3
+    ),
     "extract_fraction_of_backbone_resnet50": lambda: _fraction(
-        "resnet50", videos=8, views=2, batch_size=32, workers=1, repeats=2),
+        "resnet50", videos=8, views=2, batch_size=32, workers=1, repeats=2
+    ),
     "extract_fraction_of_backbone_vit": lambda: _fraction(
-        "vit_small_patch14_dinov2", videos=8, views=2, batch_size=32, workers=1, repeats=2),
+        "vit_small_patch14_dinov2", videos=8, views=2, batch_size=32, workers=1, repeats=2
+    ),
 }

@@ -2,7 +2,7 @@
 
 One 5-way 5-shot task with 4 queries a class at D = 2048 (ResNet-50 features, L = 8, 16 patches),
 CPU float32, train mode (dropout on), loss L_TM + 0.1 L_QC summed over queries. The step's FLOPs are
-counted (`pipeline.compute.training_step_flops`: FlopCounterMode over forward + backward, matmul,
+counted (`pipeline.evaluation.compute.training_step_flops`: FlopCounterMode over forward + backward, matmul,
 convolution and attention FLOPs as 2 x multiply-accumulates, nothing else); over the step's time
 they give its rate, compared with the best rate of a MATMUL_SIZE^3 float32 torch.matmul timed in the
 same process (same threads), the ceiling that products of the heads' sizes can reach. Each side
@@ -11,6 +11,7 @@ its peak memory is its own: peak RSS during the steps minus the RSS once model a
 The two take turns, one step at a time (never at once), the matmul timings between them, and each
 time is its best of `REPEATS` after a warm-up round. The reference's time stays in the details.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -35,7 +36,7 @@ def _worker(side: str, conn) -> None:
     side, the step's counted FLOPs)."""
     import torch
 
-    from pipeline.compute import training_step_flops
+    from pipeline.evaluation.compute import training_step_flops
     from pipeline.heads import HeadsOutput, build_heads
     from pipeline.heads.reference import reference_forward
 

@@ -2,11 +2,12 @@
 
 Both sides turn the same query clips into tf_efficientnet_lite0 features at 112 (the demo's
 recipe: last block, 128/112) with the same decoding workers and batch size: the extraction side
-through `pipeline.extract.extract` into a fresh cache, the prediction side through
+through `pipeline.features.extract.extract` into a fresh cache, the prediction side through
 `FewShotRecognizer.predict` against a saved 5-way 5-shot support index (so no support clip is
 decoded), heads encoding and relating the queries included. The two alternate and each side's
 best of `ROUNDS` is kept, as the CPU is shared.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -18,12 +19,18 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import Figure
-from pipeline.backbones import get_backbone
-from pipeline.extract import ExtractSettings, RunOptions, extract, fingerprint, recipe
+from pipeline.data.synth import write_mp4
+from pipeline.data.video import ViewSpec
+from pipeline.features.backbones import get_backbone
+from pipeline.features.extract import (
+    ExtractSettings,
+    RunOptions,
+    extract,
+    fingerprint,
+    recipe,
+)
 from pipeline.heads import build_heads, save_heads
-from pipeline.predict import FewShotRecognizer
-from pipeline.synth import write_mp4
-from pipeline.video import ViewSpec
+from pipeline.predict.recognizer import FewShotRecognizer
 
 QUERIES, ROUNDS, WORKERS, FRAMES = 40, 2, 2, 24
 SPEC = ViewSpec(short_side=128, crop=112, flip=False)
@@ -50,10 +57,22 @@ def predict_overhead_vs_extract() -> Figure:
             _clip(path, k)
         backbone = get_backbone("tf_efficientnet_lite0", layer="last_block")
         settings = ExtractSettings(views=1, spec=SPEC)
-        manifest = pd.DataFrame({"video_id": [q.stem for q in queries], "class": "query", "split": "test",
-                                 "path": [str(q) for q in queries], "n_frames": FRAMES, "status": "ok"})
+        manifest = pd.DataFrame(
+            {
+                "video_id": [q.stem for q in queries],
+                "class": "query",
+                "split": "test",
+                "path": [str(q) for q in queries],
+                "n_frames": FRAMES,
+                "status": "ok",
+            }
+        )
         heads = build_heads("strm", backbone.dim, trm_dim=320)
-        save_heads(root / "heads.pt", heads, cache_fingerprint=fingerprint("bench", manifest, recipe(backbone, settings, "fp32")))
+        save_heads(
+            root / "heads.pt",
+            heads,
+            cache_fingerprint=fingerprint("bench", manifest, recipe(backbone, settings, "fp32")),
+        )
         maker = FewShotRecognizer.from_checkpoint(root / "heads.pt", device="cpu", workers=WORKERS)
         maker.add_support(root / "support")
         index = maker.save_support(root / "support.safetensors")
@@ -61,7 +80,9 @@ def predict_overhead_vs_extract() -> Figure:
         times: dict[str, list[float]] = {"extract": [], "predict": []}
         for r in range(ROUNDS):
             start = time.perf_counter()
-            extract("bench", manifest, backbone, root / f"cache{r}", settings, RunOptions(workers=WORKERS, device="cpu"))
+            extract(
+                "bench", manifest, backbone, root / f"cache{r}", settings, RunOptions(workers=WORKERS, device="cpu")
+            )
             times["extract"].append(time.perf_counter() - start)
             start = time.perf_counter()
             recognizer.add_support(index)
@@ -70,10 +91,17 @@ def predict_overhead_vs_extract() -> Figure:
             assert all(rec["status"] == "ok" for rec in records)
         best = {k: min(v) for k, v in times.items()}
         return Figure(
-            value=best["predict"] / best["extract"], unit="x", goal="<= 1.15",
-            details={"queries": QUERIES, "extract_s": round(best["extract"], 2), "predict_s": round(best["predict"], 2),
-                     "queries_per_s": round(QUERIES / best["predict"], 2), "workers": WORKERS,
-                     "recipe": "tf_efficientnet_lite0 last_block, 128/112, fp32 CPU"},
+            value=best["predict"] / best["extract"],
+            unit="x",
+            goal="<= 1.15",
+            details={
+                "queries": QUERIES,
+                "extract_s": round(best["extract"], 2),
+                "predict_s": round(best["predict"], 2),
+                "queries_per_s": round(QUERIES / best["predict"], 2),
+                "workers": WORKERS,
+                "recipe": "tf_efficientnet_lite0 last_block, 128/112, fp32 CPU",
+            },
         )
     finally:
         shutil.rmtree(root, ignore_errors=True)

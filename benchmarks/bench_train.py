@@ -16,6 +16,7 @@ in bytes of features delivered a second; each video's chunk holds all 4 views, s
 Either cache was just written, so it is in the OS page cache: this measures Zarr's decoding and
 the read-ahead, not the disk.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -33,8 +34,8 @@ STREAM_DIM, STREAM_SPLITS, STREAM_TASKS = 2048, {"train": (10, 10, VIEWS)}, 60  
 
 def train_loading_fraction() -> Figure:
     """Steady-state tasks/s streaming from the Zarr cache divided by tasks/s from the split in RAM."""
-    from pipeline.cache import write_random_cache
-    from pipeline.train import make_config, train
+    from pipeline.features.cache import write_random_cache
+    from pipeline.training.train import make_config, train
 
     best: dict[str, float] = {}
     setup: dict[str, float] = {}
@@ -44,12 +45,17 @@ def train_loading_fraction() -> Figure:
         episodes = WARMUP + TIMED
         for round_ in range(ROUNDS):
             for side in ("ram", "stream"):
-                config = make_config("frozen", episodes=episodes, val_every=0, checkpoint_every=episodes,
-                                     loading=side, device="cpu")
+                config = make_config(
+                    "frozen", episodes=episodes, val_every=0, checkpoint_every=episodes, loading=side, device="cpu"
+                )
                 stamps: list[tuple[float, int]] = []
                 start = time.perf_counter()
-                train(config, cache, root / f"{side}-{round_}",
-                      progress=lambda p: stamps.append((time.perf_counter(), p.task)))
+                train(
+                    config,
+                    cache,
+                    root / f"{side}-{round_}",
+                    progress=lambda p, stamps=stamps: stamps.append((time.perf_counter(), p.task)),
+                )
                 best[side] = max(best.get(side, 0.0), steady_rate(stamps, WARMUP, WARMUP + TIMED))
                 setup[side] = min(setup.get(side, float("inf")), stamps[0][0] - start)
     return Figure(
@@ -58,8 +64,8 @@ def train_loading_fraction() -> Figure:
         goal=">= 0.9",
         details={
             "setup": f"strm heads, 5-way 5-shot 4 queries, D={DIM}, {VIEWS} views, "
-                     f"{sum(c * v for c, v, _ in SPLITS.values())} training videos, CPU, {torch.get_num_threads()} threads; "
-                     f"tasks {WARMUP}..{WARMUP + TIMED} timed, best of {ROUNDS} rounds",
+            f"{sum(c * v for c, v, _ in SPLITS.values())} training videos, CPU, {torch.get_num_threads()} threads; "
+            f"tasks {WARMUP}..{WARMUP + TIMED} timed, best of {ROUNDS} rounds",
             "ram_tasks_per_s": round(best["ram"], 3),
             "stream_tasks_per_s": round(best["stream"], 3),
             "setup_s (open, load, statistics) ram, stream": (round(setup["ram"], 2), round(setup["stream"], 2)),
@@ -69,9 +75,9 @@ def train_loading_fraction() -> Figure:
 
 def cache_stream_gb_per_s() -> Figure:
     """GB/s of features the streamed reader delivers to training at D = 2048 (one view of each video)."""
-    from pipeline.cache import open_cache, write_random_cache
-    from pipeline.episodes import EpisodeSampler
-    from pipeline.train import task_inputs
+    from pipeline.data.episodes import EpisodeSampler
+    from pipeline.features.cache import open_cache, write_random_cache
+    from pipeline.training.train import task_inputs
 
     with tempfile.TemporaryDirectory(prefix="bench_stream_") as tmp:
         cache = open_cache(write_random_cache(Path(tmp) / "cache", splits=STREAM_SPLITS, dim=STREAM_DIM))
@@ -93,8 +99,8 @@ def cache_stream_gb_per_s() -> Figure:
         goal="what a GPU trains on: 250 tasks/s x 45 views of 0.52 MB = 5.9 GB/s",
         details={
             "setup": f"{sum(c * n for c, n, _ in STREAM_SPLITS.values())} videos x {VIEWS} views x 8 x 16 x {STREAM_DIM} "
-                     f"float16 (a view {view_mb:.2f} MB, a chunk {VIEWS * view_mb:.1f} MB), 5-way 5-shot 4 queries, "
-                     f"{STREAM_TASKS} tasks, page cache warm, {torch.get_num_threads()} threads",
+            f"float16 (a view {view_mb:.2f} MB, a chunk {VIEWS * view_mb:.1f} MB), 5-way 5-shot 4 queries, "
+            f"{STREAM_TASKS} tasks, page cache warm, {torch.get_num_threads()} threads",
             "tasks_per_s (read ahead)": round(tasks_s, 2),
             "sequential GB/s, tasks/s": tuple(round(v, 3) for v in rates["sequential"]),
             "chunk bytes decoded GB/s (all views of each video)": round(VIEWS * gb_s, 3),

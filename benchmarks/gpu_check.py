@@ -3,7 +3,7 @@
 Steps, each timed and each in a process of its own (a failed step is reported with a traceback
 summary, a crashed or hung one with how it ended, and the next one runs):
 - decode: torchcodec on the CPU through the decoding worker pool vs torchcodec's CUDA decoder;
-- extract: ResNet-50 through `pipeline.extract.extract` in fp32, bf16 and fp16, against the
+- extract: ResNet-50 through `pipeline.features.extract.extract` in fp32, bf16 and fp16, against the
   backbone alone on tensors already on the device;
 - train_heads: STRM heads at D = 2048 on a split of HMDB51's training size (9 GB of float16)
   resident on the GPU, then the same split in host RAM gathered into pinned memory;
@@ -21,6 +21,7 @@ Weights are random (`pretrained=False`): the same cost as ImageNet's, and nothin
     python3 -m benchmarks.gpu_check --device cuda --size paper    # or: make gpu-check
     python3 -m benchmarks.gpu_check --device cpu --size tiny      # every step, small, on a CPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,9 +84,33 @@ class Size:
 
 SIZES = {
     "paper": Size("paper", 10, 10, (240, 320), 72, "resnet50", 256, 224, 64, 20, 4280, 31, 2048),
-    "tiny": Size("tiny", 3, 2, (48, 64), 24, "tiny", 40, 32, 32, 5, 300, 10, 64, {"trm_dim": 32},
-                 warmup_tasks=5, timed_tasks=40, eval_videos=200, eval_episodes=1000, autocast_tasks=20,
-                 autocast_episodes=500, autocast_signal=0.4, ft_way=2, ft_shot=1, ft_queries=1, ft_tasks=8),
+    "tiny": Size(
+        "tiny",
+        3,
+        2,
+        (48, 64),
+        24,
+        "tiny",
+        40,
+        32,
+        32,
+        5,
+        300,
+        10,
+        64,
+        {"trm_dim": 32},
+        warmup_tasks=5,
+        timed_tasks=40,
+        eval_videos=200,
+        eval_episodes=1000,
+        autocast_tasks=20,
+        autocast_episodes=500,
+        autocast_signal=0.4,
+        ft_way=2,
+        ft_shot=1,
+        ft_queries=1,
+        ft_tasks=8,
+    ),
 }
 
 
@@ -166,8 +191,10 @@ class Context:
                 import av  # noqa: F401 - write_mp4's encoder
             except ImportError as err:
                 raise Skipped(f"PyAV could not be imported ({err}): it writes the test videos") from None
-            from benchmarks.gpu_check import write_clip  # by its module's name, never __main__: workers import it
-            from pipeline.workers import imap_isolated
+            from benchmarks.gpu_check import (
+                write_clip,  # by its module's name, never __main__: workers import it
+            )
+            from pipeline.runtime.workers import imap_isolated
 
             s = self.size
             rows, jobs = [], []
@@ -176,8 +203,16 @@ class Context:
                     rel = f"c{c}/v{i}.mp4"
                     (self.video_root / rel).parent.mkdir(parents=True, exist_ok=True)
                     jobs.append((str(self.video_root / rel), 1000 * c + i, *s.video_hw, s.video_frames))
-                    rows.append({"video_id": f"c{c}/v{i}", "class": f"c{c}", "split": "train", "path": rel,
-                                 "n_frames": s.video_frames, "status": "ok"})
+                    rows.append(
+                        {
+                            "video_id": f"c{c}/v{i}",
+                            "class": f"c{c}",
+                            "split": "train",
+                            "path": rel,
+                            "n_frames": s.video_frames,
+                            "status": "ok",
+                        }
+                    )
             for job, _, error in imap_isolated(write_clip, jobs, workers=min(self.workers, len(jobs))):
                 if error is not None:
                     raise RuntimeError(f"writing {job[0]}: {error}")
@@ -193,7 +228,7 @@ def write_clip(job: tuple[str, int, int, int, int]) -> str:
     """
     import numpy as np
 
-    from pipeline.synth import write_mp4
+    from pipeline.data.synth import write_mp4
 
     path, seed, height, width, n = job
     rng = np.random.default_rng(seed)
@@ -220,16 +255,26 @@ def step_decode(ctx: Context, rec: Recorder) -> None:
     try:
         from torchcodec.decoders import VideoDecoder
     except Exception as err:  # noqa: BLE001 - ImportError, or FFmpeg's libraries failing to load
-        raise Skipped(f"torchcodec could not load FFmpeg: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    from pipeline.extract import VideoJob, decode_job
-    from pipeline.video import ViewSpec, decoder_name, resize_short_side, sample_indices, view_rng
-    from pipeline.workers import imap_isolated
+        raise Skipped(
+            f"torchcodec could not load FFmpeg: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
+    from pipeline.data.video import (
+        ViewSpec,
+        decoder_name,
+        resize_short_side,
+        sample_indices,
+        view_rng,
+    )
+    from pipeline.features.extract import VideoJob, decode_job
+    from pipeline.runtime.workers import imap_isolated
 
     if decoder_name() != "torchcodec":
         raise Skipped(f"the project decodes with {decoder_name()} here (STRM_DECODER)")
     spec = ViewSpec(short_side=ctx.size.short_side, crop=ctx.size.crop)
-    jobs = [VideoJob("train", k, r["video_id"], str(ctx.video_root / r["path"]), r["n_frames"], VIEWS, 0, spec)
-            for k, r in enumerate(rows)]
+    jobs = [
+        VideoJob("train", k, r["video_id"], str(ctx.video_root / r["path"]), r["n_frames"], VIEWS, 0, spec)
+        for k, r in enumerate(rows)
+    ]
     done: list[float] = []
     start = time.perf_counter()
     for job, _, error in imap_isolated(decode_job, jobs, workers=ctx.workers, max_in_flight=2 * ctx.workers + 1):
@@ -238,8 +283,10 @@ def step_decode(ctx: Context, rec: Recorder) -> None:
         done.append(time.perf_counter())
     rec.figure("cpu_pool_videos_per_s", (len(done) - 1) / (done[-1] - done[0]), "videos/s")
     rec.figure("cpu_pool_videos_per_s_incl_startup", len(done) / (done[-1] - start), "videos/s")
-    rec.note(f"{len(jobs)} videos {ctx.size.video_hw[1]}x{ctx.size.video_hw[0]} H.264, {ctx.size.video_frames} frames, "
-             f"{VIEWS} views each, resized and cropped, {ctx.workers} worker processes")
+    rec.note(
+        f"{len(jobs)} videos {ctx.size.video_hw[1]}x{ctx.size.video_hw[0]} H.264, {ctx.size.video_frames} frames, "
+        f"{VIEWS} views each, resized and cropped, {ctx.workers} worker processes"
+    )
     if not ctx.cuda:
         rec.note("cuda decoding: skipped, the device is cpu")
         return
@@ -247,8 +294,9 @@ def step_decode(ctx: Context, rec: Recorder) -> None:
     def frames_on_gpu(row: dict) -> VideoDecoder:
         """The union of the 4 views' frames, decoded on the GPU and resized there; the decoder, to ask it how."""
         n = row["n_frames"]
-        wanted = sorted({i for v in range(VIEWS)
-                         for i in sample_indices(n, train=v > 0, rng=view_rng(0, row["video_id"], v))})
+        wanted = sorted(
+            {i for v in range(VIEWS) for i in sample_indices(n, train=v > 0, rng=view_rng(0, row["video_id"], v))}
+        )
         decoder = VideoDecoder(str(ctx.video_root / row["path"]), device=str(ctx.device))
         resize_short_side(decoder.get_frames_at(indices=wanted).data, spec)
         return decoder
@@ -269,9 +317,11 @@ def step_decode(ctx: Context, rec: Recorder) -> None:
     rec.figure("cuda_videos_per_s", len(rows) / (time.perf_counter() - start), "videos/s")
 
 
-def _backbone_alone(backbone: torch.nn.Module, frames: torch.Tensor, precision: str, repeats: int, ctx: Context) -> float:
+def _backbone_alone(
+    backbone: torch.nn.Module, frames: torch.Tensor, precision: str, repeats: int, ctx: Context
+) -> float:
     """Frames/s of patch_features on a batch already on the device (the ceiling of extraction)."""
-    from pipeline.backbones import patch_features
+    from pipeline.features.backbones import patch_features
 
     dtype = AUTOCAST.get(precision)
     with torch.inference_mode(), torch.autocast(ctx.device.type, dtype=dtype) if dtype else nullcontext():
@@ -289,21 +339,29 @@ def step_extract(ctx: Context, rec: Recorder) -> None:
     rows = ctx.videos()
     import pandas as pd
 
-    from pipeline.backbones import get_backbone
-    from pipeline.extract import ExtractSettings, RunOptions, extract
-    from pipeline.video import ViewSpec
+    from pipeline.data.video import ViewSpec
+    from pipeline.features.backbones import get_backbone
+    from pipeline.features.extract import ExtractSettings, RunOptions, extract
 
     s = ctx.size
     backbone = get_backbone(s.backbone, pretrained=False, image_size=s.crop)
-    settings = ExtractSettings(views=VIEWS, spec=ViewSpec(short_side=s.short_side, crop=s.crop,
-                                                          interpolation=backbone.interpolation))
+    settings = ExtractSettings(
+        views=VIEWS, spec=ViewSpec(short_side=s.short_side, crop=s.crop, interpolation=backbone.interpolation)
+    )
     frames = torch.randint(0, 256, (s.batch, 3, s.crop, s.crop), dtype=torch.uint8, device=ctx.device)
     manifest = pd.DataFrame(rows)
     for precision in PRECISIONS:
         stamps: list[tuple[float, int]] = []
-        result = extract("gpucheck", manifest, backbone, ctx.root / f"extract-{precision}", settings,
-                         RunOptions(batch_size=s.batch, workers=ctx.workers, device=str(ctx.device), precision=precision),
-                         videos_root=ctx.video_root, progress=lambda p: stamps.append((time.perf_counter(), p.frames)))
+        result = extract(
+            "gpucheck",
+            manifest,
+            backbone,
+            ctx.root / f"extract-{precision}",
+            settings,
+            RunOptions(batch_size=s.batch, workers=ctx.workers, device=str(ctx.device), precision=precision),
+            videos_root=ctx.video_root,
+            progress=lambda p, stamps=stamps: stamps.append((time.perf_counter(), p.frames)),
+        )
         if result.failures:
             raise RuntimeError(f"extraction failed on {result.failures[:3]}")
         steady = steady_rate(stamps, stamps[0][1], stamps[-1][1])
@@ -311,13 +369,15 @@ def step_extract(ctx: Context, rec: Recorder) -> None:
         rec.figure(f"{precision}_frames_per_s", steady, "frames/s")
         rec.figure(f"{precision}_backbone_alone_frames_per_s", alone, "frames/s")
         rec.figure(f"{precision}_fraction", steady / alone, "x", ">= 0.8")
-    rec.note(f"{s.backbone} (random weights) at {s.short_side}/{s.crop}, batch {s.batch}, {len(rows)} videos x {VIEWS} "
-             f"views x 8 frames, {ctx.workers} decoding workers; extraction's steady state (first to last video written)")
+    rec.note(
+        f"{s.backbone} (random weights) at {s.short_side}/{s.crop}, batch {s.batch}, {len(rows)} videos x {VIEWS} "
+        f"views x 8 frames, {ctx.workers} decoding workers; extraction's steady state (first to last video written)"
+    )
 
 
 def _random_split(ctx: Context, videos: int, views: int, dim: int, classes: int, signal: float):
     """A SplitFeatures made on the device in chunks: class pattern x signal + unit noise, float16."""
-    from pipeline.cache import SplitFeatures
+    from pipeline.features.readers import SplitFeatures
 
     labels = torch.arange(videos) % classes
     features = torch.empty((videos, views, FRAMES, PATCHES, dim), dtype=torch.float16, device=ctx.device)
@@ -327,27 +387,45 @@ def _random_split(ctx: Context, videos: int, views: int, dim: int, classes: int,
         rows = labels[start : start + chunk].to(ctx.device)
         noise = torch.randn((len(rows), views, FRAMES, PATCHES, dim), dtype=torch.float16, device=ctx.device)
         features[start : start + len(rows)] = noise + patterns[rows][:, None].half()
-    return SplitFeatures(features=features, labels=labels, class_names=[f"c{c}" for c in range(classes)],
-                         video_ids=[f"c{c}/v{i}" for i, c in enumerate(labels.tolist())],
-                         loading="device" if ctx.cuda else "ram")
+    return SplitFeatures(
+        features=features,
+        labels=labels,
+        class_names=[f"c{c}" for c in range(classes)],
+        video_ids=[f"c{c}/v{i}" for i, c in enumerate(labels.tolist())],
+        loading="device" if ctx.cuda else "ram",
+    )
 
 
 def _timed_training(ctx: Context, split, cache: Path, out: Path) -> tuple[float, tuple[str, ...]]:
     """Steady-state tasks/s of train-heads on `split` (5-way 5-shot 4 queries, bf16 autocast + TF32), and its notes."""
-    from pipeline.train import make_config, train
+    from pipeline.training.train import make_config, train
 
     s = ctx.size
     episodes = s.warmup_tasks + s.timed_tasks
-    config = make_config("frozen", episodes=episodes, val_every=0, checkpoint_every=episodes, amp=True,
-                         device=str(ctx.device), heads_options=s.heads_options)
+    config = make_config(
+        "frozen",
+        episodes=episodes,
+        val_every=0,
+        checkpoint_every=episodes,
+        amp=True,
+        device=str(ctx.device),
+        heads_options=s.heads_options,
+    )
     stamps: list[tuple[float, int]] = []
-    result = train(config, cache, out, train_split=split, progress=lambda p: stamps.append((time.perf_counter(), p.task)))
+    result = train(
+        config,
+        cache,
+        out,
+        train_split=split,
+        progress=lambda p, stamps=stamps: stamps.append((time.perf_counter(), p.task)),
+    )
     return steady_rate(stamps, s.warmup_tasks, episodes), result.notes
 
 
 def step_train_heads(ctx: Context, rec: Recorder) -> None:
     """tasks/s with the training split resident on the GPU (goal >= 250), then in RAM through pinned memory."""
-    from pipeline.cache import SplitFeatures, choose_loading, open_cache, write_random_cache
+    from pipeline.features.cache import open_cache, write_random_cache
+    from pipeline.features.readers import SplitFeatures, choose_loading
 
     s = ctx.size
     # The cache only names the features (fingerprint, D, L, P): the split itself is made on the device.
@@ -362,8 +440,10 @@ def step_train_heads(ctx: Context, rec: Recorder) -> None:
     rec.note(notes[0])
     rec.figure(f"{split.loading}_tasks_per_s", rate, "tasks/s", ">= 250" if ctx.cuda else "")
     ctx.peak_figure(rec, "peak_gpu_gb")
-    rec.note(f"{s.train_videos} videos x {VIEWS} views x 8 x 16 x {s.dim}, STRM heads {s.heads_options or ''}, "
-             f"5-way 5-shot 4 queries, tasks {s.warmup_tasks}..{s.warmup_tasks + s.timed_tasks} timed")
+    rec.note(
+        f"{s.train_videos} videos x {VIEWS} views x 8 x 16 x {s.dim}, STRM heads {s.heads_options or ''}, "
+        f"5-way 5-shot 4 queries, tasks {s.warmup_tasks}..{s.warmup_tasks + s.timed_tasks} timed"
+    )
     if not ctx.cuda:
         rec.note("pinned host memory: CUDA only")
         return
@@ -379,10 +459,10 @@ def step_train_heads(ctx: Context, rec: Recorder) -> None:
 
 def step_evaluate(ctx: Context, rec: Recorder) -> None:
     """10,000 tasks at HMDB51 test scale on the device (goal <= 10 s), and autocast's paired accuracy difference."""
-    from pipeline import evaluate as ev
-    from pipeline.cache import open_cache, write_random_cache
+    from pipeline import evaluation as ev
+    from pipeline.features.cache import open_cache, write_random_cache
     from pipeline.heads import build_heads, load_heads
-    from pipeline.train import make_config, train
+    from pipeline.training.train import make_config, train
 
     s = ctx.size
     split = _random_split(ctx, s.eval_videos, 1, s.dim, s.eval_classes, signal=1.0)
@@ -395,14 +475,26 @@ def step_evaluate(ctx: Context, rec: Recorder) -> None:
     ctx.sync()
     rec.figure("seconds", time.perf_counter() - start, "s", "<= 10 s" if s.eval_episodes == 10_000 else "")
     ctx.peak_figure(rec, "peak_gpu_gb")
-    rec.note(f"{s.eval_episodes} 5-way 5-shot tasks, 1 query, on {s.eval_videos} videos at D={s.dim}, "
-             "untrained heads, per-video pass included")
+    rec.note(
+        f"{s.eval_episodes} 5-way 5-shot tasks, 1 query, on {s.eval_videos} videos at D={s.dim}, "
+        "untrained heads, per-video pass included"
+    )
     del split, heads
 
-    cache = write_random_cache(ctx.root / "autocast-cache", splits={"train": (10, 10, 1), "test": (5, 12, 1)}, dim=s.dim,
-                               signal=s.autocast_signal)
-    config = make_config("frozen", episodes=s.autocast_tasks, val_every=0, checkpoint_every=s.autocast_tasks,
-                         device=str(ctx.device), heads_options=s.heads_options)
+    cache = write_random_cache(
+        ctx.root / "autocast-cache",
+        splits={"train": (10, 10, 1), "test": (5, 12, 1)},
+        dim=s.dim,
+        signal=s.autocast_signal,
+    )
+    config = make_config(
+        "frozen",
+        episodes=s.autocast_tasks,
+        val_every=0,
+        checkpoint_every=s.autocast_tasks,
+        device=str(ctx.device),
+        heads_options=s.heads_options,
+    )
     run = train(config, cache, ctx.root / "autocast-run")
     trained, _ = load_heads(torch.load(run.best_checkpoint, map_location="cpu", weights_only=True))
     trained.to(ctx.device)
@@ -415,8 +507,10 @@ def step_evaluate(ctx: Context, rec: Recorder) -> None:
     rec.figure("accuracy_fp32", plain.mean, "%")
     rec.figure("autocast_minus_fp32", paired.difference, "points", f"within +-{paired.ci95:.2g} (its 95% interval)")
     rec.figure("autocast_minus_fp32_ci95", paired.ci95, "points")
-    rec.note(f"heads trained {s.autocast_tasks} tasks on a class-structured random cache; "
-             f"{s.autocast_episodes} identical test tasks; tasks that differ: {paired.a_better + paired.b_better}")
+    rec.note(
+        f"heads trained {s.autocast_tasks} tasks on a class-structured random cache; "
+        f"{s.autocast_episodes} identical test tasks; tasks that differ: {paired.a_better + paired.b_better}"
+    )
 
 
 @contextmanager
@@ -439,14 +533,16 @@ def _finetune_start(ctx: Context) -> Path:
     """
     path = ctx.root / "finetune-start.pt"
     if not path.exists():
-        from pipeline.backbones import get_backbone, patch_features
+        from pipeline.data.video import ViewSpec, load_view
+        from pipeline.features.backbones import get_backbone, patch_features
         from pipeline.heads import build_heads, save_heads
-        from pipeline.video import ViewSpec, load_view
 
         s = ctx.size
         spec = ViewSpec(short_side=s.short_side, crop=s.crop)
         rows = ctx.videos()[: max(1, 2 * s.batch // FRAMES)]
-        frames = torch.cat([load_view(ctx.video_root / r["path"], r["n_frames"], r["video_id"], 1, 0, spec) for r in rows])
+        frames = torch.cat(
+            [load_view(ctx.video_root / r["path"], r["n_frames"], r["video_id"], 1, 0, spec) for r in rows]
+        )
         torch.manual_seed(0)
         backbone = get_backbone(s.backbone, pretrained=False, image_size=s.crop)
         for bn in backbone.modules():
@@ -467,13 +563,25 @@ def _finetune_start(ctx: Context) -> Path:
 
 
 def _finetune_config(ctx: Context, **overrides):
-    from pipeline.finetune import make_finetune_config
+    from pipeline.training.finetune import make_finetune_config
 
     s = ctx.size
-    settings = dict(backbone=s.backbone, short_side=s.short_side, crop=s.crop, way=s.ft_way, shot=s.ft_shot,
-                    queries=s.ft_queries, episodes=s.ft_tasks, tasks_per_step=s.ft_tasks_per_step, val_every=0,
-                    checkpoint_every=s.ft_tasks, log_every=s.ft_tasks_per_step, workers=ctx.workers,
-                    device=str(ctx.device), amp="bf16")
+    settings = dict(
+        backbone=s.backbone,
+        short_side=s.short_side,
+        crop=s.crop,
+        way=s.ft_way,
+        shot=s.ft_shot,
+        queries=s.ft_queries,
+        episodes=s.ft_tasks,
+        tasks_per_step=s.ft_tasks_per_step,
+        val_every=0,
+        checkpoint_every=s.ft_tasks,
+        log_every=s.ft_tasks_per_step,
+        workers=ctx.workers,
+        device=str(ctx.device),
+        amp="bf16",
+    )
     return make_finetune_config("gpucheck", **{**settings, **overrides})
 
 
@@ -482,8 +590,8 @@ def step_finetune(ctx: Context, rec: Recorder) -> None:
     rows = ctx.videos()
     import pandas as pd
 
-    from pipeline.checkpoints import load_checkpoint
-    from pipeline.finetune import finetune
+    from pipeline.training.checkpoints import load_checkpoint
+    from pipeline.training.finetune import finetune
 
     s = ctx.size
     start = _finetune_start(ctx)
@@ -491,22 +599,40 @@ def step_finetune(ctx: Context, rec: Recorder) -> None:
         ctx.reset_peak()
         stamps: list[tuple[float, int]] = []
         # Clipped: a random ResNet-50 with frozen BatchNorm diverges at the authors' lr within steps.
-        finetune(_finetune_config(ctx, bn=bn, grad_clip=1.0), pd.DataFrame(rows), ctx.root / f"finetune-{bn}",
-                 start=load_checkpoint(start), videos_root=ctx.video_root,
-                 progress=lambda p: stamps.append((time.perf_counter(), p.task)))
+        finetune(
+            _finetune_config(ctx, bn=bn, grad_clip=1.0),
+            pd.DataFrame(rows),
+            ctx.root / f"finetune-{bn}",
+            start=load_checkpoint(start),
+            videos_root=ctx.video_root,
+            progress=lambda p, stamps=stamps: stamps.append((time.perf_counter(), p.task)),
+        )
         rec.figure(f"bn_{bn}_tasks_per_s", steady_rate(stamps, s.ft_tasks_per_step, s.ft_tasks), "tasks/s")
         ctx.peak_figure(rec, f"bn_{bn}_peak_gpu_gb")
-    rec.note(f"{s.backbone} + STRM heads at {s.crop}, {s.ft_way}-way {s.ft_shot}-shot {s.ft_queries} queries, "
-             f"{s.ft_tasks} tasks ({s.ft_tasks_per_step} a step, the first step untimed, gradients clipped to norm 1), "
-             "bf16 autocast on CUDA, "
-             f"{ctx.workers} decoding workers")
+    rec.note(
+        f"{s.backbone} + STRM heads at {s.crop}, {s.ft_way}-way {s.ft_shot}-shot {s.ft_queries} queries, "
+        f"{s.ft_tasks} tasks ({s.ft_tasks_per_step} a step, the first step untimed, gradients clipped to norm 1), "
+        "bf16 autocast on CUDA, "
+        f"{ctx.workers} decoding workers"
+    )
 
 
 def _torchrun(args: list[str], ctx: Context) -> None:
     """`strm ARGS` on 2 ranks under torchrun (nccl on CUDA, gloo on CPU)."""
     env = {**_child_env(), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
-           sys.executable, "-c", "from stages.app import main; main()", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--no-python",
+        sys.executable,
+        "-c",
+        "from stages.app import main; main()",
+        *args,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     if done.returncode != 0:
         raise RuntimeError(f"torchrun {args[0]} exited with {done.returncode}: {done.stderr[-2000:]}")
@@ -537,20 +663,50 @@ def step_ddp(ctx: Context, rec: Recorder) -> None:
     import rich  # noqa: F401 - the ranks run the command line
     import typer  # noqa: F401
 
-    from pipeline.cache import write_random_cache
-    from pipeline.train import make_config, train
+    from pipeline.features.cache import write_random_cache
+    from pipeline.training.train import make_config, train
 
     s = ctx.size
     tolerance = 1e-2 if ctx.cuda else 1e-4  # bf16 autocast on CUDA; float32 on CPU
     cache = write_random_cache(ctx.root / "ddp-cache", splits={"train": (6, 5, 2)}, dim=s.dim)
     options = [a for k, v in s.heads_options.items() for a in ("--heads-option", f"{k}={v}")]
-    _torchrun(["train-heads", "--cache", str(cache), "--preset", "authors", "--episodes", "16", "--shot", "2",
-               "--queries", "2", *options, "--val-every", "0", "--device", ctx.device.type, "--lr", "1",
-               "--out", str(ctx.root / "ddp-heads")], ctx)
+    _torchrun(
+        [
+            "train-heads",
+            "--cache",
+            str(cache),
+            "--preset",
+            "authors",
+            "--episodes",
+            "16",
+            "--shot",
+            "2",
+            "--queries",
+            "2",
+            *options,
+            "--val-every",
+            "0",
+            "--device",
+            ctx.device.type,
+            "--lr",
+            "1",
+            "--out",
+            str(ctx.root / "ddp-heads"),
+        ],
+        ctx,
+    )
 
     def one_process(lr: float) -> dict:
-        config = make_config("authors", episodes=16, shot=2, queries=2, heads_options=s.heads_options, val_every=0,
-                             lr=lr, device=str(ctx.device))
+        config = make_config(
+            "authors",
+            episodes=16,
+            shot=2,
+            queries=2,
+            heads_options=s.heads_options,
+            val_every=0,
+            lr=lr,
+            device=str(ctx.device),
+        )
         train(config, cache, ctx.root / f"ddp-one-{lr}")
         return torch.load(ctx.root / f"ddp-one-{lr}" / "last.pt", map_location="cpu", weights_only=True)["model"]
 
@@ -560,7 +716,9 @@ def step_ddp(ctx: Context, rec: Recorder) -> None:
     difference = _step_difference(one_process(0.0), one_process(1.0), ddp["model"])
     rec.figure("train_heads_step_difference", difference, "x the largest change", f"<= {tolerance:g}")
     if difference > tolerance:
-        raise AssertionError(f"train-heads on 2 ranks moved the weights differently from one process ({difference:.3g})")
+        raise AssertionError(
+            f"train-heads on 2 ranks moved the weights differently from one process ({difference:.3g})"
+        )
     if not ctx.cuda:
         rec.note("finetune on 2 gloo ranks: tests/test_finetune.py")
         return
@@ -568,26 +726,66 @@ def step_ddp(ctx: Context, rec: Recorder) -> None:
     rows = ctx.videos()
     import pandas as pd
 
-    from pipeline.checkpoints import load_checkpoint
-    from pipeline.finetune import finetune
-    from pipeline.manifests import write_manifest
+    from pipeline.data.manifests import write_manifest
+    from pipeline.training.checkpoints import load_checkpoint
+    from pipeline.training.finetune import finetune
 
     manifest = write_manifest(pd.DataFrame(rows), ctx.root / "ddp-manifest.csv")
     start = _finetune_start(ctx)
     # BatchNorm frozen: trained, SyncBatchNorm would pool the statistics of the two ranks' different tasks.
     one = ("--episodes", "16", "--tasks-per-step", "16", "--lr", "1", "--bn", "frozen")
-    _torchrun(["finetune", "gpucheck", "--from", str(start), "--videos", str(ctx.video_root), "--manifest", str(manifest),
-               "--backbone", s.backbone, "--short-side", str(s.short_side), "--crop", str(s.crop), "--way", str(s.ft_way),
-               "--shot", str(s.ft_shot), "--queries", str(s.ft_queries), *one, "--val-every", "0",
-               "--checkpoint-every", "16", "--log-every", "16", "--workers", str(max(1, ctx.workers // 2)),
-               "--device", "cuda", "--out", str(ctx.root / "ddp-finetune")], ctx)
-    finetune(_finetune_config(ctx, episodes=16, tasks_per_step=16, lr=1.0, bn="frozen", checkpoint_every=16, log_every=16),
-             pd.DataFrame(rows), ctx.root / "ddp-finetune-one", start=load_checkpoint(start), videos_root=ctx.video_root)
+    _torchrun(
+        [
+            "finetune",
+            "gpucheck",
+            "--from",
+            str(start),
+            "--videos",
+            str(ctx.video_root),
+            "--manifest",
+            str(manifest),
+            "--backbone",
+            s.backbone,
+            "--short-side",
+            str(s.short_side),
+            "--crop",
+            str(s.crop),
+            "--way",
+            str(s.ft_way),
+            "--shot",
+            str(s.ft_shot),
+            "--queries",
+            str(s.ft_queries),
+            *one,
+            "--val-every",
+            "0",
+            "--checkpoint-every",
+            "16",
+            "--log-every",
+            "16",
+            "--workers",
+            str(max(1, ctx.workers // 2)),
+            "--device",
+            "cuda",
+            "--out",
+            str(ctx.root / "ddp-finetune"),
+        ],
+        ctx,
+    )
+    finetune(
+        _finetune_config(ctx, episodes=16, tasks_per_step=16, lr=1.0, bn="frozen", checkpoint_every=16, log_every=16),
+        pd.DataFrame(rows),
+        ctx.root / "ddp-finetune-one",
+        start=load_checkpoint(start),
+        videos_root=ctx.video_root,
+    )
     initial = torch.load(start, map_location="cpu", weights_only=True)
     a = torch.load(ctx.root / "ddp-finetune-one" / "last.pt", map_location="cpu", weights_only=True)
     b = torch.load(ctx.root / "ddp-finetune" / "last.pt", map_location="cpu", weights_only=True)
-    difference = max(_step_difference(initial["model"], a["model"], b["model"]),
-                     _step_difference(initial["backbone"], a["backbone"], b["backbone"]))
+    difference = max(
+        _step_difference(initial["model"], a["model"], b["model"]),
+        _step_difference(initial["backbone"], a["backbone"], b["backbone"]),
+    )
     rec.figure("finetune_step_difference", difference, "x the largest change", f"<= {tolerance:g}")
     if difference > tolerance:
         raise AssertionError(f"finetune on 2 ranks moved the weights differently from one process ({difference:.3g})")
@@ -645,8 +843,22 @@ def run_isolated(name: str, args: argparse.Namespace, scratch: Path) -> StepResu
     """One step in a child process, so that a crash in native code (a decoder, a CUDA error that poisons
     the context) or a hang ends only that step; what the child saved before it died is kept."""
     part = scratch / f"{name}.result.json"
-    command = [sys.executable, "-m", "benchmarks.gpu_check", "--device", args.device, "--size", args.size,
-               "--only", name, "--in-process", "--scratch", str(scratch), "--out", str(part)]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.gpu_check",
+        "--device",
+        args.device,
+        "--size",
+        args.size,
+        "--only",
+        name,
+        "--in-process",
+        "--scratch",
+        str(scratch),
+        "--out",
+        str(part),
+    ]
     start = time.perf_counter()
     child = subprocess.Popen(command, env=_child_env(), start_new_session=True)  # its own group: workers and ranks too
     try:
@@ -701,7 +913,9 @@ def _about(device: torch.device, size: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda, cuda:1, cpu (default: cuda)")
-    parser.add_argument("--size", choices=sorted(SIZES), default="paper", help="paper: the paper's sizes; tiny: a CPU's")
+    parser.add_argument(
+        "--size", choices=sorted(SIZES), default="paper", help="paper: the paper's sizes; tiny: a CPU's"
+    )
     parser.add_argument("--only", help="run only these steps, comma-separated (the others keep their results in --out)")
     parser.add_argument("--out", type=Path, default=Path("runs/gpu_check.json"))
     parser.add_argument("--step-timeout", type=float, default=300.0, help="seconds a step may take (default 300)")
@@ -713,7 +927,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"gpu-check: unknown step {unknown[0]!r}; steps: {', '.join(STEPS)}", file=sys.stderr)
         return 2
-    from pipeline.distributed import DeviceError, resolve_device
+    from pipeline.runtime.distributed import DeviceError, resolve_device
 
     try:
         device = resolve_device(args.device)
@@ -727,8 +941,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     record = json.loads(args.out.read_text()) if args.only and args.out.exists() else {}
     record.update(_about(device, args.size))
-    print(f"gpu-check: {record['device']}, torch {record['torch']}, CUDA {record['cuda']}, commit {record['commit'][:12]}, "
-          f"size {args.size}", flush=True)
+    print(
+        f"gpu-check: {record['device']}, torch {record['torch']}, CUDA {record['cuda']}, commit {record['commit'][:12]}, "
+        f"size {args.size}",
+        flush=True,
+    )
     start = time.perf_counter()
     failed = 0
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
@@ -739,8 +956,10 @@ def main(argv: list[str] | None = None) -> int:
             _write(args.out, record)
     total = time.perf_counter() - start
     ok = sum(record[n]["ok"] for n in names)
-    print(f"gpu-check: {ok} ok, {len(names) - ok - failed} skipped, {failed} failed in {total:.0f} s -> {args.out}",
-          flush=True)
+    print(
+        f"gpu-check: {ok} ok, {len(names) - ok - failed} skipped, {failed} failed in {total:.0f} s -> {args.out}",
+        flush=True,
+    )
     return 1 if failed else 0
 
 
@@ -749,7 +968,9 @@ def _workers() -> int:
 
 
 def _write(path: Path, record: dict) -> None:
-    from pipeline.runs import write_atomic  # standard library only: safe before any step's imports
+    from pipeline.training.runs import (
+        write_atomic,  # standard library only: safe before any step's imports
+    )
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(record, indent=2, allow_nan=True) + "\n")

@@ -1,4 +1,5 @@
 """The `strm` Typer app: one sub-command per stage, each registered by its own module."""
+
 from __future__ import annotations
 
 import importlib

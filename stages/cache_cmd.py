@@ -1,4 +1,5 @@
 """`strm cache info|export`: look inside a feature cache, or hand it to HDF5 tools."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.cache import CacheError, export_hdf5, open_cache
+from pipeline.features.cache import export_hdf5, open_cache
+from pipeline.features.readers import CacheError
 from stages.common import fail
 
 cache_app = typer.Typer(help="Inspect or export a feature cache built by `strm extract`.", no_args_is_help=True)
@@ -46,9 +48,11 @@ def info(
         typer.echo(json.dumps(summary, indent=2))
         return
     shape = summary["shape"]
-    console.print(f"[bold]{summary['path']}[/bold]  key {summary['key']}  "
-                  f"L={shape['frames']} patches={shape['patches']} D={shape['dim']} {shape['dtype']}  "
-                  f"{_human(summary['bytes_on_disk'])} on disk")
+    console.print(
+        f"[bold]{summary['path']}[/bold]  key {summary['key']}  "
+        f"L={shape['frames']} patches={shape['patches']} D={shape['dim']} {shape['dtype']}  "
+        f"{_human(summary['bytes_on_disk'])} on disk"
+    )
     table = Table("split", "videos", "done", "failed", "pending", "views", "classes")
     for split, s in summary["splits"].items():
         table.add_row(split, *(str(s[k]) for k in ("videos", "done", "failed", "pending", "views", "classes")))

@@ -1,4 +1,5 @@
 """What every stage shares: one-line errors on stderr, progress bars, and the options several stages take."""
+
 from __future__ import annotations
 
 import math
@@ -9,10 +10,19 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-LOADING_HELP = ("Where the split's features live: auto (on the GPU when they fit in half its free memory, "
-                "else in RAM when they fit in half of it, else streamed from disk), ram, device (GPU) or stream.")
+LOADING_HELP = (
+    "Where the split's features live: auto (on the GPU when they fit in half its free memory, "
+    "else in RAM when they fit in half of it, else streamed from disk), ram, device (GPU) or stream."
+)
 
 
 class Loading(str, Enum):
@@ -36,15 +46,31 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def progress_bar(console: Console, *fields: str, transient: bool = False, disable: bool = False) -> Progress:
     """The bars every stage draws: description, bar, n/N, any extra `{task.fields[...]}` columns, times."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *map(TextColumn, fields),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=transient, disable=disable)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *map(TextColumn, fields),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+        disable=disable,
+    )
 
 
 @contextmanager
 def training_progress(console: Console, name: str, disable: bool = False) -> Iterator[Callable]:
-    """The bar of train-heads and finetune; yields the loop's progress callback (pipeline.loop.TrainProgress)."""
-    with progress_bar(console, "{task.fields[rate]:.2f} tasks/s", "loss {task.fields[loss]:.4g}", "acc {task.fields[acc]:.1f}%",
-                      "{task.fields[memory]}", "{task.fields[val]}", disable=disable) as bar:
+    """The bar of train-heads and finetune; yields the loop's progress callback (pipeline.training.loop.TrainProgress)."""
+    with progress_bar(
+        console,
+        "{task.fields[rate]:.2f} tasks/s",
+        "loss {task.fields[loss]:.4g}",
+        "acc {task.fields[acc]:.1f}%",
+        "{task.fields[memory]}",
+        "{task.fields[val]}",
+        disable=disable,
+    ) as bar:
         rows: list = []  # the bar appears with the first report, after the run's checks passed
 
         def show(p) -> None:
@@ -52,6 +78,8 @@ def training_progress(console: Console, name: str, disable: bool = False) -> Ite
                 rows.append(bar.add_task(name, total=p.total, rate=0.0, loss=math.nan, acc=math.nan, memory="", val=""))
             memory = f"GPU {p.gpu_memory_gib:.1f} GiB" if p.gpu_memory_gib is not None else ""
             val = f"val {p.val_accuracy:.1f}% (best {p.best_val_accuracy:.1f}%)" if p.val_accuracy is not None else ""
-            bar.update(rows[0], completed=p.task, rate=p.tasks_per_s, loss=p.loss, acc=p.accuracy, memory=memory, val=val)
+            bar.update(
+                rows[0], completed=p.task, rate=p.tasks_per_s, loss=p.loss, acc=p.accuracy, memory=memory, val=val
+            )
 
         yield show

@@ -3,16 +3,16 @@
 The tasks of a seed are the same for every model, so the paired difference of two runs has its own
 interval, which is far tighter than the two runs' intervals.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 
-from pipeline import evaluate as ev
+from pipeline import evaluation as ev
 from stages.common import fail
 
 console = Console(stderr=True)
@@ -21,7 +21,7 @@ console = Console(stderr=True)
 def compare_command(
     run_a: Path = typer.Argument(..., help="Run record (JSON) of model A from `strm evaluate`."),
     run_b: Path = typer.Argument(..., help="Run record (JSON) of model B, evaluated on the same tasks."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the comparison as JSON."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the comparison as JSON."),
 ) -> None:
     """Paired difference A - B on identical tasks, with its 95% interval; refuses runs of different seeds or settings."""
     try:
@@ -33,10 +33,18 @@ def compare_command(
     paired = {tuple(p.settings[k] for k in setting) for p in pairs}
     unpaired = sorted({tuple(r[k] for k in setting) for r in a["results"] + b["results"]} - paired)
     if unpaired:
-        console.print(f"note: (way, shot, queries) {unpaired} are in one run only and are not compared", highlight=False)
+        console.print(
+            f"note: (way, shot, queries) {unpaired} are in one run only and are not compared", highlight=False
+        )
     for p in pairs:
         s = p.settings
-        verdict = "A better" if p.difference - p.ci95 > 0 else "B better" if p.difference + p.ci95 < 0 else "no clear difference"
+        verdict = (
+            "A better"
+            if p.difference - p.ci95 > 0
+            else "B better"
+            if p.difference + p.ci95 < 0
+            else "no clear difference"
+        )
         typer.echo(
             f"{s['way']}-way {s['shot']}-shot, {s['episodes']} tasks, seed {s['seed']}: "
             f"A {p.mean_a:.2f} %, B {p.mean_b:.2f} %, A - B = {p.difference:+.2f} ± {p.ci95:.2f} points ({verdict}; "
@@ -44,7 +52,9 @@ def compare_command(
         )
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps({"a": str(run_a), "b": str(run_b), "pairs": [p.to_dict() for p in pairs]}, indent=1) + "\n")
+        json_out.write_text(
+            json.dumps({"a": str(run_a), "b": str(run_b), "pairs": [p.to_dict() for p in pairs]}, indent=1) + "\n"
+        )
         typer.echo(f"comparison written to {json_out}")
 
 

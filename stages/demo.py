@@ -1,7 +1,8 @@
 """`strm demo` (what `make demo` runs): the whole pipeline on the embedded synthetic benchmark, with a report.
 
-The stages, their sizes and why are in pipeline/demo.py; this module draws what it reports.
+The stages, their sizes and why are in pipeline/studies/demo.py; this module draws what it reports.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,11 +13,20 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import report, synth
-from pipeline.backbones import WeightsUnavailable
-from pipeline.cache import CacheError
-from pipeline.demo import MAIN, REFERENCE, DemoError, DemoEvents, DemoOutcome, DemoSizes, run_demo
-from pipeline.loop import TrainError
+from pipeline.data import synth
+from pipeline.features.readers import CacheError
+from pipeline.features.weights import WeightsUnavailable
+from pipeline.studies import report
+from pipeline.studies.demo import (
+    MAIN,
+    REFERENCE,
+    DemoError,
+    DemoEvents,
+    DemoOutcome,
+    DemoSizes,
+    run_demo,
+)
+from pipeline.training.loop import TrainError
 from stages.common import fail, progress_bar
 
 console = Console(stderr=True)
@@ -37,11 +47,17 @@ def _events(bar) -> DemoEvents:
         for row in rows.values():
             bar.remove_task(row)
         rows.clear()
-        console.print(f"[bold green]{name}[/]: {spent['wall_s']:.1f} s (CPU {spent['cpu_s']:.1f} s)"
-                      + (" (outputs found, reused)" if spent["reused"] else ""))
+        console.print(
+            f"[bold green]{name}[/]: {spent['wall_s']:.1f} s (CPU {spent['cpu_s']:.1f} s)"
+            + (" (outputs found, reused)" if spent["reused"] else "")
+        )
 
-    return DemoEvents(stage_started=started, stage_done=done, message=lambda text: console.print(text, highlight=False),
-                      progress=progress)
+    return DemoEvents(
+        stage_started=started,
+        stage_done=done,
+        message=lambda text: console.print(text, highlight=False),
+        progress=progress,
+    )
 
 
 def _print_summary(outcome: DemoOutcome) -> None:
@@ -50,15 +66,23 @@ def _print_summary(outcome: DemoOutcome) -> None:
     for column in ("row", "accuracy", "95% interval", f"vs {REFERENCE} (paired)"):
         view.add_column(column, justify="left" if column == "row" else "right")
     for _, row in table.iterrows():
-        view.add_row(row["row"], f"{row['accuracy']:.2f}", f"± {row['ci95']:.2f}",
-                     f"{row['difference']:+.2f} ± {row['difference_ci95']:.2f}")
+        view.add_row(
+            row["row"],
+            f"{row['accuracy']:.2f}",
+            f"± {row['ci95']:.2f}",
+            f"{row['difference']:+.2f} ± {row['difference_ci95']:.2f}",
+        )
     times = Table(title="time per stage (when computed; this run)", title_justify="left")
     for column in ("stage", "wall s", "CPU s", "this run, wall s"):
         times.add_column(column, justify="left" if column == "stage" else "right")
     rows = outcome.timings
     for row in rows:
-        times.add_row(row["stage"], f"{row['wall_s']:.1f}", f"{row['cpu_s']:.1f}",
-                      f"{row['this_run_wall_s']:.1f}" + (" (reused)" if row["reused_now"] else ""))
+        times.add_row(
+            row["stage"],
+            f"{row['wall_s']:.1f}",
+            f"{row['cpu_s']:.1f}",
+            f"{row['this_run_wall_s']:.1f}" + (" (reused)" if row["reused_now"] else ""),
+        )
     times.add_row("total", *(f"{sum(r[k] for r in rows):.1f}" for k in ("wall_s", "cpu_s", "this_run_wall_s")))
     out = Console()
     out.print(view)
@@ -68,24 +92,46 @@ def _print_summary(outcome: DemoOutcome) -> None:
 
 
 def demo_command(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for videos, manifest, runs, evaluations, figures and report.md."),
-    videos_per_class: int = typer.Option(DemoSizes.videos_per_class, "--videos-per-class", min=9,
-                                         help="Synthetic videos a class (100 classes)."),
-    views: int = typer.Option(DemoSizes.views, "--views", min=1, help="Cached views of each training video (view 0 + augmented)."),
-    train_episodes: int = typer.Option(DemoSizes.train_episodes, "--train-episodes", min=1, help="Training tasks a heads variant."),
+    out: Path = typer.Option(
+        Path("runs/demo"), "--out", help="Folder for videos, manifest, runs, evaluations, figures and report.md."
+    ),
+    videos_per_class: int = typer.Option(
+        DemoSizes.videos_per_class, "--videos-per-class", min=9, help="Synthetic videos a class (100 classes)."
+    ),
+    views: int = typer.Option(
+        DemoSizes.views, "--views", min=1, help="Cached views of each training video (view 0 + augmented)."
+    ),
+    train_episodes: int = typer.Option(
+        DemoSizes.train_episodes, "--train-episodes", min=1, help="Training tasks a heads variant."
+    ),
     episodes: int = typer.Option(DemoSizes.episodes, "--episodes", min=1, help="Test tasks, the same for every model."),
-    shot_episodes: int = typer.Option(DemoSizes.shot_episodes, "--shot-episodes", min=1, help="Test tasks a shot in the shot sweep."),
+    shot_episodes: int = typer.Option(
+        DemoSizes.shot_episodes, "--shot-episodes", min=1, help="Test tasks a shot in the shot sweep."
+    ),
     val_every: int = typer.Option(DemoSizes.val_every, "--val-every", min=1, help="Validate every N training tasks."),
     val_episodes: int = typer.Option(DemoSizes.val_episodes, "--val-episodes", min=1, help="Validation tasks."),
     trm_dim: int = typer.Option(DemoSizes.trm_dim, "--trm-dim", min=1, help="TRM's key/value width D'."),
-    workers: int = typer.Option(min(2, os.cpu_count() or 1), "--workers", min=1, help="Worker processes for synthesis and decoding."),
+    workers: int = typer.Option(
+        min(2, os.cpu_count() or 1), "--workers", min=1, help="Worker processes for synthesis and decoding."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the videos, views, training tasks and test tasks."),
-    cache_root: Path = typer.Option(Path("cache"), "--cache-root", help="Feature cache root (the cache goes to ROOT/synthetic/<key>)."),
+    cache_root: Path = typer.Option(
+        Path("cache"), "--cache-root", help="Feature cache root (the cache goes to ROOT/synthetic/<key>)."
+    ),
 ) -> None:
     """The whole pipeline on the synthetic benchmark: synth, manifest, extract, train strm and trm, evaluate
     them and proto on the same tasks, ablate, draw, and write OUT/report.md. Resumable: rerun to continue."""
-    sizes = DemoSizes(videos_per_class=videos_per_class, views=views, train_episodes=train_episodes, val_every=val_every,
-                      val_episodes=val_episodes, episodes=episodes, shot_episodes=shot_episodes, trm_dim=trm_dim, seed=seed)
+    sizes = DemoSizes(
+        videos_per_class=videos_per_class,
+        views=views,
+        train_episodes=train_episodes,
+        val_every=val_every,
+        val_episodes=val_episodes,
+        episodes=episodes,
+        shot_episodes=shot_episodes,
+        trm_dim=trm_dim,
+        seed=seed,
+    )
     start = time.perf_counter()
     try:
         with progress_bar(console, "{task.fields[info]}", transient=True) as bar:

@@ -3,22 +3,31 @@
 The tasks of a seed are the same for every model, so `strm compare A.json B.json` (stages/compare.py)
 reports the paired difference of two runs with its own interval.
 """
+
 from __future__ import annotations
 
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import torch
 import typer
 from rich.console import Console
 
-from pipeline.cache import CacheError, open_cache
-from pipeline.checkpoints import CheckpointError
-from pipeline.distributed import DeviceError, resolve_device
-from pipeline.eval_run import EvalError, choose_model, default_record, plan_tasks, run_plan, save_planned, write_results
+from pipeline.features.cache import open_cache
+from pipeline.features.readers import CacheError
 from pipeline.heads import VARIANTS
+from pipeline.runtime.distributed import DeviceError, resolve_device
+from pipeline.studies.eval_run import (
+    EvalError,
+    choose_model,
+    default_record,
+    plan_tasks,
+    run_plan,
+    save_planned,
+    write_results,
+)
+from pipeline.training.checkpoints import CheckpointError
 from stages.common import LOADING_HELP, Loading, fail, progress_bar
 
 console = Console(stderr=True)
@@ -41,12 +50,14 @@ def _shots(text: str) -> list[int]:
 
 def evaluate_command(
     cache: Path = typer.Option(..., "--cache", help="Feature cache folder (cache/<dataset>/<key>)."),
-    checkpoint: Optional[Path] = typer.Option(
+    checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="Heads checkpoint: train-heads, finetune, or an authors' STRM/TRX file (detected)."
     ),
-    baseline: Optional[Baseline] = typer.Option(
-        None, "--baseline", help="Evaluate a parameter-free baseline instead: proto (nearest class mean) or the "
-        "untrained heads train-heads starts from with --seed."
+    baseline: Baseline | None = typer.Option(
+        None,
+        "--baseline",
+        help="Evaluate a parameter-free baseline instead: proto (nearest class mean) or the "
+        "untrained heads train-heads starts from with --seed.",
     ),
     episodes: int = typer.Option(10_000, "--episodes", min=1, help="Tasks to evaluate."),
     way: int = typer.Option(5, "--way", min=2, help="Classes per task."),
@@ -56,19 +67,21 @@ def evaluate_command(
     seed: int = typer.Option(0, "--seed", help="Episode seed: the same seed gives the same tasks to every model."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N."),
     autocast: bool = typer.Option(False, "--autocast/--no-autocast", help="Mixed precision (float16 on CUDA)."),
-    variant: Optional[str] = typer.Option(
-        None, "--variant", help="Heads variant for --baseline untrained (default strm) or an authors' file (default: detected)."
+    variant: str | None = typer.Option(
+        None,
+        "--variant",
+        help="Heads variant for --baseline untrained (default strm) or an authors' file (default: detected).",
     ),
     loading: Loading = typer.Option(Loading.auto, "--loading", help=LOADING_HELP),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Run record (JSON). Default runs/evaluate/<name>.json."),
-    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Summary table (CSV). Default next to the JSON."),
-    save_episodes: Optional[Path] = typer.Option(
+    json_out: Path | None = typer.Option(None, "--json", help="Run record (JSON). Default runs/evaluate/<name>.json."),
+    csv_out: Path | None = typer.Option(None, "--csv", help="Summary table (CSV). Default next to the JSON."),
+    save_episodes: Path | None = typer.Option(
         None, "--save-episodes", help="Write the tasks (class and video ids) as JSON; with several shots one file each."
     ),
-    episodes_file: Optional[Path] = typer.Option(
+    episodes_file: Path | None = typer.Option(
         None, "--episodes-file", help="Evaluate exactly the tasks of a file written by --save-episodes."
     ),
-    batch_tasks: Optional[int] = typer.Option(None, "--batch-tasks", min=1, help="Tasks per batch (default: by memory)."),
+    batch_tasks: int | None = typer.Option(None, "--batch-tasks", min=1, help="Tasks per batch (default: by memory)."),
 ) -> None:
     """Episodic accuracy of trained heads on a cache split: mean with the 95% interval 1.96 std / sqrt(n).
 
@@ -90,13 +103,22 @@ def evaluate_command(
         dev = resolve_device(device)
         features = open_cache(cache)
         features.views(split)  # a missing split is an error before any model is loaded
-        choice = choose_model(features, checkpoint=checkpoint, baseline=baseline.value if baseline else None,
-                              variant=variant, seed=seed)
+        choice = choose_model(
+            features, checkpoint=checkpoint, baseline=baseline.value if baseline else None, variant=variant, seed=seed
+        )
         data = features.split(split, views=1, loading=loading.value, device=dev)
         if len(data) == 0:
             fail(f"{cache}: split {split!r} holds no finished videos")
-        plan = plan_tasks(data, split, shots=shots, episodes=episodes, way=way, queries=queries, seed=seed,
-                          episodes_file=episodes_file)
+        plan = plan_tasks(
+            data,
+            split,
+            shots=shots,
+            episodes=episodes,
+            way=way,
+            queries=queries,
+            seed=seed,
+            episodes_file=episodes_file,
+        )
         saved_paths = save_planned(plan, data, split, save_episodes) if save_episodes is not None else []
     except DeviceError as err:
         fail(str(err), 2)
@@ -106,12 +128,20 @@ def evaluate_command(
         fail(f"{err.filename}: cannot write ({err.strerror})")
     for note in plan.notes:
         console.print(f"note: {note}", highlight=False)
-    about = {**choice.about, "cache": str(cache), "cache_key": features.key, "device": str(dev), "loading": data.loading}
+    about = {
+        **choice.about,
+        "cache": str(cache),
+        "cache_key": features.key,
+        "device": str(dev),
+        "loading": data.loading,
+    }
     start = time.perf_counter()
     try:
         with progress_bar(console) as bar:
             rows = {None: bar.add_task(f"encode {split} videos", total=len(data))}
-            rows.update({k: bar.add_task(f"{plan.way}-way {k}-shot tasks", total=len(t)) for k, t in plan.tasks.items()})
+            rows.update(
+                {k: bar.add_task(f"{plan.way}-way {k}-shot tasks", total=len(t)) for k, t in plan.tasks.items()}
+            )
 
             def show(phase: str, done: int, total: int, k: int | None) -> None:
                 title = f"{plan.way}-way {k}-shot tasks"
@@ -120,8 +150,9 @@ def evaluate_command(
                 else:
                     bar.update(rows[k], completed=done, **({"description": title} if k is not None else {}))
 
-            results = run_plan(choice, data, split, plan, device=dev, autocast=autocast, batch_tasks=batch_tasks,
-                               progress=show)
+            results = run_plan(
+                choice, data, split, plan, device=dev, autocast=autocast, batch_tasks=batch_tasks, progress=show
+            )
     except EvalError as err:
         fail(f"{cache} {err}")
     except torch.cuda.OutOfMemoryError as err:
@@ -129,7 +160,9 @@ def evaluate_command(
     elapsed = time.perf_counter() - start
     json_path = json_out or default_record(choice.label, split, plan.way, plan.seed)
     try:
-        written = write_results(results, {**about, "seconds": round(elapsed, 2)}, json_path, csv_out, choice.label, split)
+        written = write_results(
+            results, {**about, "seconds": round(elapsed, 2)}, json_path, csv_out, choice.label, split
+        )
     except OSError as err:
         fail(f"{err.filename}: cannot write ({err.strerror})")
 

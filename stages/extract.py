@@ -3,6 +3,7 @@
 Under `torchrun --nproc-per-node N strm extract ...` each rank extracts its own share of the
 videos into the same cache; rank 0 draws the progress bar and prints the summary.
 """
+
 from __future__ import annotations
 
 import time
@@ -11,16 +12,30 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
-from pipeline.backbones import OFFLINE_DEFAULT, WeightsUnavailable, get_backbone, preset_lines
-from pipeline.checkpoints import load_backbone_weights
-from pipeline.cache import CacheError, open_cache
-from pipeline.distributed import DeviceError, init_distributed, resolve_device, teardown
-from pipeline.extract import ExtractSettings, RunOptions, extract
-from pipeline.manifests import build_manifest, read_manifest
-from pipeline.video import ViewSpec
+from pipeline.data.manifests import build_manifest, read_manifest
+from pipeline.data.video import ViewSpec
+from pipeline.features.backbones import get_backbone, preset_lines
+from pipeline.features.cache import open_cache
+from pipeline.features.extract import ExtractSettings, RunOptions, extract
+from pipeline.features.readers import CacheError
+from pipeline.features.weights import OFFLINE_DEFAULT, WeightsUnavailable
+from pipeline.runtime.distributed import (
+    DeviceError,
+    init_distributed,
+    resolve_device,
+    teardown,
+)
+from pipeline.training.checkpoints import load_backbone_weights
 from stages.common import fail
 
 
@@ -38,28 +53,62 @@ def _manifest(dataset: str, videos: Path, manifest: Path | None, split_dir: Path
 
 
 def extract_command(
-    dataset: str = typer.Argument(..., help="Dataset name (hmdb51, ucf101, kinetics100, ssv2, synthetic, folder); names the cache folder."),
-    videos: Path = typer.Option(..., "--videos", help="Folder holding the videos; relative manifest paths are under it."),
-    manifest: Path | None = typer.Option(None, "--manifest", help="Manifest CSV/Parquet from `strm manifest`; built from --videos when not given."),
-    split_dir: Path | None = typer.Option(None, "--split-dir", help="Without --manifest: the folder of split lists (as `strm manifest`)."),
-    classes: Path | None = typer.Option(None, "--classes", help="Without --manifest: a class,split CSV (as `strm manifest`)."),
-    backbone_name: str = typer.Option(OFFLINE_DEFAULT, "--backbone", help="resnet50, vit_b_16, tf_efficientnet_lite0, tiny, "
-                                      f"any timm model name, or a preset: {'; '.join(preset_lines())}."),
-    layer: str | None = typer.Option(None, "--layer", help="Feature layer (tf_efficientnet_lite0: head or last_block); default: the backbone's own."),
-    weights: Path | None = typer.Option(None, "--weights", help="Local weights file instead of the pretrained download."),
-    backbone_checkpoint: Path | None = typer.Option(None, "--backbone-checkpoint", help="Fine-tuned backbone from a `strm finetune` checkpoint or an authors' STRM/TRX file."),
-    views: int = typer.Option(4, "--views", min=1, help="Views per training video: the test view plus views-1 augmented ones."),
+    dataset: str = typer.Argument(
+        ..., help="Dataset name (hmdb51, ucf101, kinetics100, ssv2, synthetic, folder); names the cache folder."
+    ),
+    videos: Path = typer.Option(
+        ..., "--videos", help="Folder holding the videos; relative manifest paths are under it."
+    ),
+    manifest: Path | None = typer.Option(
+        None, "--manifest", help="Manifest CSV/Parquet from `strm manifest`; built from --videos when not given."
+    ),
+    split_dir: Path | None = typer.Option(
+        None, "--split-dir", help="Without --manifest: the folder of split lists (as `strm manifest`)."
+    ),
+    classes: Path | None = typer.Option(
+        None, "--classes", help="Without --manifest: a class,split CSV (as `strm manifest`)."
+    ),
+    backbone_name: str = typer.Option(
+        OFFLINE_DEFAULT,
+        "--backbone",
+        help="resnet50, vit_b_16, tf_efficientnet_lite0, tiny, "
+        f"any timm model name, or a preset: {'; '.join(preset_lines())}.",
+    ),
+    layer: str | None = typer.Option(
+        None, "--layer", help="Feature layer (tf_efficientnet_lite0: head or last_block); default: the backbone's own."
+    ),
+    weights: Path | None = typer.Option(
+        None, "--weights", help="Local weights file instead of the pretrained download."
+    ),
+    backbone_checkpoint: Path | None = typer.Option(
+        None,
+        "--backbone-checkpoint",
+        help="Fine-tuned backbone from a `strm finetune` checkpoint or an authors' STRM/TRX file.",
+    ),
+    views: int = typer.Option(
+        4, "--views", min=1, help="Views per training video: the test view plus views-1 augmented ones."
+    ),
     short_side: int = typer.Option(256, "--short-side", min=1, help="Resize the shorter side to this many pixels."),
     crop: int = typer.Option(224, "--crop", min=1, help="Square crop size."),
-    flip: bool = typer.Option(True, "--flip/--no-flip", help="Mirror training views at random (p=0.5); turn off where left/right are different classes."),
+    flip: bool = typer.Option(
+        True,
+        "--flip/--no-flip",
+        help="Mirror training views at random (p=0.5); turn off where left/right are different classes.",
+    ),
     patches: int = typer.Option(4, "--patches", min=1, help="P: max-pool each map to P x P patches."),
-    no_normalize: bool = typer.Option(False, "--no-normalize", help="Feed raw [0, 1] pixels (the authors' input) instead of the backbone's mean/std."),
+    no_normalize: bool = typer.Option(
+        False, "--no-normalize", help="Feed raw [0, 1] pixels (the authors' input) instead of the backbone's mean/std."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the augmented views."),
     cache_root: Path = typer.Option(Path("cache"), "--cache-root", help="The cache goes to CACHE_ROOT/DATASET/<key>."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Frames per backbone call."),
-    workers: int = typer.Option(2, "--workers", min=0, help="Decoding worker processes (0: decode in the main process)."),
+    workers: int = typer.Option(
+        2, "--workers", min=0, help="Decoding worker processes (0: decode in the main process)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda, cuda:N."),
-    precision: str = typer.Option("auto", "--precision", help="auto (fp32 on CPU, bf16/fp16 autocast on CUDA), fp32, bf16 or fp16."),
+    precision: str = typer.Option(
+        "auto", "--precision", help="auto (fp32 on CPU, bf16/fp16 autocast on CUDA), fp32, bf16 or fp16."
+    ),
 ) -> None:
     """Extract backbone features of every video into CACHE_ROOT/DATASET/<key>; rerun to resume.
 
@@ -76,31 +125,41 @@ def extract_command(
         fail(str(err), 2)
     console = Console(stderr=True, quiet=rank != 0)
     try:
-        backbone = get_backbone(backbone_name, weights=weights, layer=layer, pretrained=backbone_checkpoint is None,
-                                image_size=crop)
+        backbone = get_backbone(
+            backbone_name, weights=weights, layer=layer, pretrained=backbone_checkpoint is None, image_size=crop
+        )
         if backbone_checkpoint is not None:
             load_backbone_weights(backbone, backbone_checkpoint)
         table = _manifest(dataset, videos, manifest, split_dir, classes)
     except (WeightsUnavailable, FileNotFoundError, ValueError, OSError) as err:
         fail(str(err))
     spec = ViewSpec(short_side=short_side, crop=crop, flip=flip, interpolation=backbone.interpolation)
-    settings = ExtractSettings(views=views, spec=spec, patches=patches,
-                               normalize=not no_normalize, seed=seed)
+    settings = ExtractSettings(views=views, spec=spec, patches=patches, normalize=not no_normalize, seed=seed)
     options = RunOptions(batch_size=batch_size, workers=workers, device=device, precision=precision)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _VideosPerSecond(),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _VideosPerSecond(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(f"extract {dataset} ({backbone.name})", total=None)
 
         def on_progress(state) -> None:
             failed = f", {state.failed} failed" if state.failed else ""
             rank_note = f" rank 0/{world}" if world > 1 else ""
-            bar.update(task, total=state.total, completed=state.done + state.failed,
-                       description=f"extract {dataset} ({backbone.name}{rank_note}{failed})")
+            bar.update(
+                task,
+                total=state.total,
+                completed=state.done + state.failed,
+                description=f"extract {dataset} ({backbone.name}{rank_note}{failed})",
+            )
 
         try:
-            result = extract(dataset, table, backbone, cache_root, settings, options, videos_root=videos,
-                             progress=on_progress)
+            result = extract(
+                dataset, table, backbone, cache_root, settings, options, videos_root=videos, progress=on_progress
+            )
         except (CacheError, ValueError) as err:
             fail(str(err))
     teardown()
@@ -109,8 +168,9 @@ def extract_command(
     state = result.progress
     elapsed = time.perf_counter() - start
     resumed = f" ({state.already_done} were already done)" if state.already_done else ""
-    console.print(f"this run: {state.done} videos extracted, {state.failed} failed in {elapsed:.1f} s{resumed}",
-                  highlight=False)
+    console.print(
+        f"this run: {state.done} videos extracted, {state.failed} failed in {elapsed:.1f} s{resumed}", highlight=False
+    )
     if not _summary(console, result.path):
         fail(f"{result.path}: no video could be extracted (reasons above)")
     typer.echo(str(result.path))

@@ -1,20 +1,20 @@
 """`strm heads-info VARIANT...`: parameters and FLOPs of heads variants on one 5-way 5-shot task, against TRM.
 
 The paper states its compute claims relative to the TRM baseline (STRM "only ~4% additional FLOPs",
-Jnt-ST's cost in Table 3); this prints them as counted by pipeline/compute.py, heads alone and with
+Jnt-ST's cost in Table 3); this prints them as counted by pipeline/evaluation/compute.py, heads alone and with
 the ResNet-50 trunk on the task's 8-frame clips, so the claims can be checked at any feature width.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from pipeline.compute import compute_table
+from pipeline.evaluation.compute import compute_table
 from pipeline.heads import VARIANTS
 from pipeline.heads.model import DEFAULT_OPTIONS
 from stages.common import fail
@@ -36,10 +36,11 @@ def _queries(text: str) -> tuple[int, ...]:
 def heads_info_command(
     variants: list[str] = typer.Argument(..., help=f"Heads variants: {', '.join(VARIANTS)}."),
     dim: int = typer.Option(2048, "--dim", min=2, help="Feature width D (ResNet-50: 2048)."),
-    trm_dim: Optional[int] = typer.Option(None, "--trm-dim", min=1, help="TRM's key/value width D'. (default: 1152)"),
+    trm_dim: int | None = typer.Option(None, "--trm-dim", min=1, help="TRM's key/value width D'. (default: 1152)"),
     queries: str = typer.Option("1,4", "--queries", help="Query videos a class, one table block each, e.g. 1,4."),
-    json_out: Optional[Path] = typer.Option(None, "--json",
-                                            help="Also write the rows (pipeline.compute.compute_table) as JSON."),
+    json_out: Path | None = typer.Option(
+        None, "--json", help="Also write the rows (pipeline.evaluation.compute.compute_table) as JSON."
+    ),
 ) -> None:
     """Parameters, heads-alone and heads + ResNet-50 trunk forward GFLOPs of one 5-way 5-shot task, and each over trm's.
 
@@ -50,17 +51,33 @@ def heads_info_command(
     if unknown:
         fail(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}", 2)
     try:
-        rows = compute_table(variants, dim, queries=_queries(queries), baseline=BASELINE,
-                             **({"trm_dim": trm_dim} if trm_dim else {}))
+        rows = compute_table(
+            variants, dim, queries=_queries(queries), baseline=BASELINE, **({"trm_dim": trm_dim} if trm_dim else {})
+        )
     except ValueError as err:
         fail(str(err), 2)
-    table = Table(Column("variant", no_wrap=True), "queries", "params", "params / trm", "heads GFLOP", "heads / trm",
-                  "+ trunk GFLOP", "total / trm",
-                  title=f"one 5-way 5-shot task, D={dim}, D'={trm_dim or DEFAULT_OPTIONS['trm_dim']}")
+    table = Table(
+        Column("variant", no_wrap=True),
+        "queries",
+        "params",
+        "params / trm",
+        "heads GFLOP",
+        "heads / trm",
+        "+ trunk GFLOP",
+        "total / trm",
+        title=f"one 5-way 5-shot task, D={dim}, D'={trm_dim or DEFAULT_OPTIONS['trm_dim']}",
+    )
     for r in rows:
-        table.add_row(r["variant"], f"{r['queries']}/class", f"{r['params']:,}", f"{r['params_vs_baseline']:.3f}",
-                      f"{r['heads_flops'] / 1e9:.4g}", f"{r['heads_flops_vs_baseline']:.3f}",
-                      f"{r['total_flops'] / 1e9:.1f}", f"{r['total_flops_vs_baseline']:.4f}")
+        table.add_row(
+            r["variant"],
+            f"{r['queries']}/class",
+            f"{r['params']:,}",
+            f"{r['params_vs_baseline']:.3f}",
+            f"{r['heads_flops'] / 1e9:.4g}",
+            f"{r['heads_flops_vs_baseline']:.3f}",
+            f"{r['total_flops'] / 1e9:.1f}",
+            f"{r['total_flops_vs_baseline']:.4f}",
+        )
     Console().print(table)
     if json_out is not None:
         try:

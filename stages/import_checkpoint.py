@@ -3,25 +3,30 @@
 Released files hold the heads and the fine-tuned ResNet-50 but no QC weights; the command says
 what it found, what was missing and what it dropped, so nobody mistakes TRM-only logits for STRM's.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 
-from pipeline.checkpoints import CheckpointError, load_checkpoint
 from pipeline.heads import VARIANTS, save_heads
+from pipeline.training.checkpoints import CheckpointError, load_checkpoint
 from stages.common import fail
 
 
 def import_checkpoint(
-    src: Path = typer.Argument(..., help="The authors' checkpoint (.pt/.pth): a state dict or {'model_state_dict': ...}."),
+    src: Path = typer.Argument(
+        ..., help="The authors' checkpoint (.pt/.pth): a state dict or {'model_state_dict': ...}."
+    ),
     dst: Path = typer.Argument(..., help="Where to write the project-format checkpoint (heads + 'backbone')."),
-    variant: Optional[str] = typer.Option(None, "--variant", help=f"Heads the file holds: {', '.join(VARIANTS)} "
-                                          "(default: detected, strm or trx for released files)."),
+    variant: str | None = typer.Option(
+        None,
+        "--variant",
+        help=f"Heads the file holds: {', '.join(VARIANTS)} (default: detected, strm or trx for released files).",
+    ),
 ) -> None:
     """Convert an authors' checkpoint; loads with weights_only (no code from the file runs).
 

@@ -1,18 +1,24 @@
 """`strm manifest`: resolve a dataset on disk into a validated manifest, and say what is wrong with it."""
+
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from typing import Annotated
-
-import enum
 
 import pandas as pd
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from pipeline.manifests import (
+from pipeline.data.manifests import (
     DATASETS,
     ManifestError,
     bad_kinds,
@@ -46,13 +52,16 @@ def manifest(
     videos: Annotated[Path, typer.Option("--videos", help="root folder of the videos (searched recursively)")],
     split_dir: Annotated[
         Path | None,
-        typer.Option("--split-dir", help="folder with trainlist*.txt, vallist*.txt, testlist*.txt (lines class/video_id)"),
+        typer.Option(
+            "--split-dir", help="folder with trainlist*.txt, vallist*.txt, testlist*.txt (lines class/video_id)"
+        ),
     ] = None,
     classes: Annotated[
         Path | None, typer.Option("--classes", help="CSV class,split (the folder dataset; overrides a bundled one)")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", help="manifest file, .csv or .parquet (default data_manifests/local/DATASET.csv)")
+        Path | None,
+        typer.Option("--out", help="manifest file, .csv or .parquet (default data_manifests/local/DATASET.csv)"),
     ] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="decoder processes for the check")] = 2,
 ) -> None:
@@ -68,8 +77,12 @@ def manifest(
         raise _fail(str(exc), 2) from None
 
     with Progress(
-        TextColumn(f"checking {dataset} videos"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, transient=True,
+        TextColumn(f"checking {dataset} videos"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
     ) as bar:
         task = bar.add_task("check", total=len(table))
         table = validate_manifest(table, workers=workers, progress=lambda k: bar.advance(task, k))

@@ -1,4 +1,5 @@
-"""`strm synth`: write the embedded synthetic benchmark (pipeline/synth.py) as MP4 files."""
+"""`strm synth`: write the embedded synthetic benchmark (pipeline/data/synth.py) as MP4 files."""
+
 from __future__ import annotations
 
 import os
@@ -7,9 +8,16 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-from pipeline import synth
+from pipeline.data import synth
 
 
 def synth_command(
@@ -40,7 +48,10 @@ def synth_command(
         with Progress(*columns, console=console) as bar:
             task = bar.add_task("videos", total=total)
             result = synth.generate(
-                out, videos_per_class=videos_per_class, seed=seed, workers=workers,
+                out,
+                videos_per_class=videos_per_class,
+                seed=seed,
+                workers=workers,
                 progress=lambda k: bar.advance(task, k),
             )
     except synth.SynthError as err:

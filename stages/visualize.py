@@ -4,18 +4,19 @@ The frames come from the videos the cache was extracted from (a manifest, or a d
 split definition is bundled), decoded again with the cache's own geometry; without them the same
 figures are drawn with placeholders.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 
-from pipeline.cache import CacheError, FeatureCache, open_cache
-from pipeline.checkpoints import CheckpointError, load_checkpoint
-from pipeline.manifests import ManifestError, build_manifest, read_manifest
-from pipeline.visualize import FrameSource, render
+from pipeline.data.manifests import ManifestError, build_manifest, read_manifest
+from pipeline.features.cache import FeatureCache, open_cache
+from pipeline.features.readers import CacheError
+from pipeline.studies.visualize import FrameSource, render
+from pipeline.training.checkpoints import CheckpointError, load_checkpoint
 from stages.common import fail
 
 
@@ -28,21 +29,30 @@ def frame_source(videos: Path, cache: FeatureCache) -> FrameSource:
             dataset = str(cache.fingerprint.get("dataset", ""))
             return FrameSource(build_manifest(dataset, videos), cache.recipe, videos_root=videos)
     except (ManifestError, ValueError, OSError) as err:
-        fail(f"{videos}: cannot map the cache's videos to files ({err}); pass the manifest the cache was extracted from")
+        fail(
+            f"{videos}: cannot map the cache's videos to files ({err}); pass the manifest the cache was extracted from"
+        )
     fail(f"{videos}: no such manifest file or videos folder", 2)
 
 
 def visualize_command(
     cache: Path = typer.Option(..., "--cache", help="Feature cache folder (cache/<dataset>/<key>)."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Heads checkpoint (the project's format or an authors' STRM file)."),
-    videos: Optional[Path] = typer.Option(
-        None, "--videos", help="The manifest the cache was extracted from, or the dataset's videos folder; "
-        "without it the figures show placeholders instead of frames."),
+    checkpoint: Path = typer.Option(
+        ..., "--checkpoint", help="Heads checkpoint (the project's format or an authors' STRM file)."
+    ),
+    videos: Path | None = typer.Option(
+        None,
+        "--videos",
+        help="The manifest the cache was extracted from, or the dataset's videos folder; "
+        "without it the figures show placeholders instead of frames.",
+    ),
     split: str = typer.Option("test", "--split", help="Cache split to draw from (view 0)."),
     seed: int = typer.Option(0, "--seed", help="Episode seed: the figures show task 0 of this seed."),
     way: int = typer.Option(5, "--way", min=2, help="Classes in the task."),
     shot: int = typer.Option(5, "--shot", min=1, help="Support videos a class."),
-    count: int = typer.Option(2, "--count", min=1, help="Query videos to draw (one activation map and one tuple figure each)."),
+    count: int = typer.Option(
+        2, "--count", min=1, help="Query videos to draw (one activation map and one tuple figure each)."
+    ),
     out: Path = typer.Option(Path("runs/visualize"), "--out", help="Folder for the PNGs."),
 ) -> None:
     """Draw activation maps before/after PLE (paper Fig. 1, 5) and TRM tuple matches (Fig. 10) as PNGs."""
@@ -67,7 +77,9 @@ def visualize_command(
         fail(f"{cache} split {split}: {err}", 2)
     if frames is not None and frames.errors:
         video_id, reason = next(iter(frames.errors.items()))
-        console.print(f"warning: {len(frames.errors)} videos drawn without frames (e.g. {video_id}: {reason})", highlight=False)
+        console.print(
+            f"warning: {len(frames.errors)} videos drawn without frames (e.g. {video_id}: {reason})", highlight=False
+        )
     for key, path in written.items():
         console.print(f"{path}  {key}", highlight=False, markup=False)
 

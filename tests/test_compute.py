@@ -1,12 +1,20 @@
-"""FLOP and parameter accounting (pipeline/compute.py), on small heads: counts against hand formulas,
+"""FLOP and parameter accounting (pipeline/evaluation/compute.py), on small heads: counts against hand formulas,
 linearity in the queries, determinism, the table, and the training-step count the heads bench uses."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.compute import compute_table, count_flops, random_task, task_compute, training_step_flops, trunk_per_frame
+from pipeline.evaluation.compute import (
+    compute_table,
+    count_flops,
+    random_task,
+    task_compute,
+    training_step_flops,
+    trunk_per_frame,
+)
 from pipeline.heads import build_heads
 
 DIM, FRAMES, PATCHES, TRM_DIM = 16, 8, 4, 12
@@ -62,9 +70,7 @@ def test_deterministic():
 
 def test_compute_table_rows():
     rows = compute_table(["trm", "jnt-st-1", "strm"], DIM, queries=(1, 4), **SMALL)
-    assert [(r["variant"], r["queries"]) for r in rows] == [
-        (v, q) for q in (1, 4) for v in ("trm", "jnt-st-1", "strm")
-    ]
+    assert [(r["variant"], r["queries"]) for r in rows] == [(v, q) for q in (1, 4) for v in ("trm", "jnt-st-1", "strm")]
     for row in rows:
         assert row["total_flops"] == row["heads_flops"] + row["trunk_flops"]
         base = next(r for r in rows if r["variant"] == "trm" and r["queries"] == row["queries"])

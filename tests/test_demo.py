@@ -1,4 +1,5 @@
 """The demo: its report says what the numbers say, and a miniature `strm demo` runs every stage and resumes."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import report, synth
-from pipeline.evaluate import EvalResult
-from pipeline import demo
+from pipeline.data import synth
+from pipeline.evaluation.results import EvalResult
+from pipeline.studies import demo, demo_report, report
 from stages.app import app
 
 SETTINGS = {"split": "test", "way": 5, "shot": 5, "queries": 1, "seed": 0, "episodes": 400, "episodes_digest": "abc"}
@@ -22,34 +23,59 @@ def _result(mean: float, spread: float = 20.0, seed: int = 0) -> EvalResult:
     rng = np.random.default_rng(seed)
     acc = np.clip(np.round((mean + spread * rng.standard_normal(400)) / 20) * 20, 0, 100)
     acc += mean - acc.mean()  # exact mean, for readable assertions
-    return EvalResult(task_accuracy=acc, per_class={"a_then_b": mean, "b_then_a": mean - 5}, confusion=np.zeros((2, 2), int),
-                      class_names=["a_then_b", "b_then_a"], settings=dict(SETTINGS))
+    return EvalResult(
+        task_accuracy=acc,
+        per_class={"a_then_b": mean, "b_then_a": mean - 5},
+        confusion=np.zeros((2, 2), int),
+        class_names=["a_then_b", "b_then_a"],
+        settings=dict(SETTINGS),
+    )
 
 
-def _facts(main: dict[str, EvalResult], ablation: dict[str, EvalResult], gamma: float = 0.004) -> report.DemoFacts:
+def _facts(main: dict[str, EvalResult], ablation: dict[str, EvalResult], gamma: float = 0.004) -> demo_report.DemoFacts:
     table = report.ablation_table(ablation, "trm")
-    return report.DemoFacts(
-        main=main, winner="strm", ablation=table, ablation_reference="trm", ablation_results=ablation,
-        contrasts=demo.CONTRASTS, gamma=gamma,
-        training={"strm": {"tasks_trained": 300, "best_val": 91.0, "best_task": 200, "stopped_early": False},
-                  "trm": {"tasks_trained": 300, "best_val": 60.0, "best_task": 300, "stopped_early": False}},
-        sizes=demo.DemoSizes().rows(), timings=[{"stage": "synth", "wall_s": 40.0, "cpu_s": 30.0},
-                                                     {"stage": "extract", "wall_s": 120.5, "cpu_s": 200.25}], figures={"accuracy": "figures/accuracy.png"},
+    return demo_report.DemoFacts(
+        main=main,
+        winner="strm",
+        ablation=table,
+        ablation_reference="trm",
+        ablation_results=ablation,
+        contrasts=demo.CONTRASTS,
+        gamma=gamma,
+        training={
+            "strm": {"tasks_trained": 300, "best_val": 91.0, "best_task": 200, "stopped_early": False},
+            "trm": {"tasks_trained": 300, "best_val": 60.0, "best_task": 300, "stopped_early": False},
+        },
+        sizes=demo.DemoSizes().rows(),
+        timings=[
+            {"stage": "synth", "wall_s": 40.0, "cpu_s": 30.0},
+            {"stage": "extract", "wall_s": 120.5, "cpu_s": 200.25},
+        ],
+        figures={"accuracy": "figures/accuracy.png"},
         notes=["flips are off"],
     )
 
 
 def test_report_says_strm_beats_when_intervals_do_not_overlap_and_names_every_row():
     main = {"proto": _result(57.0, seed=1), "trm": _result(66.0, seed=2), "strm": _result(94.0, 8, seed=3)}
-    ablation = {**main, "ple-trm": _result(70.0, seed=4), "fle-trm": _result(84.0, seed=5), "ple-fle-trm": _result(93.0, seed=6),
-                "strm, gamma forced to 0": _result(94.0, 8, seed=3), "strm, no QC": _result(93.9, 8, seed=3)}
-    text = report.demo_report(_facts(main, ablation))
+    ablation = {
+        **main,
+        "ple-trm": _result(70.0, seed=4),
+        "fle-trm": _result(84.0, seed=5),
+        "ple-fle-trm": _result(93.0, seed=6),
+        "strm, gamma forced to 0": _result(94.0, 8, seed=3),
+        "strm, no QC": _result(93.9, 8, seed=3),
+    }
+    text = demo_report.demo_report(_facts(main, ablation))
     assert "**strm beats proto and trm with 95% intervals that do not overlap.**" in text
     assert "NOT" not in text.split("## Training")[0]
     for label, result in ablation.items():
         assert f"| {label} |" in text and f"{result.mean:.2f}" in text
     # Identical task accuracies: forcing gamma to 0 changed nothing, and the report says so plainly.
-    assert "Forcing PLE's attention gate gamma to 0 after training does not change accuracy measurably (+0.00 ± 0.00 points)" in text
+    assert (
+        "Forcing PLE's attention gate gamma to 0 after training does not change accuracy measurably (+0.00 ± 0.00 points)"
+        in text
+    )
     assert "PLE's self-attention between patches contributes nothing that matters" in text
     assert "Forcing PLE's attention gate gamma to 0 after training: no measurable effect (+0.00 ± 0.00 points)." in text
     assert "ended training at +0.0040" in text
@@ -63,12 +89,12 @@ def test_report_says_strm_beats_when_intervals_do_not_overlap_and_names_every_ro
 
 def test_report_says_plainly_when_strm_does_not_beat_a_baseline():
     main = {"proto": _result(60.0, seed=1), "trm": _result(70.0, seed=2), "strm": _result(70.5, seed=3)}
-    text = report.demo_report(_facts(main, dict(main)))
+    text = demo_report.demo_report(_facts(main, dict(main)))
     assert "**strm does NOT beat trm with non-overlapping intervals.**" in text
     assert "strm beats proto" in text
     assert "Why: strm is ahead of trm by 0.50 points, but that is within the two intervals" in text
     worse = {"proto": _result(80.0, seed=1), "trm": _result(70.0, seed=2), "strm": _result(65.0, seed=3)}
-    text = report.demo_report(_facts(worse, dict(worse)))
+    text = demo_report.demo_report(_facts(worse, dict(worse)))
     assert "**strm does NOT beat proto and trm" in text and "is not better than proto at all" in text
 
 
@@ -113,15 +139,46 @@ def small_benchmark(monkeypatch):
 
 def test_mini_demo_runs_every_stage_and_resumes(small_benchmark, tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--cache-root", str(tmp_path / "cache"), "--videos-per-class", "9", "--views", "2",
-            "--train-episodes", "4", "--val-every", "2", "--val-episodes", "5", "--episodes", "60", "--shot-episodes", "10",
-            "--trm-dim", "16", "--workers", "2"]
+    args = [
+        "demo",
+        "--out",
+        str(out),
+        "--cache-root",
+        str(tmp_path / "cache"),
+        "--videos-per-class",
+        "9",
+        "--views",
+        "2",
+        "--train-episodes",
+        "4",
+        "--val-every",
+        "2",
+        "--val-episodes",
+        "5",
+        "--episodes",
+        "60",
+        "--shot-episodes",
+        "10",
+        "--trm-dim",
+        "16",
+        "--workers",
+        "2",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     text = (out / "report.md").read_text()
     table = pd.read_csv(out / "ablation.csv")
-    assert list(table["row"]) == ["proto", "trm", "strm", "ple-trm", "fle-trm", "ple-fle-trm", "jnt-st-1",
-                                  "strm, gamma forced to 0", "strm, no QC"]
+    assert list(table["row"]) == [
+        "proto",
+        "trm",
+        "strm",
+        "ple-trm",
+        "fle-trm",
+        "ple-fle-trm",
+        "jnt-st-1",
+        "strm, gamma forced to 0",
+        "strm, no QC",
+    ]
     for _, row in table.iterrows():
         assert f"| {row['row']} |" in text and f"{row['accuracy']:.2f}" in text
     assert "strm beats" in text or "strm does NOT beat" in text
@@ -129,8 +186,16 @@ def test_mini_demo_runs_every_stage_and_resumes(small_benchmark, tmp_path):
     assert "## Using the trained heads on new clips (`strm predict`)" in text and "| score | auroc |" in text
     predictions = json.loads((out / "predict" / "predictions.json").read_text())
     assert len(predictions["support"]["used"]) == 15 and predictions["queries"][-1]["segments"]
-    for name in ("figures/accuracy", "figures/training", "figures/shots", "figures/per_class", "ablation",
-                 "figures/activation_0", "figures/tuples_0", "figures/timeline"):
+    for name in (
+        "figures/accuracy",
+        "figures/training",
+        "figures/shots",
+        "figures/per_class",
+        "ablation",
+        "figures/activation_0",
+        "figures/tuples_0",
+        "figures/timeline",
+    ):
         path = out / f"{name}.png"
         assert path.stat().st_size > 10_000 and mpimg.imread(path).std() > 0.02
         assert f"]({name}.png)" in text
@@ -140,8 +205,17 @@ def test_mini_demo_runs_every_stage_and_resumes(small_benchmark, tmp_path):
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     second = json.loads((out / "timings.json").read_text())
-    for stage in ("synth", "manifest", "extract", "train strm, trm", "evaluate proto, trm, strm", "train ablation variants",
-                  "evaluate ablation rows", "accuracy against shots", "predict"):
+    for stage in (
+        "synth",
+        "manifest",
+        "extract",
+        "train strm, trm",
+        "evaluate proto, trm, strm",
+        "train ablation variants",
+        "evaluate ablation rows",
+        "accuracy against shots",
+        "predict",
+    ):
         assert second["this_run"][stage]["reused"], stage
         assert second["computed"][stage] == first["computed"][stage]  # the report keeps what the stage cost
     assert pd.read_csv(out / "ablation.csv")["accuracy"].tolist() == table["accuracy"].tolist()

@@ -1,10 +1,11 @@
 """Episode sampling: pure functions of (seed, index), the authors' without-replacement draws."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.episodes import EpisodeSampler
+from pipeline.data.episodes import EpisodeSampler
 
 LABELS = np.repeat(np.arange(7), [6, 9, 6, 12, 6, 3, 8])  # uneven classes; class 5 too small
 
@@ -14,7 +15,9 @@ def test_task_depends_only_on_seed_and_index():
     b = EpisodeSampler(LABELS, way=5, shot=3, queries=2, seed=4, views=3)
     assert all((getattr(a.task(17), f) == getattr(b.task(17), f)).all() for f in ("support", "query", "support_views"))
     assert not np.array_equal(a.task(17).support, a.task(18).support)
-    assert not np.array_equal(a.task(17).support, EpisodeSampler(LABELS, way=5, shot=3, queries=2, seed=5).task(17).support)
+    assert not np.array_equal(
+        a.task(17).support, EpisodeSampler(LABELS, way=5, shot=3, queries=2, seed=5).task(17).support
+    )
 
 
 def test_task_structure_and_without_replacement():

@@ -1,4 +1,5 @@
 """Evaluation: the batched path equals the per-task forward, tasks follow the seed, the numbers add up."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,9 +13,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import evaluate as ev
-from pipeline.cache import SplitFeatures, write_random_cache
-from pipeline.episodes import EpisodeSampler
+from pipeline import evaluation as ev
+from pipeline.data.episodes import EpisodeSampler, Task, TaskBatch
+from pipeline.evaluation import batched
+from pipeline.features.cache import write_random_cache
+from pipeline.features.readers import SplitFeatures
 from pipeline.heads import build_heads, save_heads
 from stages.app import app
 
@@ -71,11 +74,13 @@ def test_trx_variant_and_shuffled_support_order_are_exact(split):
     trx = build_heads("trx", dim=DIM, trm_dim=TRM_DIM).eval()
     tasks = ev.sample_tasks(split.labels, episodes=6, way=5, shot=2, queries=1, seed=9)
     perm = np.random.default_rng(0).permutation(tasks.support.shape[1])
-    tasks = ev.TaskBatch(**{**tasks.__dict__, "support": tasks.support[:, perm], "support_labels": tasks.support_labels[:, perm]})
+    tasks = TaskBatch(
+        **{**tasks.__dict__, "support": tasks.support[:, perm], "support_labels": tasks.support_labels[:, perm]}
+    )
     fast = ev.relate_tasks(trx, ev.embed_split(trx, split.features[:, 0]), tasks)
     for b in range(6):
         task = ev.slice_tasks(tasks, slice(b, b + 1))
-        single = ev.Task(**{name: getattr(task, name)[0] for name in ev.Task.__dataclass_fields__})
+        single = Task(**{name: getattr(task, name)[0] for name in Task.__dataclass_fields__})
         assert _relative_error(fast.logits[b], ev.naive_logits(trx, split.features[:, 0], single).logits) < 1e-4
 
 
@@ -95,7 +100,9 @@ def test_qc_table_holds_each_tuples_nearest_distance(split, heads):
 def test_relate_with_the_qc_table_equals_relate_with_the_tuples(split, heads, way, shot, queries):
     tasks = ev.sample_tasks(split.labels, episodes=10, way=way, shot=shot, queries=queries, seed=4)
     perm = np.random.default_rng(1).permutation(tasks.support.shape[1])  # support not grouped by class
-    tasks = ev.TaskBatch(**{**tasks.__dict__, "support": tasks.support[:, perm], "support_labels": tasks.support_labels[:, perm]})
+    tasks = TaskBatch(
+        **{**tasks.__dict__, "support": tasks.support[:, perm], "support_labels": tasks.support_labels[:, perm]}
+    )
     embedding = ev.embed_split(heads, split.features[:, 0])
     tables = ev.qc_nearest_tables(embedding)
     plain = ev.relate_tasks(heads, embedding, tasks)
@@ -106,11 +113,23 @@ def test_relate_with_the_qc_table_equals_relate_with_the_tuples(split, heads, wa
     support, query = torch.as_tensor(tasks.support[0]), torch.as_tensor(tasks.query[0])  # one task, unbatched
     nearest = [t[query[:, None], support[None]] for t in tables]
     with torch.no_grad():
-        one = heads.relate(without_tuples[support], torch.as_tensor(tasks.support_labels[0]), without_tuples[query], way, qc_nearest=nearest)
+        one = heads.relate(
+            without_tuples[support],
+            torch.as_tensor(tasks.support_labels[0]),
+            without_tuples[query],
+            way,
+            qc_nearest=nearest,
+        )
     assert _relative_error(one.logits, plain.logits[0]) < 1e-5
     trm_only = build_heads("trm", dim=DIM, trm_dim=TRM_DIM).eval()
     with pytest.raises(ValueError, match="have no QC"):
-        trm_only.relate(without_tuples[support], torch.as_tensor(tasks.support_labels[0]), without_tuples[query], way, qc_nearest=nearest)
+        trm_only.relate(
+            without_tuples[support],
+            torch.as_tensor(tasks.support_labels[0]),
+            without_tuples[query],
+            way,
+            qc_nearest=nearest,
+        )
 
 
 def test_qc_table_is_used_when_it_makes_no_more_products_than_the_tasks(split, heads, monkeypatch):
@@ -122,7 +141,7 @@ def test_qc_table_is_used_when_it_makes_no_more_products_than_the_tasks(split, h
     assert ev.qc_tables_pay(embedding, dense) and not ev.qc_tables_pay(embedding, sparse)
     assert not ev.qc_tables_pay(ev.embed_split(ev.ProtoBaseline(), split.features[:, 0]), dense)
     assert not ev.qc_tables_pay(dataclasses.replace(embedding, qc=(), qc_norms=()), dense)
-    monkeypatch.setattr(ev, "QC_TABLE_MAX_BYTES", n * n * 28 * 4 - 1)
+    monkeypatch.setattr(batched, "QC_TABLE_MAX_BYTES", n * n * 28 * 4 - 1)
     assert not ev.qc_tables_pay(embedding, dense)
 
 
@@ -130,7 +149,7 @@ def test_evaluate_counts_agree_with_the_logits(split, heads):
     result = ev.evaluate(heads, split, episodes=40, way=5, shot=2, queries=2, seed=5, batch_tasks=7, split_name="test")
     tasks = ev.sample_tasks(split.labels, episodes=40, way=5, shot=2, queries=2, seed=5)
     logits = ev.relate_tasks(heads, ev.embed_split(heads, split.features[:, 0]), tasks).logits
-    correct = (logits.argmax(-1).numpy() == tasks.query_labels)
+    correct = logits.argmax(-1).numpy() == tasks.query_labels
     np.testing.assert_allclose(result.task_accuracy, 100 * correct.mean(1))
     assert result.mean == pytest.approx(100 * correct.mean())
     assert result.confusion.sum() == 40 * 10 and result.confusion.shape == (8, 8)
@@ -172,7 +191,7 @@ def test_saved_episodes_round_trip(tmp_path, split, heads):
     saved = json.loads(path.read_text())
     assert saved["tasks"][0]["support"][0][0] == split.video_ids[tasks.support[0, 0]]
     loaded, settings = ev.load_episodes(path, split)
-    for name in ev.TaskBatch.__dataclass_fields__:
+    for name in TaskBatch.__dataclass_fields__:
         np.testing.assert_array_equal(getattr(loaded, name), getattr(tasks, name), err_msg=name)
     assert settings == {"split": "test", "seed": 11, "way": 4, "shot": 3, "queries": 2, "episodes": 15}
     again = ev.evaluate(heads, split, tasks=loaded, seed=11)
@@ -228,8 +247,18 @@ def test_cli_evaluate_sweep_files_and_compare(tmp_path):
     save_heads(tmp_path / "heads.pt", build_heads("strm", dim=DIM, trm_dim=TRM_DIM))
     runner = CliRunner()
     common = ["evaluate", "--cache", str(cache), "--episodes", "40", "--shot", "1,3", "--device", "cpu"]
-    out = runner.invoke(app, common + ["--checkpoint", str(tmp_path / "heads.pt"), "--json", str(tmp_path / "a.json"),
-                                       "--save-episodes", str(tmp_path / "ep.json")])
+    out = runner.invoke(
+        app,
+        common
+        + [
+            "--checkpoint",
+            str(tmp_path / "heads.pt"),
+            "--json",
+            str(tmp_path / "a.json"),
+            "--save-episodes",
+            str(tmp_path / "ep.json"),
+        ],
+    )
     assert out.exit_code == 0, out.output
     assert "5-way 3-shot" in out.output and "seed 0" in out.output and "±" in out.output
     assert "heads: 5-way 1-shot" in out.output  # results named after the checkpoint
@@ -242,8 +271,22 @@ def test_cli_evaluate_sweep_files_and_compare(tmp_path):
     assert overall.loc[3, "accuracy"] == pytest.approx(record["results"][1]["mean"])
     assert set(table.scope) - {"all"} == set(record["results"][0]["per_class"])
 
-    out = runner.invoke(app, ["evaluate", "--cache", str(cache), "--baseline", "proto", "--device", "cpu",
-                              "--episodes-file", str(tmp_path / "ep_shot3.json"), "--json", str(tmp_path / "b.json")])
+    out = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--cache",
+            str(cache),
+            "--baseline",
+            "proto",
+            "--device",
+            "cpu",
+            "--episodes-file",
+            str(tmp_path / "ep_shot3.json"),
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+    )
     assert out.exit_code == 0, out.output
     out = runner.invoke(app, ["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     assert out.exit_code == 0, out.output
@@ -280,21 +323,47 @@ def test_cli_detects_authors_checkpoints(tmp_path):
     torch.save(golden["trx_state_dict"], tmp_path / "trx_authors.pt")
     runner = CliRunner()
     for name, variant in (("strm_authors", "strm"), ("trx_authors", "trx")):
-        out = runner.invoke(app, ["evaluate", "--cache", str(cache), "--checkpoint", str(tmp_path / f"{name}.pt"),
-                                  "--episodes", "8", "--shot", "2", "--device", "cpu", "--json", str(tmp_path / f"{name}.json")])
+        out = runner.invoke(
+            app,
+            [
+                "evaluate",
+                "--cache",
+                str(cache),
+                "--checkpoint",
+                str(tmp_path / f"{name}.pt"),
+                "--episodes",
+                "8",
+                "--shot",
+                "2",
+                "--device",
+                "cpu",
+                "--json",
+                str(tmp_path / f"{name}.json"),
+            ],
+        )
         assert out.exit_code == 0, out.output
         record = ev.read_run(tmp_path / f"{name}.json")
         assert record["checkpoint_kind"] == "authors" and record["variant"] == variant
     assert "TRM logits alone" in ev.read_run(tmp_path / "strm_authors.json")["note"]
-    out = runner.invoke(app, ["evaluate", "--cache", str(write_random_cache(tmp_path / "c32", splits={"test": (5, 3, 1)}, dim=32)),
-                              "--checkpoint", str(tmp_path / "trx_authors.pt"), "--episodes", "4"])
+    out = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--cache",
+            str(write_random_cache(tmp_path / "c32", splits={"test": (5, 3, 1)}, dim=32)),
+            "--checkpoint",
+            str(tmp_path / "trx_authors.pt"),
+            "--episodes",
+            "4",
+        ],
+    )
     assert out.exit_code == 1 and f"D={dim}" in out.output
 
 
 def test_a_trx_authors_file_is_trx_in_every_stage(tmp_path):
     """The one loader decides the variant: evaluate, finetune's start, import-checkpoint and visualize agree."""
-    from pipeline.checkpoints import load_checkpoint
-    from pipeline.finetune import start_settings
+    from pipeline.training.checkpoints import load_checkpoint
+    from pipeline.training.finetune import start_settings
 
     golden = _golden()
     torch.save(golden["trx_state_dict"], tmp_path / "trx.pt")
@@ -307,8 +376,22 @@ def test_a_trx_authors_file_is_trx_in_every_stage(tmp_path):
     assert torch.load(tmp_path / "trx_project.pt", weights_only=True)["variant"] == "trx"
     assert load_checkpoint(tmp_path / "trx_project.pt").variant == "trx"
     cache = write_random_cache(tmp_path / "cache", splits={"test": (5, 3, 1)}, dim=golden["config"]["D"], seed=1)
-    out = runner.invoke(app, ["visualize", "--cache", str(cache), "--checkpoint", str(tmp_path / "trx.pt"), "--shot", "2",
-                              "--count", "1", "--out", str(tmp_path / "figures")])
+    out = runner.invoke(
+        app,
+        [
+            "visualize",
+            "--cache",
+            str(cache),
+            "--checkpoint",
+            str(tmp_path / "trx.pt"),
+            "--shot",
+            "2",
+            "--count",
+            "1",
+            "--out",
+            str(tmp_path / "figures"),
+        ],
+    )
     assert out.exit_code == 0, out.output
 
 
@@ -326,14 +409,17 @@ def test_autocast_runs_and_mostly_agrees():
 def test_the_untrained_baseline_is_where_train_heads_starts(tmp_path):
     """--baseline untrained --seed S scores the very heads a train-heads run with seed S starts from,
     feature standardisation included: with lr 0 one task of training changes nothing."""
-    from pipeline.eval_run import choose_model
-    from pipeline.cache import open_cache
+    from pipeline.features.cache import open_cache
     from pipeline.heads import load_heads
-    from pipeline.train import make_config, train
+    from pipeline.studies.eval_run import choose_model
+    from pipeline.training.train import make_config, train
 
     cache = open_cache(write_random_cache(tmp_path / "c", splits={"train": (5, 4, 2), "test": (5, 3, 1)}, dim=8))
-    run = train(make_config("frozen", episodes=1, lr=0.0, val_every=0, seed=3, way=2, shot=1, queries=1,
-                            device="cpu"), cache, tmp_path / "run")
+    run = train(
+        make_config("frozen", episodes=1, lr=0.0, val_every=0, seed=3, way=2, shot=1, queries=1, device="cpu"),
+        cache,
+        tmp_path / "run",
+    )
     started, _ = load_heads(run.best_checkpoint)
     baseline = choose_model(cache, baseline="untrained", seed=3).model
     assert baseline.feature_mean is not None and baseline.feature_mean.abs().sum() > 0

@@ -3,6 +3,7 @@
 Everything runs the `tiny` backbone on 64 x 48 videos cut to 32 x 32 crops, so the whole file
 stays small on a shared 2-core CPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,15 +18,14 @@ import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
-
-from pipeline.backbones import get_backbone
-from pipeline.cache import open_cache
-from pipeline.backbones import Backbone, patch_features
-from pipeline.distributed import resolve_precision
-from pipeline.extract import ExtractSettings, RunOptions, extract
-from pipeline.video import ViewSpec, load_view
-from stages.app import app
 from video_factory import write_test_video
+
+from pipeline.data.video import ViewSpec, load_view
+from pipeline.features.backbones import Backbone, get_backbone, patch_features
+from pipeline.features.cache import open_cache
+from pipeline.features.extract import ExtractSettings, RunOptions, extract
+from pipeline.runtime.distributed import resolve_precision
+from stages.app import app
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = ViewSpec(short_side=40, crop=32)  # tiny's map is then 4 x 4
@@ -40,8 +40,16 @@ def _videos(root: Path, n_train: int, n_test: int) -> pd.DataFrame:
         rel = f"{cls}/v{i:02d}.mp4"
         n_frames = 12 + 3 * i
         write_test_video(root / rel, n_frames)
-        rows.append({"video_id": f"{cls}/v{i:02d}", "class": cls, "split": split, "path": rel,
-                     "n_frames": n_frames if i % 2 else -1, "status": "ok"})
+        rows.append(
+            {
+                "video_id": f"{cls}/v{i:02d}",
+                "class": cls,
+                "split": split,
+                "path": rel,
+                "n_frames": n_frames if i % 2 else -1,
+                "status": "ok",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -60,9 +68,16 @@ def test_features_are_the_pooled_backbone_maps_of_each_view(tmp_path):
     manifest = _videos(tmp_path / "videos", n_train=3, n_test=2)
     settings = ExtractSettings(views=2, spec=SPEC, patches=2)
     seen = []
-    result = extract("toy", manifest, get_backbone("tiny"), tmp_path / "cache", settings,
-                     RunOptions(batch_size=12, workers=0), videos_root=tmp_path / "videos",
-                     progress=lambda p: seen.append((p.done, p.failed)))
+    result = extract(
+        "toy",
+        manifest,
+        get_backbone("tiny"),
+        tmp_path / "cache",
+        settings,
+        RunOptions(batch_size=12, workers=0),
+        videos_root=tmp_path / "videos",
+        progress=lambda p: seen.append((p.done, p.failed)),
+    )
     assert result.path.parent == tmp_path / "cache" / "toy" and not result.failures
     assert seen[-1] == (5, 0) and len(seen) == 5
     cache = open_cache(result.path)
@@ -77,7 +92,7 @@ def test_features_are_the_pooled_backbone_maps_of_each_view(tmp_path):
     assert train.features.shape == (3, 2, 8, 4, 64) and test.features.shape == (2, 1, 8, 4, 64)
     assert train.class_names == ["train_0", "train_1"] and train.labels.tolist() == [0, 1, 0]
     assert test.video_ids == ["test_1/v03", "test_0/v04"] and test.labels.tolist() == [1, 0]
-    for split, features, first in (("train", train.features, 0), ("test", test.features, 3)):
+    for _split, features, first in (("train", train.features, 0), ("test", test.features, 3)):
         for j in range(len(features)):
             i = first + j
             for view in range(features.shape[1]):
@@ -123,48 +138,87 @@ def test_bad_videos_are_recorded_and_skipped_and_no_good_video_is_lost(tmp_path)
     good = (videos / manifest.path[0]).read_bytes()
     (videos / "truncated.mp4").write_bytes(good[: len(good) // 3])
     write_test_video(videos / "short.mp4", 5)  # fewer than the 8 frames a view needs
-    bad = [("garbage", "garbage.mp4", "ok"), ("truncated", "truncated.mp4", "ok"), ("short", "short.mp4", "ok"),
-           ("flagged", "missing.mp4", "file not found")]
-    extra = pd.DataFrame([{"video_id": v, "class": "train_0", "split": "train", "path": p, "n_frames": -1,
-                           "status": s} for v, p, s in bad])
+    bad = [
+        ("garbage", "garbage.mp4", "ok"),
+        ("truncated", "truncated.mp4", "ok"),
+        ("short", "short.mp4", "ok"),
+        ("flagged", "missing.mp4", "file not found"),
+    ]
+    extra = pd.DataFrame(
+        [
+            {"video_id": v, "class": "train_0", "split": "train", "path": p, "n_frames": -1, "status": s}
+            for v, p, s in bad
+        ]
+    )
     manifest = pd.concat([manifest.iloc[:2], extra, manifest.iloc[2:]], ignore_index=True)
-    result = extract("toy", manifest, get_backbone("tiny"), tmp_path / "cache", ExtractSettings(views=1, spec=SPEC),
-                     RunOptions(batch_size=16, workers=1), videos_root=videos)
+    result = extract(
+        "toy",
+        manifest,
+        get_backbone("tiny"),
+        tmp_path / "cache",
+        ExtractSettings(views=1, spec=SPEC),
+        RunOptions(batch_size=16, workers=1),
+        videos_root=videos,
+    )
     cache = open_cache(result.path)
     failed = dict(cache.failures("train"))
     assert set(failed) <= {"garbage", "truncated", "short", "flagged"}
     assert {"garbage", "short", "flagged"} <= set(failed)  # a truncated file may still give 8 frames
     assert "garbage.mp4" in failed["garbage"] and failed["flagged"] == "manifest: file not found"
     assert "8" in failed["short"]
-    done = {v: d for split in ("train", "test") for v, d in zip(cache.video_ids(split), cache.done(split))}
+    done = {
+        v: d for split in ("train", "test") for v, d in zip(cache.video_ids(split), cache.done(split), strict=False)
+    }
     good = [v for v in manifest.video_id if v not in {"garbage", "truncated", "short", "flagged"}]
     assert len(good) == 4 and all(done[v] for v in good)
     assert sorted(v for v, _ in result.failures) == sorted(failed)
     # A rerun tries only the failed videos again.
-    again = extract("toy", manifest, get_backbone("tiny"), tmp_path / "cache", ExtractSettings(views=1, spec=SPEC),
-                    RunOptions(batch_size=16, workers=0), videos_root=videos)
+    again = extract(
+        "toy",
+        manifest,
+        get_backbone("tiny"),
+        tmp_path / "cache",
+        ExtractSettings(views=1, spec=SPEC),
+        RunOptions(batch_size=16, workers=0),
+        videos_root=videos,
+    )
     assert again.path == result.path and again.progress.total == len(failed)
     assert again.progress.already_done == len(manifest) - len(failed)
 
 
 def test_other_settings_go_to_another_cache_and_a_reordered_manifest_to_the_same(tmp_path):
     manifest = _videos(tmp_path / "videos", n_train=2, n_test=1)
-    run = dict(dataset="toy", cache_root=tmp_path / "cache", videos_root=tmp_path / "videos",
-               options=RunOptions(batch_size=8, workers=0))
+    run = dict(
+        dataset="toy",
+        cache_root=tmp_path / "cache",
+        videos_root=tmp_path / "videos",
+        options=RunOptions(batch_size=8, workers=0),
+    )
     a = extract(manifest=manifest, backbone=get_backbone("tiny"), settings=ExtractSettings(views=1, spec=SPEC), **run)
-    b = extract(manifest=manifest, backbone=get_backbone("tiny"),
-                settings=ExtractSettings(views=1, spec=SPEC, normalize=False), **run)
+    b = extract(
+        manifest=manifest,
+        backbone=get_backbone("tiny"),
+        settings=ExtractSettings(views=1, spec=SPEC, normalize=False),
+        **run,
+    )
     assert a.path != b.path
     assert open_cache(b.path).fingerprint["normalize"] == "none: [0, 1]"
-    assert not np.array_equal(open_cache(a.path).features_array("test")[:], open_cache(b.path).features_array("test")[:])
+    assert not np.array_equal(
+        open_cache(a.path).features_array("test")[:], open_cache(b.path).features_array("test")[:]
+    )
     # The same rows in another order: the same cache, nothing left to do, video order kept.
-    again = extract(manifest=manifest.iloc[::-1], backbone=get_backbone("tiny"),
-                    settings=ExtractSettings(views=1, spec=SPEC), **run)
+    again = extract(
+        manifest=manifest.iloc[::-1], backbone=get_backbone("tiny"), settings=ExtractSettings(views=1, spec=SPEC), **run
+    )
     assert again.path == a.path and (again.progress.total, again.progress.already_done) == (0, 3)
     assert open_cache(a.path).video_ids("train") == ["train_0/v00", "train_1/v01"]
     with pytest.raises(ValueError, match="lists train video 'train_0/v00' more than once"):
-        extract(manifest=pd.concat([manifest, manifest.iloc[:1]]), backbone=get_backbone("tiny"),
-                settings=ExtractSettings(views=1, spec=SPEC), **run)
+        extract(
+            manifest=pd.concat([manifest, manifest.iloc[:1]]),
+            backbone=get_backbone("tiny"),
+            settings=ExtractSettings(views=1, spec=SPEC),
+            **run,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,9 +236,27 @@ def dataset(tmp_path_factory):
 
 
 def _cli_args(root: Path, cache_root: Path, *extra: str) -> list[str]:
-    return ["extract", "toy", "--videos", str(root / "videos"), "--manifest", str(root / "manifest.csv"),
-            "--backbone", "tiny", "--views", "2", "--short-side", "40", "--crop", "32", "--batch-size", "8",
-            "--cache-root", str(cache_root), *extra]
+    return [
+        "extract",
+        "toy",
+        "--videos",
+        str(root / "videos"),
+        "--manifest",
+        str(root / "manifest.csv"),
+        "--backbone",
+        "tiny",
+        "--views",
+        "2",
+        "--short-side",
+        "40",
+        "--crop",
+        "32",
+        "--batch-size",
+        "8",
+        "--cache-root",
+        str(cache_root),
+        *extra,
+    ]
 
 
 def _entry(root: Path) -> Path:
@@ -201,8 +273,14 @@ def _env() -> dict[str, str]:
 
 
 def _cli_run(root: Path, cache_root: Path, *extra: str) -> Path:
-    done = subprocess.run([sys.executable, str(_entry(root)), *_cli_args(root, cache_root, *extra)],
-                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(_entry(root)), *_cli_args(root, cache_root, *extra)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     return Path(done.stdout.strip().splitlines()[-1])
 
@@ -220,9 +298,14 @@ def test_kill_9_mid_run_then_rerun_gives_bit_identical_arrays(dataset, tmp_path)
     root, reference = dataset
     cache_root = tmp_path / "cache"
     path = cache_root / "toy" / reference.name  # same settings, same key
-    process = subprocess.Popen([sys.executable, str(_entry(root)), *_cli_args(root, cache_root, "--workers", "1")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=REPO,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, str(_entry(root)), *_cli_args(root, cache_root, "--workers", "1")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+        cwd=REPO,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -243,8 +326,16 @@ def test_kill_9_mid_run_then_rerun_gives_bit_identical_arrays(dataset, tmp_path)
 
 def test_two_gloo_ranks_under_torchrun_equal_the_single_process_cache(dataset, tmp_path):
     root, reference = dataset
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(_entry(root)), *_cli_args(root, tmp_path / "cache", "--workers", "0", "--device", "cpu")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(_entry(root)),
+        *_cli_args(root, tmp_path / "cache", "--workers", "0", "--device", "cpu"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     path = tmp_path / "cache" / "toy" / reference.name
@@ -256,15 +347,38 @@ def test_cli_reports_failures_and_clear_errors(dataset, tmp_path):
     root, _ = dataset
     manifest = pd.read_csv(root / "manifest.csv")
     (tmp_path / "broken.mp4").write_bytes(b"\0" * 100)
-    manifest.loc[len(manifest)] = {"video_id": "broken", "class": "test_0", "split": "test",
-                                   "path": str(tmp_path / "broken.mp4"), "n_frames": -1, "status": "ok"}
+    manifest.loc[len(manifest)] = {
+        "video_id": "broken",
+        "class": "test_0",
+        "split": "test",
+        "path": str(tmp_path / "broken.mp4"),
+        "n_frames": -1,
+        "status": "ok",
+    }
     manifest.to_csv(tmp_path / "manifest.csv", index=False)
     runner = CliRunner()
 
     def args(backbone: str) -> list[str]:
-        return ["extract", "toy", "--videos", str(root / "videos"), "--manifest", str(tmp_path / "manifest.csv"),
-                "--backbone", backbone, "--views", "1", "--short-side", "40", "--crop", "32", "--workers", "0",
-                "--cache-root", str(tmp_path / "cache")]
+        return [
+            "extract",
+            "toy",
+            "--videos",
+            str(root / "videos"),
+            "--manifest",
+            str(tmp_path / "manifest.csv"),
+            "--backbone",
+            backbone,
+            "--views",
+            "1",
+            "--short-side",
+            "40",
+            "--crop",
+            "32",
+            "--workers",
+            "0",
+            "--cache-root",
+            str(tmp_path / "cache"),
+        ]
 
     result = runner.invoke(app, args("tiny"))
     assert result.exit_code == 0, result.output

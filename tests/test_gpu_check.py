@@ -1,4 +1,5 @@
 """`make gpu-check` at --size tiny on the CPU: every step runs (or says why it cannot), and the JSON says so."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -45,8 +46,9 @@ def test_a_step_that_hangs_is_ended_and_recorded(tmp_path):
     """Each step runs in a process of its own: one past --step-timeout is killed, recorded as failed, and
     the run goes on to the next step."""
     out = tmp_path / "gpu_check.json"
-    code = main(["--device", "cpu", "--size", "tiny", "--only", "evaluate,ddp", "--step-timeout", "0.5",
-                 "--out", str(out)])
+    code = main(
+        ["--device", "cpu", "--size", "tiny", "--only", "evaluate,ddp", "--step-timeout", "0.5", "--out", str(out)]
+    )
     record = json.loads(out.read_text())
     assert code == 1
     for name in ("evaluate", "ddp"):

@@ -1,5 +1,6 @@
 """What the heads promise beyond matching the reference: sizes, determinism, the fixed defects,
 standardisation, inspection hooks, label checks, gradients."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.heads import build_heads
-from pipeline.heads.model import group_by_class
+from pipeline.heads.embedding import group_by_class
 from pipeline.heads.trm import tuple_sum
 
 DIM, FRAMES, PATCHES = 16, 8, 4

@@ -1,4 +1,5 @@
 """The authors' checkpoint importer, the project checkpoint format and `strm import-checkpoint`."""
+
 from __future__ import annotations
 
 import pickle
@@ -9,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.heads import build_heads, load_authors_checkpoint, load_heads, save_heads
-from pipeline.backbones import resnet_trunk_state
+from pipeline.training.checkpoints import resnet_trunk_state
 
 FIXTURE = Path(__file__).parent / "fixtures" / "strm_official_golden.pt"
 
@@ -59,7 +60,7 @@ def test_released_files_have_no_qc(golden):
 def test_backbone_weights_come_back_separately(golden):
     from torchvision.models import resnet50
 
-    from pipeline.backbones import get_backbone
+    from pipeline.features.backbones import get_backbone
 
     trunk = get_backbone("resnet50", pretrained=False).trunk.state_dict()
     source = {f"resnet.{k}": torch.randn_like(v) if v.is_floating_point() else v for k, v in trunk.items()}
@@ -85,8 +86,11 @@ def test_wrong_or_partial_files_are_refused(golden):
         load_authors_checkpoint(no_gamma)
     with pytest.raises(ValueError, match="not an STRM or TRX checkpoint"):
         load_authors_checkpoint({"fc.weight": torch.zeros(2, 2)})
-    qc_for_one = {**golden["trx_state_dict"], "new_dist_loss_post_pat.0.clsW.weight": torch.zeros(32, 128),
-                  "new_dist_loss_post_pat.0.clsW.bias": torch.zeros(32)}
+    qc_for_one = {
+        **golden["trx_state_dict"],
+        "new_dist_loss_post_pat.0.clsW.weight": torch.zeros(32, 128),
+        "new_dist_loss_post_pat.0.clsW.bias": torch.zeros(32),
+    }
     with pytest.raises(ValueError, match="some cardinalities only"):
         load_authors_checkpoint(qc_for_one, variant="trx")
 
@@ -106,8 +110,19 @@ def test_loading_never_runs_code_from_the_file(tmp_path):
 
 
 def test_project_format_round_trip(tmp_path):
-    heads = build_heads("strm", 16, frames=8, patches=4, trm_dim=12, cardinalities=(1, 3), tuple_keep=0.5,
-                        scaled_attention=True, ple="mixer", fle="attention", lambda_qc=0.3)
+    heads = build_heads(
+        "strm",
+        16,
+        frames=8,
+        patches=4,
+        trm_dim=12,
+        cardinalities=(1, 3),
+        tuple_keep=0.5,
+        scaled_attention=True,
+        ple="mixer",
+        fle="attention",
+        lambda_qc=0.3,
+    )
     heads.set_feature_stats(torch.randn(16), torch.rand(16) + 0.5)
     path = tmp_path / "heads" / "last.pt"
     save_heads(path, heads, task_index=12, config={"lr": 1e-3})
@@ -147,7 +162,7 @@ def test_import_checkpoint_stage(golden, tmp_path):
     close(logits(heads, golden).logits, golden["trm_logits"])
     # The imported file keeps the authors' feature recipe (raw [0, 1] pixels, 256/224, 4x4), its own
     # sha256 as the weights, so predict and finetune rebuild the right input.
-    from pipeline.checkpoints import load_checkpoint
+    from pipeline.training.checkpoints import load_checkpoint
 
     imported = load_checkpoint(dst)
     assert imported.kind == "finetune" and not imported.notes

@@ -1,15 +1,12 @@
 """The fast heads against the loop-structured reference (pipeline/heads/reference.py) on random shapes,
 and the batched task path against one task at a time."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
-
-import pipeline.heads.trm as trm_module
-from pipeline.heads import VARIANTS, VideoEmbedding
-from pipeline.heads.reference import reference_forward
 from small_heads import (
     DIM,
     FRAMES,
@@ -19,6 +16,10 @@ from small_heads import (
     make_heads,
     random_task,
 )
+
+import pipeline.heads.trm as trm_module
+from pipeline.heads import VARIANTS, VideoEmbedding
+from pipeline.heads.reference import reference_forward
 
 
 @pytest.mark.parametrize(
@@ -126,7 +127,9 @@ def _pool_and_tasks(n_videos: int, batch: int, way: int, shot: int, queries: int
     features = torch.randn(n_videos, FRAMES, PATCHES, DIM, generator=g)
     picks = torch.stack([torch.randperm(n_videos, generator=g)[: way * (shot + queries)] for _ in range(batch)])
     support, query = picks[:, : way * shot], picks[:, way * shot :]
-    labels = torch.stack([torch.arange(way).repeat_interleave(shot)[torch.randperm(way * shot, generator=g)] for _ in range(batch)])
+    labels = torch.stack(
+        [torch.arange(way).repeat_interleave(shot)[torch.randperm(way * shot, generator=g)] for _ in range(batch)]
+    )
     return features, support, labels, query
 
 
@@ -164,7 +167,9 @@ def test_video_embedding_indexing_and_cat():
     features = torch.randn(7, FRAMES, PATCHES, DIM)
     with torch.no_grad():
         emb = heads.encode(features, intermediates=True)
-        parts = VideoEmbedding.cat([heads.encode(features[:3], intermediates=True), heads.encode(features[3:], intermediates=True)])
+        parts = VideoEmbedding.cat(
+            [heads.encode(features[:3], intermediates=True), heads.encode(features[3:], intermediates=True)]
+        )
     idx = torch.tensor([[0, 6, 2], [1, 1, 5]])
     picked = emb[idx]
     assert len(emb) == 7 and picked.trm_k[0].shape[:2] == (2, 3) and picked.H.shape == (2, 3, FRAMES, DIM)
@@ -172,7 +177,12 @@ def test_video_embedding_indexing_and_cat():
     torch.testing.assert_close(parts.trm_v[0], emb.trm_v[0])
     torch.testing.assert_close(parts.ple_patches, emb.ple_patches)
     assert torch.equal(picked.tuples[0], emb.tuples[0])
-    for index in (idx, torch.tensor([-1, 0, -7], dtype=torch.int32), torch.tensor(4), torch.tensor([True] * 3 + [False] * 4)):
+    for index in (
+        idx,
+        torch.tensor([-1, 0, -7], dtype=torch.int32),
+        torch.tensor(4),
+        torch.tensor([True] * 3 + [False] * 4),
+    ):
         got = emb[index]
         for name in ("trm_k", "trm_k_rstd", "trm_v", "qc"):
             assert torch.equal(getattr(got, name)[0], getattr(emb, name)[0][index])

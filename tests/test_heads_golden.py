@@ -3,6 +3,7 @@
 Tolerance: rtol 1e-4, plus an absolute floor of 1e-5 x the tensor's largest magnitude for the
 entries that are near 0 (float32 sums taken in another order differ there by ~1e-6 absolute).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """strm heads-info: the table of parameters and FLOPs runs, and its JSON rows are pipeline.compute's."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.compute import task_compute
+from pipeline.evaluation.compute import task_compute
 from pipeline.heads import build_heads
 from stages.app import app
 
@@ -17,8 +18,10 @@ VARIANTS = ("strm", "trm", "jnt-st-1")
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("heads_info") / "rows.json"
-    result = CliRunner().invoke(app, ["heads-info", *VARIANTS, "--dim", str(DIM), "--trm-dim", str(TRM_DIM),
-                                      "--queries", "1,4", "--json", str(out)])
+    result = CliRunner().invoke(
+        app,
+        ["heads-info", *VARIANTS, "--dim", str(DIM), "--trm-dim", str(TRM_DIM), "--queries", "1,4", "--json", str(out)],
+    )
     assert result.exit_code == 0, result.output
     for variant in VARIANTS:
         assert variant in result.output

@@ -2,15 +2,16 @@
 
 Sizes by hand, the fast heads against the loop reference, that attention really crosses frames,
 the checkpoint round trip and gradients."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from small_heads import DIM, FRAMES, PATCHES, SMALL, make_heads, random_task
 
 from pipeline.heads import build_heads, load_heads, save_heads
 from pipeline.heads.reference import reference_forward
-from small_heads import DIM, FRAMES, PATCHES, SMALL, make_heads, random_task
 
 JOINT = ("jnt-st-1", "jnt-st-2")
 
@@ -109,7 +110,11 @@ def test_gradients_reach_the_joint_block_and_match_reference(variant):
     grads = []
     for side in ("fast", "reference"):
         heads = make_heads(variant)
-        logits = heads(support, labels, query).logits if side == "fast" else reference_forward(heads, support, labels, query)["logits"]
+        logits = (
+            heads(support, labels, query).logits
+            if side == "fast"
+            else reference_forward(heads, support, labels, query)["logits"]
+        )
         F.cross_entropy(logits, query_labels).backward()
         grads.append({name: p.grad for name, p in heads.named_parameters()})
     joint = [name for name in grads[0] if name.startswith("joint.")]

@@ -1,18 +1,11 @@
 """Support sets with uneven numbers of videos per class (the padded, masked layout of `group_by_class`)
 against the loop reference, batched against per task, the QC table path, the label errors, and the
 equal-shot path left untouched."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
-import pipeline.heads.qc as qc_module
-import pipeline.heads.trm as trm_module
-from pipeline.evaluate import ProtoBaseline
-from pipeline.heads import VARIANTS
-from pipeline.heads.model import group_by_class
-from pipeline.heads.qc import nearest_block
-from pipeline.heads.reference import reference_forward
 from small_heads import (
     DIM,
     FRAMES,
@@ -22,6 +15,14 @@ from small_heads import (
     assert_matches_reference,
     make_heads,
 )
+
+import pipeline.heads.qc as qc_module
+import pipeline.heads.trm as trm_module
+from pipeline.evaluation.batched import ProtoBaseline
+from pipeline.heads import VARIANTS
+from pipeline.heads.embedding import group_by_class
+from pipeline.heads.qc import nearest_block
+from pipeline.heads.reference import reference_forward
 
 
 def shuffled_labels(shots: list[int], g: torch.Generator) -> torch.Tensor:
@@ -106,7 +107,7 @@ def test_batched_uneven_tasks_with_their_own_counts_equal_per_task(variant):
 
 def qc_table(emb) -> list[torch.Tensor]:
     """Per cardinality [N, N, T] like evaluate.qc_nearest_tables: nearest tuple of every video pair."""
-    return [nearest_block(z, norms, z, norms)[0] for z, norms in zip(emb.qc, emb.qc_norms)]
+    return [nearest_block(z, norms, z, norms)[0] for z, norms in zip(emb.qc, emb.qc_norms, strict=False)]
 
 
 def test_qc_nearest_table_with_uneven_shots_equals_the_tuple_path():

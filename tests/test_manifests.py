@@ -1,4 +1,5 @@
 """Manifests: datasets resolved on disk, the pre-flight check in workers, the counts and the `strm manifest` stage."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,9 @@ import pandas as pd
 import pytest
 import typer
 from typer.testing import CliRunner
+from video_factory import write_test_video
 
-from pipeline.manifests import (
+from pipeline.data.manifests import (
     COLUMNS,
     DATA_MANIFESTS,
     DATASETS,
@@ -25,7 +27,6 @@ from pipeline.manifests import (
     validate_manifest,
     write_manifest,
 )
-from video_factory import write_test_video
 
 SHARED_SPLITS = Path(__file__).resolve().parents[2] / "shared" / "splits"
 needs_shared_splits = pytest.mark.skipif(not SHARED_SPLITS.is_dir(), reason="the official split lists are not here")
@@ -51,8 +52,18 @@ def hmdb_tree(tmp_path_factory) -> Path:
 def checked(hmdb_tree):
     """The tree's manifest plus one row whose file vanished, validated once in 2 workers."""
     built = build_manifest("hmdb51", hmdb_tree)
-    gone = pd.DataFrame([{"video_id": "cartwheel/gone", "class": "cartwheel", "split": "val",
-                          "path": str(hmdb_tree / "cartwheel" / "gone.mp4"), "n_frames": -1, "status": "ok"}])
+    gone = pd.DataFrame(
+        [
+            {
+                "video_id": "cartwheel/gone",
+                "class": "cartwheel",
+                "split": "val",
+                "path": str(hmdb_tree / "cartwheel" / "gone.mp4"),
+                "n_frames": -1,
+                "status": "ok",
+            }
+        ]
+    )
     table = pd.concat([built, gone], ignore_index=True)
     ticks: list[int] = []
     return built, validate_manifest(table, workers=2, progress=ticks.append), ticks
@@ -67,7 +78,14 @@ def test_class_level_split_lists_every_video_of_a_class(hmdb_tree, checked):
     assert list(built.columns) == list(COLUMNS)
     rows = by_id(built)
     found = {k: v for k, v in rows.items() if not k.endswith("/*")}
-    assert set(found) == {"brush_hair/ok one", "brush_hair/short", "cartwheel/c", "fencing/bad", "fencing/zero", "fencing/cut"}
+    assert set(found) == {
+        "brush_hair/ok one",
+        "brush_hair/short",
+        "cartwheel/c",
+        "fencing/bad",
+        "fencing/zero",
+        "fencing/cut",
+    }
     assert {v["split"] for k, v in found.items() if k.startswith("brush_hair")} == {"train"}
     assert rows["cartwheel/c"]["split"] == "val" and rows["fencing/cut"]["split"] == "test"
     assert rows["brush_hair/ok one"]["path"] == str(hmdb_tree / "brush_hair" / "ok one.avi")
@@ -108,11 +126,21 @@ def write_lists(folder: Path, train: list[str], val: list[str], test: list[str],
 
 def test_lists_resolve_class_folders_by_any_spelling_or_by_unique_name(tmp_path):
     videos = tmp_path / "videos"
-    for rel in ("Air_Drumming/vid1.mp4", "anywhere/deep/vid3.webm", "x/vid4.mp4", "y/vid4.mp4", "blasting sand/vid5.avi"):
+    for rel in (
+        "Air_Drumming/vid1.mp4",
+        "anywhere/deep/vid3.webm",
+        "x/vid4.mp4",
+        "y/vid4.mp4",
+        "blasting sand/vid5.avi",
+    ):
         (videos / rel).parent.mkdir(parents=True, exist_ok=True)
         (videos / rel).write_bytes(b"\0")
-    lists = write_lists(tmp_path / "lists", ["air drumming/vid1", "air drumming/vid2"], ["baking cookies/vid3"],
-                        ["blasting sand/vid4", "blasting sand/vid5"])
+    lists = write_lists(
+        tmp_path / "lists",
+        ["air drumming/vid1", "air drumming/vid2"],
+        ["baking cookies/vid3"],
+        ["blasting sand/vid4", "blasting sand/vid5"],
+    )
     rows = by_id(build_manifest("kinetics100", videos, split_dir=lists))
     assert rows["air drumming/vid1"]["path"] == str(videos / "Air_Drumming" / "vid1.mp4")
     assert rows["air drumming/vid1"]["class"] == "air drumming"
@@ -127,20 +155,36 @@ def test_ssv2_otam_and_cmn_formats(tmp_path):
     videos.mkdir()
     for vid in ("78687", "42326", "195025", "51958"):
         (videos / f"{vid}.webm").write_bytes(b"\0")
-    otam = build_manifest("ssv2", videos, split_dir=write_lists(tmp_path / "otam", ["train8/78687"], ["val2/42326"], ["test18/195025"], "07"))
+    otam = build_manifest(
+        "ssv2",
+        videos,
+        split_dir=write_lists(tmp_path / "otam", ["train8/78687"], ["val2/42326"], ["test18/195025"], "07"),
+    )
     assert by_id(otam)["train8/78687"]["class"] == "train8"
     assert (otam["status"] == "ok").all()
     assert counts_key("ssv2", otam) == "ssv2_otam"
     cmn_class = "Putting something, something and something on the table"
-    cmn = build_manifest("ssv2", videos, split_dir=write_lists(tmp_path / "cmn", [f"{cmn_class}/51958"], ["val2/42326"], ["test18/195025"]))
+    cmn = build_manifest(
+        "ssv2",
+        videos,
+        split_dir=write_lists(tmp_path / "cmn", [f"{cmn_class}/51958"], ["val2/42326"], ["test18/195025"]),
+    )
     assert by_id(cmn)[f"{cmn_class}/51958"]["class"] == cmn_class
     assert counts_key("ssv2", cmn) == "ssv2_cmn"
     assert tuple(split_counts(cmn, "ssv2")["official"]) == OFFICIAL_COUNTS["ssv2_cmn"]
 
 
 @needs_shared_splits
-@pytest.mark.parametrize("folder,key", [("hmdb_ARN", "hmdb51"), ("ucf_ARN", "ucf101"), ("kinetics_CMN", "kinetics100"),
-                                        ("ssv2_OTAM", "ssv2_otam"), ("ssv2_CMN", "ssv2_cmn")])
+@pytest.mark.parametrize(
+    "folder,key",
+    [
+        ("hmdb_ARN", "hmdb51"),
+        ("ucf_ARN", "ucf101"),
+        ("kinetics_CMN", "kinetics100"),
+        ("ssv2_OTAM", "ssv2_otam"),
+        ("ssv2_CMN", "ssv2_cmn"),
+    ],
+)
 def test_official_lists_give_the_official_counts(folder, key):
     entries = read_split_lists(SHARED_SPLITS / folder)
     counts = tuple(sum(1 for _, _, split in entries if split == s) for s in ("train", "val", "test"))
@@ -198,14 +242,16 @@ def test_definition_errors_name_the_problem(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_write_read_round_trip(tmp_path, suffix):
-    table = pd.DataFrame({
-        "video_id": ["007/1", "Putting something, something on it/2"],
-        "class": ["007", "Putting something, something on it"],
-        "split": ["train", "test"],
-        "path": ["/v/007/1.mp4", ""],
-        "n_frames": [41, -1],
-        "status": ["ok", "missing: no video file 2.* under /v"],
-    })
+    table = pd.DataFrame(
+        {
+            "video_id": ["007/1", "Putting something, something on it/2"],
+            "class": ["007", "Putting something, something on it"],
+            "split": ["train", "test"],
+            "path": ["/v/007/1.mp4", ""],
+            "n_frames": [41, -1],
+            "status": ["ok", "missing: no video file 2.* under /v"],
+        }
+    )
     back = read_manifest(write_manifest(table, tmp_path / f"m{suffix}"))
     pd.testing.assert_frame_equal(back, table)
     with pytest.raises(ManifestError, match="not a manifest"):
@@ -222,8 +268,21 @@ def test_manifest_command_writes_manifest_report_and_counts(tmp_path, hmdb_tree)
     classes = tmp_path / "classes.csv"
     classes.write_text("class,split\nbrush_hair,train\ncartwheel,val\nfencing,test\n")
     out = tmp_path / "out" / "mine.parquet"
-    result = CliRunner().invoke(app, ["manifest", "folder", "--videos", str(hmdb_tree), "--classes", str(classes),
-                                      "--out", str(out), "--workers", "1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "manifest",
+            "folder",
+            "--videos",
+            str(hmdb_tree),
+            "--classes",
+            str(classes),
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = tmp_path / "out" / "mine.report.csv"
     assert "bad videos: 4 (" in result.output and str(report) in result.output

@@ -1,5 +1,6 @@
 """`strm predict`: raw clips through the checkpoint's recipe equal the cached path, uneven support, bad
 clips reported and skipped, the support index, calibrated probabilities, windows of long recordings."""
+
 from __future__ import annotations
 
 import json
@@ -12,15 +13,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import evaluate as ev
-from pipeline.backbones import get_backbone
-from pipeline.cache import open_cache
-from pipeline.extract import ExtractSettings, RunOptions, extract
-from pipeline.predict import FewShotRecognizer, PredictError, UnknownRule, merge_segments, window_starts
-from pipeline.synth import write_mp4
-from pipeline.train import make_config, train
-from pipeline.unknown import fit_temperature
-from pipeline.video import ViewSpec
+from pipeline import evaluation as ev
+from pipeline.data.synth import write_mp4
+from pipeline.data.video import ViewSpec
+from pipeline.evaluation.unknown import fit_temperature
+from pipeline.features.backbones import get_backbone
+from pipeline.features.cache import open_cache
+from pipeline.features.extract import ExtractSettings, RunOptions, extract
+from pipeline.predict.clips import PredictError, window_starts
+from pipeline.predict.outputs import merge_segments
+from pipeline.predict.recognizer import FewShotRecognizer, UnknownRule
+from pipeline.training.train import make_config, train
 from stages.app import app
 
 SPEC = ViewSpec(short_side=40, crop=32)
@@ -55,13 +58,29 @@ def world(tmp_path_factory):
                 rel = f"{split}/c{c}/v{i}.mp4"
                 (root / "videos" / rel).parent.mkdir(parents=True, exist_ok=True)
                 write_mp4(_clip(c, i, 12 + (i + c) % 5), root / "videos" / rel)
-                rows.append({"video_id": f"c{c}/v{i}", "class": f"c{c}", "split": split, "path": rel, "n_frames": -1,
-                             "status": "ok"})
+                rows.append(
+                    {
+                        "video_id": f"c{c}/v{i}",
+                        "class": f"c{c}",
+                        "split": split,
+                        "path": rel,
+                        "n_frames": -1,
+                        "status": "ok",
+                    }
+                )
     manifest = pd.DataFrame(rows)
-    cache = extract("toy", manifest, get_backbone("tiny"), root / "cache", ExtractSettings(views=2, spec=SPEC),
-                    RunOptions(batch_size=32, workers=0), videos_root=root / "videos").path
-    config = make_config("frozen", episodes=6, way=2, shot=2, queries=1, val_every=0, device="cpu",
-                         heads_options={"trm_dim": 16})
+    cache = extract(
+        "toy",
+        manifest,
+        get_backbone("tiny"),
+        root / "cache",
+        ExtractSettings(views=2, spec=SPEC),
+        RunOptions(batch_size=32, workers=0),
+        videos_root=root / "videos",
+    ).path
+    config = make_config(
+        "frozen", episodes=6, way=2, shot=2, queries=1, val_every=0, device="cpu", heads_options={"trm_dim": 16}
+    )
     heads = train(config, cache, root / "run").best_checkpoint
     return root, cache, heads
 
@@ -93,7 +112,7 @@ def test_raw_clips_give_evaluates_predictions_and_its_logits(world, tmp_path):
         ids = np.asarray(test.video_ids)
         names = [test.class_names[c] for c in task.classes[0]]
         folder = tmp_path / f"task{b}"
-        for video, label in zip(task.support[0], task.support_labels[0]):
+        for video, label in zip(task.support[0], task.support_labels[0], strict=False):
             target = root / "videos" / "test" / f"{ids[video]}.mp4"
             (folder / names[label]).mkdir(parents=True, exist_ok=True)
             os.symlink(target, folder / names[label] / f"{Path(ids[video]).name}.mp4")
@@ -117,7 +136,9 @@ def test_uneven_support_bad_clips_and_odd_names(world, tmp_path):
     recognizer = FewShotRecognizer.from_checkpoint(heads_path, device="cpu", workers=1)
     chosen = recognizer.add_support(support)
     assert chosen.actions == ["c4", "c5", "c6 ünï"] and len(chosen.used) == 6
-    assert chosen.failed == [(str(support / "c5" / "empty.mp4"), f"{support / 'c5' / 'empty.mp4'}: empty file (0 bytes)")]
+    assert chosen.failed == [
+        (str(support / "c5" / "empty.mp4"), f"{support / 'c5' / 'empty.mp4'}: empty file (0 bytes)")
+    ]
     short = tmp_path / "quer ies" / "short ö.mp4"
     short.parent.mkdir()
     write_mp4(_clip(4, 9, 5), short)  # 5 frames: fewer than the 8 a view needs
@@ -149,8 +170,21 @@ def test_support_index_round_trip_and_refusals(world, tmp_path):
     loaded = again.add_support(index)
     assert loaded.actions == chosen.actions and loaded.calibration.temperature == chosen.calibration.temperature
     assert [r["logits"] for r in again.predict(queries)] == [r["logits"] for r in direct]
-    other = train(make_config("frozen", episodes=2, way=2, shot=2, queries=1, val_every=0, device="cpu", seed=1,
-                              heads_options={"trm_dim": 16}), cache, tmp_path / "other").best_checkpoint
+    other = train(
+        make_config(
+            "frozen",
+            episodes=2,
+            way=2,
+            shot=2,
+            queries=1,
+            val_every=0,
+            device="cpu",
+            seed=1,
+            heads_options={"trm_dim": 16},
+        ),
+        cache,
+        tmp_path / "other",
+    ).best_checkpoint
     with pytest.raises(PredictError, match="made with another checkpoint"):
         FewShotRecognizer.from_checkpoint(other, device="cpu", workers=0).add_support(index)
     (tmp_path / "fake.safetensors").write_bytes(b"\x00" * 64)
@@ -167,8 +201,9 @@ def test_weights_other_than_the_recorded_ones_are_refused_unless_allowed(world, 
     torch.save(other.trunk.state_dict(), tmp_path / "other.pt")
     with pytest.raises(PredictError, match="weights differ .*--allow-other-weights"):
         FewShotRecognizer.from_checkpoint(heads_path, weights=tmp_path / "other.pt", device="cpu")
-    allowed = FewShotRecognizer.from_checkpoint(heads_path, weights=tmp_path / "other.pt", allow_other_weights=True,
-                                                device="cpu", workers=0)
+    allowed = FewShotRecognizer.from_checkpoint(
+        heads_path, weights=tmp_path / "other.pt", allow_other_weights=True, device="cpu", workers=0
+    )
     assert any("--allow-other-weights" in n for n in allowed.notes)
     # A support index made through the other weights is refused with the recorded ones, and the reverse.
     allowed.add_support(_support(root, tmp_path / "support", {"c4": [0, 1], "c5": [0, 1]}))
@@ -193,8 +228,21 @@ def test_options_that_cannot_work_fail_before_decoding(world, tmp_path):
         recognizer.predict([tmp_path / "empty"])
     record = recognizer.predict([query], window=0.25)[0]  # 3 frames at 12 fps: fewer than a view samples
     assert record["status"] == "ok" and record["windows"] == [] and "at least 8" in record["windows_reason"]
-    cli = CliRunner().invoke(app, ["predict", "--checkpoint", str(heads_path), "--support", str(tmp_path / "single"),
-                                   str(query), "--device", "cpu", "--workers", "0"])
+    cli = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            "--checkpoint",
+            str(heads_path),
+            "--support",
+            str(tmp_path / "single"),
+            str(query),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ],
+    )
     assert cli.exit_code == 0 and "note: no action has 2 support clips" in cli.output, cli.output
 
 
@@ -216,11 +264,34 @@ def test_long_recording_windows_segments_timeline_and_cli_json(world, tmp_path):
     recording = tmp_path / "recording.mp4"
     write_mp4(np.concatenate([_clip(4, 7, 24), _clip(6, 7, 24)]), recording, fps=12)  # 2 s of c4, then 2 s of c6
     out = tmp_path / "out.json"
-    result = CliRunner().invoke(app, ["predict", "--checkpoint", str(heads_path), "--support", str(support),
-                                      str(recording), str(root / "videos" / "test" / "c5"), "--window", "1",
-                                      "--stride", "0.5", "--json", str(out), "--csv", str(tmp_path / "out.csv"),
-                                      "--figures", str(tmp_path / "fig"), "--unknown", "auto", "--device", "cpu",
-                                      "--workers", "0"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            "--checkpoint",
+            str(heads_path),
+            "--support",
+            str(support),
+            str(recording),
+            str(root / "videos" / "test" / "c5"),
+            "--window",
+            "1",
+            "--stride",
+            "0.5",
+            "--json",
+            str(out),
+            "--csv",
+            str(tmp_path / "out.csv"),
+            "--figures",
+            str(tmp_path / "fig"),
+            "--unknown",
+            "auto",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert {"checkpoint", "recipe", "actions", "support", "queries"} <= set(report)
@@ -247,18 +318,31 @@ def test_proto_needs_no_training_but_a_backbone(world, tmp_path):
 
 
 def test_windows_and_segments_and_temperature():
-    assert window_starts(100, 10.0, 2.0, 1.0) == [(0, 20), (10, 20), (20, 20), (30, 20), (40, 20), (50, 20), (60, 20),
-                                                 (70, 20), (80, 20)]
+    assert window_starts(100, 10.0, 2.0, 1.0) == [
+        (0, 20),
+        (10, 20),
+        (20, 20),
+        (30, 20),
+        (40, 20),
+        (50, 20),
+        (60, 20),
+        (70, 20),
+        (80, 20),
+    ]
     assert window_starts(12, 10.0, 2.0, 1.0) == [(0, 12)]
     # A stride that does not reach the end adds one window ending at the last frame: nothing goes unclassified.
     assert window_starts(59, 10.0, 2.0, 2.0) == [(0, 20), (20, 20), (39, 20)]
-    windows = [{"start": 0, "end": 1, "prediction": "a", "probability": 0.8},
-               {"start": 0.5, "end": 1.5, "prediction": "a", "probability": 0.6},
-               {"start": 1, "end": 2, "prediction": None, "probability": None},
-               {"start": 1.5, "end": 2.5, "prediction": "b", "probability": 0.9}]
+    windows = [
+        {"start": 0, "end": 1, "prediction": "a", "probability": 0.8},
+        {"start": 0.5, "end": 1.5, "prediction": "a", "probability": 0.6},
+        {"start": 1, "end": 2, "prediction": None, "probability": None},
+        {"start": 1.5, "end": 2.5, "prediction": "b", "probability": 0.9},
+    ]
     # Each window owns the time up to halfway to its neighbours' centres; a window that failed owns a gap.
-    assert merge_segments(windows) == [{"start": 0, "end": 1.25, "prediction": "a", "probability": 0.7},
-                                       {"start": 1.75, "end": 2.5, "prediction": "b", "probability": 0.9}]
+    assert merge_segments(windows) == [
+        {"start": 0, "end": 1.25, "prediction": "a", "probability": 0.7},
+        {"start": 1.75, "end": 2.5, "prediction": "b", "probability": 0.9},
+    ]
     # T is the brute-force minimiser of the (Laplace-smoothed) negative log-likelihood, finite when all are right.
     logits = torch.tensor([[-1.0, -9.0, -12.0], [-20.0, -2.0, -15.0], [-7.0, -8.0, -3.0], [-4.0, -3.0, -30.0]])
     labels = torch.tensor([0, 1, 2, 0])

@@ -1,5 +1,6 @@
 """What every stage owes a user: one device resolver with one message, best.pt whatever the validation,
 errors that say what to do, and stage modules that only talk (no stage imports another, none grows fat)."""
+
 from __future__ import annotations
 
 import ast
@@ -10,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cache import write_random_cache
+from pipeline.features.cache import write_random_cache
 from stages.app import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,14 +20,25 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("stage", ["extract", "train-heads", "finetune", "evaluate", "ablate", "predict"])
 def test_device_cuda_without_cuda_is_one_line_in_every_stage(stage, tmp_path):
-    cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2), "val": (5, 3, 1), "test": (5, 3, 1)}, dim=32)
+    cache = write_random_cache(
+        tmp_path / "cache", splits={"train": (6, 5, 2), "val": (5, 3, 1), "test": (5, 3, 1)}, dim=32
+    )
     args = {
         "extract": ["extract", "toy", "--videos", str(tmp_path)],
         "train-heads": ["train-heads", "--cache", str(cache), "--out", str(tmp_path / "run")],
         "finetune": ["finetune", "toy", "--from", str(tmp_path / "none.pt"), "--videos", str(tmp_path)],
         "evaluate": ["evaluate", "--cache", str(cache), "--baseline", "proto"],
         "ablate": ["ablate", "--cache", str(cache), "--out", str(tmp_path / "ablate")],
-        "predict": ["predict", "--checkpoint", "proto", "--backbone", "tiny", "--support", str(tmp_path), str(tmp_path)],
+        "predict": [
+            "predict",
+            "--checkpoint",
+            "proto",
+            "--backbone",
+            "tiny",
+            "--support",
+            str(tmp_path),
+            str(tmp_path),
+        ],
     }[stage]
     result = CliRunner().invoke(app, [*args, "--device", "cuda"])
     assert result.exit_code == 2, result.output
@@ -37,20 +49,66 @@ def test_train_heads_without_validation_writes_best_pt_for_the_next_command(tmp_
     cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2), "test": (5, 3, 1)}, dim=32)
     runner = CliRunner()
     out = tmp_path / "run"
-    result = runner.invoke(app, ["train-heads", "--cache", str(cache), "--episodes", "4", "--shot", "2", "--queries", "2",
-                                 "--heads-option", "trm_dim=32", "--val-every", "0", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "train-heads",
+            "--cache",
+            str(cache),
+            "--episodes",
+            "4",
+            "--shot",
+            "2",
+            "--queries",
+            "2",
+            "--heads-option",
+            "trm_dim=32",
+            "--val-every",
+            "0",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     last, best = (torch.load(out / name, weights_only=True) for name in ("last.pt", "best.pt"))
     assert best["task_index"] == last["task_index"] == 4 and best["val"] is None
-    result = runner.invoke(app, ["evaluate", "--cache", str(cache), "--checkpoint", str(out / "best.pt"), "--episodes", "5",
-                                 "--shot", "2", "--json", str(tmp_path / "eval.json")])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--cache",
+            str(cache),
+            "--checkpoint",
+            str(out / "best.pt"),
+            "--episodes",
+            "5",
+            "--shot",
+            "2",
+            "--json",
+            str(tmp_path / "eval.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
 
 
 def test_a_val_split_with_too_few_classes_says_what_to_do(tmp_path):
     cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2), "val": (4, 6, 1)}, dim=32)
-    result = CliRunner().invoke(app, ["train-heads", "--cache", str(cache), "--shot", "2", "--queries", "2",
-                                      "--heads-option", "trm_dim=32", "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train-heads",
+            "--cache",
+            str(cache),
+            "--shot",
+            "2",
+            "--queries",
+            "2",
+            "--heads-option",
+            "trm_dim=32",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert result.exit_code == 2
     assert "val split" in result.output and "--val-every 0" in result.output and "--way" in result.output
 
@@ -81,8 +139,24 @@ def test_tensorboard_gets_the_metrics_scalars_and_a_missing_package_is_one_line(
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2), "val": (5, 3, 1)}, dim=32)
-    common = ["train-heads", "--cache", str(cache), "--episodes", "4", "--shot", "2", "--queries", "2",
-              "--heads-option", "trm_dim=32", "--val-every", "2", "--val-episodes", "5", "--tensorboard"]
+    common = [
+        "train-heads",
+        "--cache",
+        str(cache),
+        "--episodes",
+        "4",
+        "--shot",
+        "2",
+        "--queries",
+        "2",
+        "--heads-option",
+        "trm_dim=32",
+        "--val-every",
+        "2",
+        "--val-episodes",
+        "5",
+        "--tensorboard",
+    ]
     result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     events = EventAccumulator(str(tmp_path / "run" / "tb"))

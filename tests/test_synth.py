@@ -1,4 +1,5 @@
 """The synthetic benchmark: classes and split, determinism, real decodable MP4s, temporal order."""
+
 from __future__ import annotations
 
 import csv
@@ -12,7 +13,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from pipeline import synth
+from pipeline.data import synth
 from stages import synth as synth_stage
 
 REPO = Path(__file__).resolve().parents[1]

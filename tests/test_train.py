@@ -1,28 +1,34 @@
 """Episodic training: it learns, it resumes after kill -9 to the same weights, its checkpoints load
 with weights_only=True, it refuses caches and options that do not fit, and DDP on 2 CPU processes
 computes the same gradients as one process accumulating the step's 16 tasks."""
+
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from collectives_probe import assert_collectives_on
 from typer.testing import CliRunner
 
-from pipeline.cache import CacheWriter, SplitLayout, open_cache, write_random_cache
-from pipeline.evaluate import evaluate
+from pipeline.evaluation.batched import evaluate
+from pipeline.features.cache import (
+    CacheWriter,
+    SplitLayout,
+    open_cache,
+    write_random_cache,
+)
 from pipeline.heads import build_heads, load_heads
-from pipeline.runs import read_metrics
-from pipeline.train import TrainError, make_config, train
-from collectives_probe import assert_collectives_on
+from pipeline.training.runs import read_metrics
+from pipeline.training.train import TrainError, make_config, train
 
 SMALL = {"trm_dim": 32}  # D' = 32 keeps a task at D = 32 in tens of milliseconds
 CLI = "from stages.app import main; main()"
@@ -56,10 +62,15 @@ def _informative_cache(path: Path, *, train_classes: int = 40, signal: float = 1
         patterns[..., :informative] = rng.standard_normal((classes, frames, patches, informative))
         noise = rng.standard_normal((len(labels), views, frames, patches, dim))
         data[split] = (signal * patterns[labels][:, None] + noise).astype(np.float16)
-        layouts[split] = SplitLayout([f"{split}/{i}" for i in range(len(labels))], labels.tolist(),
-                                     [f"{split}_{c}" for c in range(classes)], views)
-    writer = CacheWriter.create(path, {"dataset": "informative", "signal": signal}, layouts,
-                                frames=frames, patches=patches, dim=dim)
+        layouts[split] = SplitLayout(
+            [f"{split}/{i}" for i in range(len(labels))],
+            labels.tolist(),
+            [f"{split}_{c}" for c in range(classes)],
+            views,
+        )
+    writer = CacheWriter.create(
+        path, {"dataset": "informative", "signal": signal}, layouts, frames=frames, patches=patches, dim=dim
+    )
     for split, features in data.items():
         for i, x in enumerate(features):
             writer.write(split, i, x)
@@ -72,15 +83,27 @@ def test_it_learns_and_checkpoints_load_weights_only(tmp_path):
     torch.manual_seed(0)
     untrained = evaluate(build_heads("strm", 32, **SMALL), val, episodes=100, way=5, shot=2, queries=1).mean
 
-    config = make_config("frozen", episodes=150, shot=2, queries=2, lr=3e-3, heads_options=SMALL,
-                         val_every=50, val_episodes=100, patience=0, log_every=25)
+    config = make_config(
+        "frozen",
+        episodes=150,
+        shot=2,
+        queries=2,
+        lr=3e-3,
+        heads_options=SMALL,
+        val_every=50,
+        val_episodes=100,
+        patience=0,
+        log_every=25,
+    )
     result = train(config, cache, tmp_path / "run")
 
     assert result.tasks_done == 150 and result.best_checkpoint == tmp_path / "run" / "best.pt"
     assert result.best_val_accuracy >= 50 and result.best_val_accuracy >= untrained + 15, (untrained, result)
     records = read_metrics(tmp_path / "run")
     assert [r["task"] for r in records if r["kind"] == "val"] == [50, 100, 150]
-    assert {"config.json", "metrics.jsonl", "last.pt", "best.pt", "curve.png"} <= {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.json", "metrics.jsonl", "last.pt", "best.pt", "curve.png"} <= {
+        p.name for p in (tmp_path / "run").iterdir()
+    }
 
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
@@ -99,12 +122,32 @@ def test_it_learns_and_checkpoints_load_weights_only(tmp_path):
 
 def test_kill_9_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
     cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2), "val": (5, 3, 1)}, dim=32)
-    args = ["--cache", str(cache), "--episodes", "80", "--shot", "2", "--queries", "2", "--val-every", "40",
-            "--val-episodes", "20", "--checkpoint-every", "10", "--heads-option", "trm_dim=32", "--seed", "3"]
-    whole = subprocess.Popen(_cli(*args, "--out", str(tmp_path / "whole")), env=_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killed = subprocess.Popen(_cli(*args, "--out", str(tmp_path / "killed")), env=_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "--cache",
+        str(cache),
+        "--episodes",
+        "80",
+        "--shot",
+        "2",
+        "--queries",
+        "2",
+        "--val-every",
+        "40",
+        "--val-episodes",
+        "20",
+        "--checkpoint-every",
+        "10",
+        "--heads-option",
+        "trm_dim=32",
+        "--seed",
+        "3",
+    ]
+    whole = subprocess.Popen(
+        _cli(*args, "--out", str(tmp_path / "whole")), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    killed = subprocess.Popen(
+        _cli(*args, "--out", str(tmp_path / "killed")), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     last = tmp_path / "killed" / "last.pt"
     deadline = time.monotonic() + 120
     while not last.exists() and killed.poll() is None and time.monotonic() < deadline:
@@ -116,8 +159,13 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
     with open(tmp_path / "killed" / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "ta')  # as if the kill had landed mid-line
 
-    resumed = subprocess.run(_cli(*args, "--out", str(tmp_path / "killed"), "--resume"), env=_env(),
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        _cli(*args, "--out", str(tmp_path / "killed"), "--resume"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert whole.wait(timeout=300) == 0, whole.stderr.read().decode()
 
@@ -138,8 +186,9 @@ def test_streaming_from_disk_trains_the_same_weights_as_ram(tmp_path):
     cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 3)}, dim=32)
     weights = []
     for loading in ("ram", "stream"):
-        config = make_config("frozen", episodes=12, shot=2, queries=2, heads_options=SMALL, val_every=0,
-                             loading=loading, read_ahead=3)
+        config = make_config(
+            "frozen", episodes=12, shot=2, queries=2, heads_options=SMALL, val_every=0, loading=loading, read_ahead=3
+        )
         result = train(config, cache, tmp_path / loading)
         weights.append(torch.load(tmp_path / loading / "last.pt", weights_only=True)["model"])
         written = json.loads((tmp_path / loading / "config.json").read_text())
@@ -169,18 +218,44 @@ def test_caches_and_options_that_do_not_fit_are_clear_errors(tmp_path):
     longer = train(replace(config, episodes=6), cache, tmp_path / "run", resume=True)  # constant lr: may extend
     assert longer.tasks_done == 6 and read_metrics(tmp_path / "run")[-1]["task"] == 6
 
-    with pytest.raises(TrainError, match=r"diverged.*no checkpoint was written yet; lower the learning rate \(now 1e\+06\)"):
-        train(make_config("authors", lr=1e6, tasks_per_step=1, episodes=30, shot=2, queries=2, heads_options=SMALL,
-                          val_every=0), cache, tmp_path / "diverge")
+    with pytest.raises(
+        TrainError, match=r"diverged.*no checkpoint was written yet; lower the learning rate \(now 1e\+06\)"
+    ):
+        train(
+            make_config(
+                "authors", lr=1e6, tasks_per_step=1, episodes=30, shot=2, queries=2, heads_options=SMALL, val_every=0
+            ),
+            cache,
+            tmp_path / "diverge",
+        )
 
     runner = CliRunner()
     common = ["train-heads", "--cache", str(cache), "--heads-option", "trm_dim=32", "--val-every", "0"]
     result = runner.invoke(app, [*common, "--way", "7", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "train split" in result.output and "needs 7 classes" in result.output
-    result = runner.invoke(app, [*common, "--shot", "3", "--queries", "2", "--val-every", "4", "--out", str(tmp_path / "y")])
-    assert result.exit_code == 2 and "val split" in result.output and "needs 5 classes with >= 4 videos" in result.output
-    result = runner.invoke(app, [*common, "--episodes", "4", "--shot", "2", "--queries", "2", "--lr", "0.5",
-                                 "--out", str(tmp_path / "run"), "--resume"])
+    result = runner.invoke(
+        app, [*common, "--shot", "3", "--queries", "2", "--val-every", "4", "--out", str(tmp_path / "y")]
+    )
+    assert (
+        result.exit_code == 2 and "val split" in result.output and "needs 5 classes with >= 4 videos" in result.output
+    )
+    result = runner.invoke(
+        app,
+        [
+            *common,
+            "--episodes",
+            "4",
+            "--shot",
+            "2",
+            "--queries",
+            "2",
+            "--lr",
+            "0.5",
+            "--out",
+            str(tmp_path / "run"),
+            "--resume",
+        ],
+    )
     assert result.exit_code == 2 and "lr: 0.001 in the checkpoint, 0.5 asked" in result.output
     (tmp_path / "ft").mkdir()
     (tmp_path / "ft" / "config.json").write_text(json.dumps({"config": {"backbone": "tiny", "bn": "train"}}))
@@ -205,20 +280,60 @@ def test_ddp_on_two_cpu_processes_gives_the_gradients_of_one_process(tmp_path):
     With lambda_qc 0 the QC weights get no gradient: DDP must not wait for them.
     """
     cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2)}, dim=32)
-    args = ["--cache", str(cache), "--preset", "authors", "--episodes", "16", "--shot", "2", "--queries", "2",
-            "--heads-option", "trm_dim=32", "--lambda-qc", "0", "--val-every", "0", "--device", "cpu"]
+    args = [
+        "--cache",
+        str(cache),
+        "--preset",
+        "authors",
+        "--episodes",
+        "16",
+        "--shot",
+        "2",
+        "--queries",
+        "2",
+        "--heads-option",
+        "trm_dim=32",
+        "--lambda-qc",
+        "0",
+        "--val-every",
+        "0",
+        "--device",
+        "cpu",
+    ]
     probe = Path(__file__).with_name("collectives_probe.py")
-    script = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(probe),
-              "train-heads"]
+    script = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(probe),
+        "train-heads",
+    ]
     env = {**_env(), "COLLECTIVES_LOG": str(tmp_path / "collectives")}
-    ddp = subprocess.run([*script, *args, "--lr", "1", "--out", str(tmp_path / "ddp")], env=env,
-                         capture_output=True, text=True, timeout=300)
+    ddp = subprocess.run(
+        [*script, *args, "--lr", "1", "--out", str(tmp_path / "ddp")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert_collectives_on(tmp_path / "collectives", "cpu", ranks=2)
 
     def one_process(lr: float) -> dict:
-        config = make_config("authors", episodes=16, shot=2, queries=2, heads_options=SMALL, lambda_qc=0.0, val_every=0,
-                             lr=lr, device="cpu")
+        config = make_config(
+            "authors",
+            episodes=16,
+            shot=2,
+            queries=2,
+            heads_options=SMALL,
+            lambda_qc=0.0,
+            val_every=0,
+            lr=lr,
+            device="cpu",
+        )
         train(config, cache, tmp_path / f"one-{lr}")
         return torch.load(tmp_path / f"one-{lr}" / "last.pt", weights_only=True)["model"]
 
@@ -247,19 +362,23 @@ def test_a_world_that_does_not_divide_a_step_is_refused_before_the_cache_is_open
 def test_fp16_steps_skipped_by_the_loss_scaler_end_as_divergence(tmp_path, monkeypatch):
     """With every gradient infinite the GradScaler would skip steps forever; the loop stops after SKIPPED_STEPS."""
     from pipeline.heads import STRMHeads
-    from pipeline.loop import SKIPPED_STEPS
+    from pipeline.training.loop import SKIPPED_STEPS
 
     cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2)}, dim=32)
-    monkeypatch.setattr("pipeline.distributed.autocast_dtype", lambda amp, device: torch.float16)  # the scaler on, on CPU
+    monkeypatch.setattr(
+        "pipeline.runtime.distributed.autocast_dtype", lambda amp, device: torch.float16
+    )  # the scaler on, on CPU
     loss = STRMHeads.loss
     monkeypatch.setattr(STRMHeads, "loss", lambda self, *a, **k: loss(self, *a, **k) * float("inf"))
     config = make_config("frozen", episodes=30, shot=2, queries=2, heads_options=SMALL, val_every=0)
-    with pytest.raises(TrainError, match=rf"tasks 0-{SKIPPED_STEPS - 1} is not finite \({SKIPPED_STEPS} steps in a row"):
+    with pytest.raises(
+        TrainError, match=rf"tasks 0-{SKIPPED_STEPS - 1} is not finite \({SKIPPED_STEPS} steps in a row"
+    ):
         train(config, cache, tmp_path / "run")
 
 
 def test_train_heads_autocast_falls_back_to_fp16_without_bfloat16(monkeypatch):
-    from pipeline.distributed import DeviceError, autocast_dtype
+    from pipeline.runtime.distributed import DeviceError, autocast_dtype
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Old GPU")
@@ -270,7 +389,7 @@ def test_train_heads_autocast_falls_back_to_fp16_without_bfloat16(monkeypatch):
 
 
 def test_metrics_lines_that_are_not_records_name_the_file_and_line(tmp_path):
-    from pipeline.runs import RunError
+    from pipeline.training.runs import RunError
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"kind": "train", "task": 1}\n\n{"kind": "train", "ta\n{"kind": "val", "task": 2}\n')
@@ -287,7 +406,7 @@ def test_a_resumed_run_does_not_log_its_tasks_twice_to_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from pipeline.runs import RunLog
+    from pipeline.training.runs import RunLog
 
     for start, resumed_at in ((1, None), (3, 2)):  # killed after task 4, last.pt at task 2
         log = RunLog(tmp_path, tensorboard=True)

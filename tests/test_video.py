@@ -1,4 +1,5 @@
 """The sampling rule, decoding and views, checked on real H.264 / MPEG-4 files whose frames carry their index."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,9 +9,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from video_factory import read_index, write_test_video
 
-from pipeline import video
-from pipeline.video import (
+from pipeline.data import video
+from pipeline.data.video import (
     SAMPLING_RULE_VERSION,
     VideoError,
     ViewSpec,
@@ -23,8 +25,7 @@ from pipeline.video import (
     transform_view,
     view_rng,
 )
-from pipeline.workers import imap_isolated
-from video_factory import read_index, write_test_video
+from pipeline.runtime.workers import imap_isolated
 
 # Test-view indices worked out by hand from STRM_SPEC section 10:
 # n < 11 -> int(linspace(0, n-1, 8)); otherwise int(linspace(1, n-2, 8)).
@@ -179,7 +180,7 @@ def test_bad_files_raise_video_error_with_the_reason(tmp_path, decoder):
     (tmp_path / "cut.mp4").write_bytes(whole[: len(whole) // 2])
     for name, reason in cases.items():
         path = tmp_path / name
-        for call in (lambda: count_frames(path), lambda: decode_frames(path, [0])):
+        for call in (lambda path=path: count_frames(path), lambda path=path: decode_frames(path, [0])):
             with pytest.raises(VideoError) as caught:
                 call()
             assert str(caught.value).startswith(f"{path}: {reason}"), str(caught.value)
@@ -265,11 +266,13 @@ def column_frames(height: int, width: int, frames: int = 8) -> torch.Tensor:
     """uint8 [T, 3, H, W] whose pixel (y, x) encodes x (channels 0-1) and y (channel 2)."""
     x = torch.arange(width)
     y = torch.arange(height)
-    image = torch.stack([
-        (x % 256).expand(height, width),
-        (x // 256).expand(height, width),
-        y[:, None].expand(height, width),
-    ]).to(torch.uint8)
+    image = torch.stack(
+        [
+            (x % 256).expand(height, width),
+            (x // 256).expand(height, width),
+            y[:, None].expand(height, width),
+        ]
+    ).to(torch.uint8)
     return image.expand(frames, 3, height, width).clone()
 
 
@@ -385,7 +388,7 @@ def test_changing_the_rule_needs_a_new_version():
 
 def test_no_flip_spec_keeps_the_same_crops_and_never_mirrors():
     """ViewSpec(flip=False) draws the same random crops as the default, only unmirrored."""
-    from pipeline.video import ViewSpec, draw_crop, view_rng
+    from pipeline.data.video import ViewSpec, draw_crop, view_rng
 
     on, off = ViewSpec(128, 112), ViewSpec(128, 112, flip=False)
     crops_on = [draw_crop(128, 170, True, view_rng(0, f"v{i}", 1), on) for i in range(40)]

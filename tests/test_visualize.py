@@ -1,4 +1,5 @@
 """Activation maps, tuple matches and `strm visualize`: the numbers behind the pictures, and pictures that are not blank."""
+
 from __future__ import annotations
 
 import matplotlib.image as mpimg
@@ -6,13 +7,18 @@ import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
-
-from pipeline.cache import FeatureRecipe, open_cache, write_random_cache
-from pipeline.heads import build_heads, save_heads
-from pipeline.video import ViewSpec, load_view
-from pipeline.visualize import FrameSource, activation_maps, render, tuple_matches
-from stages.app import app
 from video_factory import write_test_video
+
+from pipeline.data.video import ViewSpec, load_view
+from pipeline.features.cache import FeatureRecipe, open_cache, write_random_cache
+from pipeline.heads import build_heads, save_heads
+from pipeline.studies.visualize import (
+    FrameSource,
+    activation_maps,
+    render,
+    tuple_matches,
+)
+from stages.app import app
 
 DIM = 32
 TINY = {"trm_dim": 16, "psi_dim": 16, "qc_dim": 16}
@@ -91,9 +97,25 @@ def test_render_writes_non_trivial_pngs(heads, cache, tmp_path):
 
 def test_frame_source_gives_view_zero_with_the_cache_geometry(tmp_path):
     video = write_test_video(tmp_path / "a" / "v1.mp4", 20, size=(64, 48))
-    manifest = pd.DataFrame({"video_id": ["a/v1", "a/gone"], "path": [str(video), str(tmp_path / "gone.mp4")], "n_frames": [-1, 20]})
-    recipe = FeatureRecipe(backbone="tiny", layer="conv3", weights="x", short_side=48, crop=40, flip=True, mean=None,
-                           std=None, frames=8, patches=4, train_views=1, view_seed=3, sampling_rule="r", precision="fp32")
+    manifest = pd.DataFrame(
+        {"video_id": ["a/v1", "a/gone"], "path": [str(video), str(tmp_path / "gone.mp4")], "n_frames": [-1, 20]}
+    )
+    recipe = FeatureRecipe(
+        backbone="tiny",
+        layer="conv3",
+        weights="x",
+        short_side=48,
+        crop=40,
+        flip=True,
+        mean=None,
+        std=None,
+        frames=8,
+        patches=4,
+        train_views=1,
+        view_seed=3,
+        sampling_rule="r",
+        precision="fp32",
+    )
     source = FrameSource(manifest, recipe)
     frames = source("a/v1")
     assert frames.shape == (8, 3, 40, 40)
@@ -109,11 +131,33 @@ def test_cli_draws_from_a_checkpoint_and_a_manifest(heads, cache, tmp_path):
     video = write_test_video(tmp_path / "videos" / "x.mp4", 16, size=(64, 64))
     manifest = tmp_path / "manifest.csv"
     n = len(test_ids)
-    pd.DataFrame({"video_id": test_ids, "class": [i.split("/")[0] for i in test_ids], "split": ["test"] * n,
-                  "path": [str(video)] * n, "n_frames": [16] * n, "status": ["ok"] * n}).to_csv(manifest, index=False)
+    pd.DataFrame(
+        {
+            "video_id": test_ids,
+            "class": [i.split("/")[0] for i in test_ids],
+            "split": ["test"] * n,
+            "path": [str(video)] * n,
+            "n_frames": [16] * n,
+            "status": ["ok"] * n,
+        }
+    ).to_csv(manifest, index=False)
     out = tmp_path / "figures"
-    result = CliRunner().invoke(app, ["visualize", "--cache", str(cache.path), "--checkpoint", str(checkpoint),
-                                      "--videos", str(manifest), "--count", "1", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "visualize",
+            "--cache",
+            str(cache.path),
+            "--checkpoint",
+            str(checkpoint),
+            "--videos",
+            str(manifest),
+            "--count",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "without frames" not in result.output  # every video was found and decoded
     assert sorted(p.name for p in out.iterdir()) == ["activation_0.png", "tuples_0.png"]
@@ -122,7 +166,9 @@ def test_cli_draws_from_a_checkpoint_and_a_manifest(heads, cache, tmp_path):
 
 
 def test_cli_errors_are_one_line(cache, tmp_path):
-    result = CliRunner().invoke(app, ["visualize", "--cache", str(cache.path), "--checkpoint", str(tmp_path / "none.pt")])
+    result = CliRunner().invoke(
+        app, ["visualize", "--cache", str(cache.path), "--checkpoint", str(tmp_path / "none.pt")]
+    )
     assert result.exit_code == 2 and "none.pt: no such file" in result.output
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")

@@ -1,4 +1,5 @@
 """imap_isolated: every item answered once, and a worker that dies fails only the item it held."""
+
 from __future__ import annotations
 
 import ctypes
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from pipeline.workers import imap_isolated
+from pipeline.runtime.workers import imap_isolated
 
 
 def square_or_fail(x: int) -> int:
@@ -38,7 +39,9 @@ def test_crash_fails_only_its_item_and_the_rest_go_on():
 
 def test_timeout_stops_a_hung_item_only():
     start = time.monotonic()
-    results = {item: (value, error) for item, value, error in imap_isolated(square_or_fail, [7, 2, 4], workers=1, timeout_s=2)}
+    results = {
+        item: (value, error) for item, value, error in imap_isolated(square_or_fail, [7, 2, 4], workers=1, timeout_s=2)
+    }
     assert results[2] == (4, None) and results[4] == (16, None)
     assert results[7][0] is None and "timed out" in results[7][1]
     assert time.monotonic() - start < 25  # the 30 s sleep was cut short

@@ -3,6 +3,7 @@
 The index is drawn as a 4 x 4 grid of black/white cells (16 bits, row-major, most significant
 first): big flat blocks survive lossy H.264 / MPEG-4 coding, unlike drawn digits at 64 x 48.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -13,6 +13,7 @@ built without QC and their logits are the TRM logits alone.
 Project format: {"format": "strm-heads/1", "variant", "dim", "options" (the resolved build_heads
 kwargs), "model": state_dict, ...extra keys (optimizer, scheduler, rng, ...)}.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from pipeline.backbones import RESNET_CHILDREN
 from pipeline.heads.model import STRMHeads, build_heads
 from pipeline.heads.pe import sinusoid_table
 
@@ -36,6 +36,10 @@ _FLE_KEYS = {
     "Bot_MLP.inp_fc": "channel_mlp.0",
     "Bot_MLP.out_fc": "channel_mlp.2",
 }
+
+# torchvision ResNet-50's children up to avgpool, in order (the authors' `resnet` is children 0..8 of
+# it, TRX's too); the `resnet50` trunk is the first eight, numbered 0..7.
+RESNET_CHILDREN = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")
 
 
 @dataclass

@@ -5,6 +5,7 @@ channels); channel mixing E = x + MLP_D(x) (Linear(D, D) -> ReLU -> Linear(D, D)
 ReLU, not GELU, and no LayerNorm, as released. Applied over the patches of a frame it is the
 "PLE as mixer" swap of the paper's Table 4.
 """
+
 from __future__ import annotations
 
 import torch

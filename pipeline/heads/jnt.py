@@ -8,6 +8,7 @@ Each layer is PLE's block (`SelfAttentionEnrich`: Q/K/V D x D projections, gamma
 psi bottleneck MLP) without its own PE. The heads then average the P patches of each frame:
 H = E [n, L, D], which feeds TRM.
 """
+
 from __future__ import annotations
 
 import torch

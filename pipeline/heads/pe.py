@@ -4,6 +4,7 @@ Used over the 16 patches in PLE, over the 8 frames in FLE and again over the fra
 The table is a non-persistent buffer: it is a pure function of (dim, max_len), so checkpoints
 do not carry it and the importer only checks the authors' copy against it.
 """
+
 from __future__ import annotations
 
 import math

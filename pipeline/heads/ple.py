@@ -6,6 +6,7 @@ authors' checkpoints depend on; `scaled=True` gives the paper's 1/sqrt(D). Q, K 
 Linear(D, 3D) so the projection is one matmul and the attention one fused call. The same block,
 applied over frames, is the "FLE as self-attention" swap of the paper's Table 4.
 """
+
 from __future__ import annotations
 
 import math

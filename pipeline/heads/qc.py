@@ -14,6 +14,7 @@ A frozen model's evaluation can instead take, for each (query video, support vid
 tuple's squared distance to its nearest tuple of that video (`nearest_block` fills such a table for
 a whole split); the minimum over a class is then the minimum over its shots (`relate_qc_nearest`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -68,7 +69,9 @@ def relate_qc(
         class_norms = mask_padded_shots(class_norms.reshape(batch, 1, way, shots, -1), shot_mask, torch.inf)
     queries = query_z.reshape(batch, n_q * t_q, width)
     support = class_z.reshape(batch, way * per_class, width)
-    partial = torch.baddbmm(class_norms.reshape(batch, 1, way * per_class), queries, support.transpose(1, 2), alpha=-2.0)
+    partial = torch.baddbmm(
+        class_norms.reshape(batch, 1, way * per_class), queries, support.transpose(1, 2), alpha=-2.0
+    )
     nearest = partial.view(batch, n_q, t_q, way, per_class).amin(dim=-1) + query_norms.unsqueeze(-1)
     return _logits(nearest)
 

@@ -6,6 +6,7 @@ tokens), literal tuple concatenation with itertools, and Python
 loops over queries and classes for TRM and QC (torch.cdist for the QC distances). Dropout follows
 the module's train/eval mode, so the benchmark can time a training step with it.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -23,7 +24,9 @@ from pipeline.heads.ple import SelfAttentionEnrich
 def _pe(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """x [N, tokens, D] + pe, pe[pos, 2i] = 0.1 sin(pos / 10000^(2i/D)), pe[pos, 2i+1] = 0.1 cos(..); dropout."""
     tokens, dim = x.shape[-2], x.shape[-1]
-    angle = torch.arange(tokens, dtype=torch.float64)[:, None] / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angle = torch.arange(tokens, dtype=torch.float64)[:, None] / 10000 ** (
+        torch.arange(0, dim, 2, dtype=torch.float64) / dim
+    )
     table = torch.zeros(tokens, dim, dtype=torch.float64)
     table[:, 0::2] = 0.1 * torch.sin(angle)
     table[:, 1::2] = 0.1 * torch.cos(angle[:, : dim // 2])
@@ -59,11 +62,11 @@ def _joint_block(block: JointEnrich, x: torch.Tensor, p: float, training: bool) 
     """Jnt-ST, x [n, L, P, D]: token l*P + q of a video is patch q of frame l; PE over that index once,
     then every layer attends over all L*P tokens of the video. Returns the tokens as [n, L, P, D]."""
     L, P = x.shape[1:3]
-    tokens = torch.stack([x[:, l, q] for l in range(L) for q in range(P)], dim=1)
+    tokens = torch.stack([x[:, t, q] for t in range(L) for q in range(P)], dim=1)
     tokens = _pe(tokens, p, training)
     for layer in block.layers:
         tokens = _attention_layer(layer, tokens)
-    return torch.stack([torch.stack([tokens[:, l * P + q] for q in range(P)], dim=1) for l in range(L)], dim=1)
+    return torch.stack([torch.stack([tokens[:, t * P + q] for q in range(P)], dim=1) for t in range(L)], dim=1)
 
 
 def _enrich(block: SelfAttentionEnrich | MixerEnrich | None, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -81,7 +84,9 @@ def _tuple_vectors(x: torch.Tensor, tuples: list[tuple[int, ...]]) -> torch.Tens
     return torch.stack([torch.cat([x[:, t] for t in tup], dim=-1) for tup in tuples], dim=1)
 
 
-def reference_forward(heads: STRMHeads, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> dict:
+def reference_forward(
+    heads: STRMHeads, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor
+) -> dict:
     """Logits and intermediates of `heads` for one task, the slow way.
 
     Returns a dict: logits, trm_logits, qc_logits (or None) [n_q, way]; ple_patches_support,
@@ -110,7 +115,7 @@ def reference_forward(heads: STRMHeads, support: torch.Tensor, support_labels: t
         tuples = all_tuples if keep is None else [all_tuples[j] for j in keep.tolist()]
         trm = heads.trm[i]
         kv = {}
-        for name, (h, e) in frames.items():
+        for name, (_h, e) in frames.items():
             t = _tuple_vectors(_pe(e, p, training), tuples)
             norm = trm.norm_k
             k = F.layer_norm(trm.k_linear(t), norm.normalized_shape, norm.weight, norm.bias, norm.eps)

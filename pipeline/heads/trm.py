@@ -20,6 +20,7 @@ only per-frame rows (16 instead of 28 per video at L = 8 pairs):
   support rows. No mean is subtracted across a product, so nothing cancels there.
 All query rows of a task meet all its support rows in one matmul, then a softmax per class.
 """
+
 from __future__ import annotations
 
 import itertools

@@ -1,0 +1,242 @@
+"""Evaluation results: accuracy with the field's 95% interval, per class and confusion, paired
+comparison of two runs on identical tasks, and the files (JSON run record, CSV, shot-sweep plot).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.data.episodes import TaskBatch
+
+if TYPE_CHECKING:
+    from pipeline.features.readers import SplitFeatures
+
+
+Z95 = 1.96
+RUN_FORMAT = "strm-eval/1"
+
+
+# Settings that must agree for two runs to have seen the same tasks.
+PAIRING_KEYS = ("split", "way", "shot", "queries", "seed", "episodes", "episodes_digest")
+
+
+def interval95(values: Sequence[float] | np.ndarray) -> float:
+    """Half-width of the 95% interval of the mean as the field reports it: 1.96 * std / sqrt(n), population std."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        raise ValueError("no values to take an interval of")
+    return float(Z95 * values.std() / math.sqrt(len(values)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Results.
+
+
+@dataclass
+class EvalResult:
+    """One evaluation setting's outcome; accuracies in percent."""
+
+    task_accuracy: np.ndarray  # [episodes] each task's query accuracy, %
+    per_class: dict[str, float]  # split class name -> % of its queries right (classes that were queried)
+    confusion: np.ndarray  # [C, C] counts: row = true split class, column = predicted
+    class_names: list[str]
+    settings: dict[str, Any] = field(default_factory=dict)  # split, way, shot, queries, seed, episodes, digest, ...
+
+    @property
+    def mean(self) -> float:
+        return float(self.task_accuracy.mean())
+
+    @property
+    def ci95(self) -> float:
+        return interval95(self.task_accuracy)
+
+    @property
+    def seed(self) -> int:
+        return int(self.settings["seed"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (task accuracies included, for paired comparison)."""
+        return {
+            **self.settings,
+            "mean": self.mean,
+            "ci95": self.ci95,
+            "per_class": self.per_class,
+            "class_names": self.class_names,
+            "confusion": self.confusion.tolist(),
+            "task_accuracy": [round(float(a), 6) for a in self.task_accuracy],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalResult:
+        skip = {"mean", "ci95", "per_class", "class_names", "confusion", "task_accuracy"}
+        return cls(
+            task_accuracy=np.asarray(d["task_accuracy"], dtype=np.float64),
+            per_class=dict(d["per_class"]),
+            confusion=np.asarray(d["confusion"], dtype=np.int64),
+            class_names=list(d["class_names"]),
+            settings={k: v for k, v in d.items() if k not in skip},
+        )
+
+
+def _score(tasks: TaskBatch, predicted: np.ndarray, split: SplitFeatures, settings: dict[str, Any]) -> EvalResult:
+    """Per-task accuracy, per-class accuracy and the confusion matrix from predicted task labels."""
+    correct = predicted == tasks.query_labels
+    true_class = np.take_along_axis(tasks.classes, tasks.query_labels, axis=1)
+    pred_class = np.take_along_axis(tasks.classes, predicted, axis=1)
+    n_classes = len(split.class_names)
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(confusion, (true_class.ravel(), pred_class.ravel()), 1)
+    asked = confusion.sum(axis=1)
+    per_class = {
+        name: float(100.0 * confusion[c, c] / asked[c]) for c, name in enumerate(split.class_names) if asked[c] > 0
+    }
+    return EvalResult(
+        task_accuracy=100.0 * correct.mean(axis=1),
+        per_class=per_class,
+        confusion=confusion,
+        class_names=list(split.class_names),
+        settings=settings,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired comparison of two runs on identical tasks.
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Run A minus run B on the same tasks: the mean difference in points and its 95% interval."""
+
+    settings: dict[str, Any]
+    mean_a: float
+    mean_b: float
+    difference: float
+    ci95: float
+    a_better: int  # tasks where A got more queries right
+    b_better: int
+    ties: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.settings,
+            **{k: getattr(self, k) for k in ("mean_a", "mean_b", "difference", "ci95", "a_better", "b_better", "ties")},
+        }
+
+
+def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Mean of a - b task by task and its 95% interval (1.96 std / sqrt(n) of the differences)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need equal lengths (got {a.shape} and {b.shape})")
+    diff = a - b
+    return float(diff.mean()), interval95(diff)
+
+
+def compare_results(a: EvalResult, b: EvalResult) -> PairedDifference:
+    """Paired difference of two results; ValueError naming the setting when their tasks differ."""
+    for key in PAIRING_KEYS:
+        if a.settings.get(key) != b.settings.get(key):
+            raise ValueError(
+                f"the runs did not see the same tasks: {key} is {a.settings.get(key)!r} in A and {b.settings.get(key)!r} in B"
+            )
+    diff, ci = paired_difference(a.task_accuracy, b.task_accuracy)
+    return PairedDifference(
+        settings={k: a.settings[k] for k in PAIRING_KEYS},
+        mean_a=a.mean,
+        mean_b=b.mean,
+        difference=diff,
+        ci95=ci,
+        a_better=int((a.task_accuracy > b.task_accuracy).sum()),
+        b_better=int((a.task_accuracy < b.task_accuracy).sum()),
+        ties=int((a.task_accuracy == b.task_accuracy).sum()),
+    )
+
+
+def compare_runs(run_a: dict[str, Any], run_b: dict[str, Any]) -> list[PairedDifference]:
+    """Pair the settings (way, shot, queries) two run records (`read_run`) share, e.g. one shot of a sweep.
+
+    ValueError when they share none, or when a shared setting was run on other tasks (seed,
+    episodes, split or the tasks' digest differ).
+    """
+    a = {_setting_order(r): r for r in map(EvalResult.from_dict, run_a["results"])}
+    b = {_setting_order(r): r for r in map(EvalResult.from_dict, run_b["results"])}
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise ValueError(f"the runs share no setting: A has (way, shot, queries) {sorted(a)}, B has {sorted(b)}")
+    return [compare_results(a[k], b[k]) for k in common]
+
+
+def _setting_order(r: EvalResult) -> tuple[int, int, int]:
+    return (r.settings["way"], r.settings["shot"], r.settings["queries"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: the run record (JSON), a summary table (CSV), accuracy against shots (PNG).
+
+
+def write_run(path: Path | str, results: Sequence[EvalResult], about: dict[str, Any]) -> Path:
+    """One JSON record of a run: what was evaluated (`about`: checkpoint, cache, ...) and every result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"format": RUN_FORMAT, **about, "results": [r.to_dict() for r in results]}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def read_run(path: Path | str) -> dict[str, Any]:
+    """A run record written by `write_run`; ValueError naming the file when it is not one."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable evaluation record ({err})") from err
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT or not record.get("results"):
+        raise ValueError(f"{path}: not an evaluation record (expected format {RUN_FORMAT!r} with results)")
+    return record
+
+
+def write_csv(path: Path | str, results: Sequence[EvalResult]) -> Path:
+    """Summary table: one row per setting for all classes (with the interval), then one per class."""
+    import pandas as pd
+
+    rows = []
+    for r in results:
+        base = {k: r.settings.get(k) for k in ("split", "way", "shot", "queries", "seed", "episodes")}
+        rows.append({**base, "scope": "all", "accuracy": r.mean, "ci95": r.ci95})
+        rows += [{**base, "scope": name, "accuracy": acc, "ci95": None} for name, acc in r.per_class.items()]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def plot_shot_sweep(results: Sequence[EvalResult], path: Path | str, title: str = "") -> Path:
+    """Accuracy (with its 95% interval) against shots, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = sorted(results, key=lambda r: r.settings["shot"])
+    shots = [r.settings["shot"] for r in results]
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    ax.errorbar(shots, [r.mean for r in results], yerr=[r.ci95 for r in results], marker="o", capsize=3)
+    ax.set_xlabel("shots per class")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xticks(shots)
+    ax.grid(alpha=0.3)
+    first = results[0].settings
+    ax.set_title(title or f"{first['way']}-way, {first['episodes']} tasks, seed {first['seed']}")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,512 @@
+"""The Zarr feature cache: the one place that decides its schema, fingerprint, writes and reads.
+
+Layout of a cache at `<root>/<dataset>/<key>/` (a Zarr v3 group):
+
+    zarr.json            attributes: schema, fingerprint (readable), key, frames, patches, dim, versions
+    <split>/             one group per split (train, val, test); attributes: video_ids, class_names, views
+        features         [N, V, L, P*P, D] float16, one chunk per video
+        labels           [N] int64, class index into the split's class_names
+        done             [N] bool, one chunk per video; set only after the video's features are written
+        failure          [N] str, one chunk per video; the reason a video could not be extracted
+
+Why one chunk per video: a chunk is then owned by exactly one writer (Zarr loses data silently
+when two processes write one chunk or shard), a crash loses at most the videos in flight, and a
+rerun skips what is done. Zarr's local store writes each chunk atomically (temp file + rename).
+
+The feature recipe (`FeatureRecipe`: backbone, weights, input geometry, normalisation, L, P,
+views, sampling rule, precision, stored dtype) is built and parsed here and nowhere else: its
+fingerprint names the cache, a checkpoint records it, and a stage that turns new clips into
+features for a checkpoint rebuilds exactly the features it was trained on from it alone.
+
+Reading belongs here too: `FeatureCache.split` gives one reader whatever the loading (in RAM,
+resident on a GPU, or streamed from disk one chunk a video), decided by `choose_loading`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from pipeline.data.video import ViewSpec
+from pipeline.features.readers import (
+    CacheError,
+    SplitFeatures,
+    SplitReader,
+    StreamedSplit,
+    choose_loading,
+)
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "test")
+STORED_DTYPE = "float16"
+
+
+def cache_key(fingerprint: dict) -> str:
+    """Short, stable hash of everything that changes the numbers."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def fingerprint_diff(expected: dict, found: dict) -> list[str]:
+    """Readable list of the fields that differ between two fingerprints."""
+    keys = sorted(set(expected) | set(found))
+    return [
+        f"{k}: {found.get(k)!r} in the cache, {expected.get(k)!r} asked"
+        for k in keys
+        if expected.get(k) != found.get(k)
+    ]
+
+
+def manifest_digest(rows: Iterable[tuple[str, str, str, str]]) -> str:
+    """sha256 of (split, class, video_id, path) rows: the manifest's part of the fingerprint."""
+    h = hashlib.sha256()
+    for row in sorted(rows):
+        h.update("\t".join(row).encode() + b"\n")
+    return h.hexdigest()
+
+
+# The recipe's fields that decide what a feature means: heads trained on one recipe do not fit
+# features of a recipe that differs in any of them (views, seeds and the manifest only change which
+# training views exist, not what a test view's feature is).
+FEATURE_FIELDS = (
+    "backbone",
+    "layer",
+    "weights",
+    "short_side",
+    "crop",
+    "interpolation",
+    "mean",
+    "std",
+    "frames",
+    "patches",
+    "sampling_rule",
+    "precision",
+    "dtype",
+)
+_NO_NORMALIZE = "none: [0, 1]"
+
+
+@dataclass(frozen=True)
+class FeatureRecipe:
+    """Everything that turns a video into cached features, as one typed object.
+
+    `weights` identifies the exact backbone weights (a file's or tensors' sha256, a fine-tuned
+    checkpoint's sha256, or "random:<seed>:<hash>"); mean and std are None for the authors' raw
+    [0, 1] pixels; `patches` is P (the map is max-pooled to P x P).
+    """
+
+    backbone: str
+    layer: str
+    weights: str
+    short_side: int
+    crop: int
+    flip: bool
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    frames: int
+    patches: int
+    train_views: int
+    view_seed: int
+    sampling_rule: str
+    precision: str
+    dtype: str = STORED_DTYPE
+    interpolation: str = "bilinear"
+
+    @property
+    def normalize(self) -> bool:
+        return self.mean is not None
+
+    def fingerprint(self, dataset: str, manifest: str, videos: int) -> dict:
+        """The readable record whose hash is the cache key (the keys of every existing cache)."""
+        fp = {
+            "dataset": dataset,
+            "manifest": manifest,
+            "videos": int(videos),
+            "backbone": self.backbone,
+            "layer": self.layer,
+            "weights": self.weights,
+            "short_side": self.short_side,
+            "crop": self.crop,
+            "flip": self.flip,
+            "normalize": f"mean={list(self.mean)} std={list(self.std)}" if self.normalize else _NO_NORMALIZE,
+            "frames": self.frames,
+            "patches": self.patches,
+            "train_views": self.train_views,
+            "view_seed": self.view_seed,
+            "sampling_rule": self.sampling_rule,
+            "precision": self.precision,
+            "dtype": self.dtype,
+        }
+        if self.interpolation != "bilinear":  # recorded only where it differs: older caches keep their keys
+            fp["interpolation"] = self.interpolation
+        return fp
+
+    @classmethod
+    def from_fingerprint(cls, fp: dict) -> FeatureRecipe | None:
+        """The recipe a cache fingerprint records; None for caches not made from videos (random test caches)."""
+        if not isinstance(fp, dict) or "backbone" not in fp or "normalize" not in fp:
+            return None
+        mean = std = None
+        normalize = str(fp["normalize"])
+        if normalize != _NO_NORMALIZE:
+            found = re.fullmatch(r"mean=(\[[^\]]*\]) std=(\[[^\]]*\])", normalize)
+            if found is None:
+                raise CacheError(f"fingerprint field normalize {normalize!r} is not mean=[...] std=[...]")
+            mean, std = tuple(json.loads(found.group(1))), tuple(json.loads(found.group(2)))
+        known = {f.name for f in fields(cls)} - {"mean", "std"}
+        return cls(mean=mean, std=std, **{k: v for k, v in fp.items() if k in known})
+
+    def differences(self, other: FeatureRecipe, names: Iterable[str] = FEATURE_FIELDS) -> list[str]:
+        """`name: mine vs other` for each field (of `names`) that differs."""
+        return [
+            f"{k}: {getattr(self, k)!r} vs {getattr(other, k)!r}"
+            for k in names
+            if getattr(self, k) != getattr(other, k)
+        ]
+
+    def view_spec(self) -> ViewSpec:
+        """The pixel geometry of this recipe's views (pipeline.video)."""
+        return ViewSpec(short_side=self.short_side, crop=self.crop, flip=self.flip, interpolation=self.interpolation)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FeatureRecipe:
+        values = dict(d)
+        for key in ("mean", "std"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+def _versions() -> dict[str, str]:
+    return {name: metadata.version(name) for name in ("torch", "zarr", "numpy")}
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """What a split of a new cache holds: its videos in order, their labels and the views each gets."""
+
+    video_ids: list[str]
+    labels: list[int]
+    class_names: list[str]
+    views: int
+
+
+class FeatureCache:
+    """Read access to a cache; `CacheWriter` adds the writes."""
+
+    def __init__(self, path: Path | str, mode: str = "r") -> None:
+        self.path = Path(path)
+        if not (self.path / "zarr.json").exists():
+            raise CacheError(f"{self.path}: not a feature cache (no zarr.json); build one with `strm extract`")
+        self.root = zarr.open_group(str(self.path), mode=mode)
+        attrs = self.root.attrs.asdict()
+        if attrs.get("schema") != SCHEMA_VERSION:
+            raise CacheError(
+                f"{self.path}: cache schema {attrs.get('schema')!r}, this strm reads schema {SCHEMA_VERSION}"
+            )
+        self.attrs = attrs
+
+    @property
+    def fingerprint(self) -> dict:
+        return dict(self.attrs["fingerprint"])
+
+    @property
+    def recipe(self) -> FeatureRecipe | None:
+        """How these features were made (None for caches not extracted from videos)."""
+        return FeatureRecipe.from_fingerprint(self.fingerprint)
+
+    @property
+    def key(self) -> str:
+        return self.attrs["key"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.attrs["dim"])
+
+    @property
+    def frames(self) -> int:
+        return int(self.attrs["frames"])
+
+    @property
+    def patches(self) -> int:
+        return int(self.attrs["patches"])
+
+    @property
+    def splits(self) -> list[str]:
+        return [s for s in SPLITS if s in self.root]
+
+    def _split(self, split: str) -> zarr.Group:
+        if split not in self.root:
+            raise CacheError(f"{self.path}: no split {split!r} (has {', '.join(self.splits) or 'none'})")
+        return self.root[split]
+
+    def views(self, split: str) -> int:
+        return int(self._split(split).attrs["views"])
+
+    def video_ids(self, split: str) -> list[str]:
+        return list(self._split(split).attrs["video_ids"])
+
+    def class_names(self, split: str) -> list[str]:
+        return list(self._split(split).attrs["class_names"])
+
+    def labels(self, split: str) -> np.ndarray:
+        return self._split(split)["labels"][:]
+
+    def done(self, split: str) -> np.ndarray:
+        return self._split(split)["done"][:]
+
+    def features_array(self, split: str) -> zarr.Array:
+        """The on-disk array, for readers that stream chunks instead of loading a split."""
+        return self._split(split)["features"]
+
+    def failures(self, split: str) -> list[tuple[str, str]]:
+        """(video_id, reason) for every video whose extraction failed and is not done."""
+        reasons = self._split(split)["failure"][:]
+        ids = self.video_ids(split)
+        return [(ids[i], str(r)) for i, r in enumerate(reasons) if r]
+
+    def split_nbytes(self, split: str, views: int | None = None) -> int:
+        """Bytes a split's done videos take in RAM as float16 (with `views` views, default all)."""
+        n = int(self.done(split).sum())
+        v = self.views(split) if views is None else min(views, self.views(split))
+        return n * v * self.frames * self.patches * self.dim * 2
+
+    def load_split(self, split: str, views: int | None = None) -> SplitFeatures:
+        """Load a split's done videos into RAM (optionally only the first `views` views)."""
+        done = np.flatnonzero(self.done(split))
+        v = self.views(split) if views is None else min(views, self.views(split))
+        array = self.features_array(split)
+        features = np.empty((len(done), v) + tuple(array.shape[2:]), dtype=np.float16)
+        # Contiguous runs of done videos are read in one call: chunk-aligned and far fewer calls.
+        breaks = np.flatnonzero(np.diff(done) != 1) + 1
+        start = 0
+        for run in np.split(done, breaks):
+            if len(run):
+                features[start : start + len(run)] = array[run[0] : run[-1] + 1, :v]
+                start += len(run)
+        ids = self.video_ids(split)
+        return SplitFeatures(
+            features=torch.from_numpy(features),
+            labels=torch.from_numpy(self.labels(split)[done].astype(np.int64)),
+            class_names=self.class_names(split),
+            video_ids=[ids[i] for i in done],
+        )
+
+    def split(
+        self, split: str, *, views: int | None = None, loading: str = "ram", device: torch.device | None = None
+    ) -> SplitReader:
+        """A split's done videos, placed by `choose_loading` (ram, pinned, device or streamed)."""
+        chosen = choose_loading(self.split_nbytes(split, views), loading, device)
+        if chosen == "stream":
+            return StreamedSplit(self, split, views)
+        data = self.load_split(split, views=views)
+        if chosen == "device":
+            data.features, data.loading = data.features.to(device), "device"
+        elif device is not None and device.type == "cuda":
+            data.loading = "pinned"  # in RAM; each task is gathered into pinned memory (SplitFeatures.read)
+        return data
+
+    def summary(self) -> dict:
+        """What the cache holds, for `strm cache info`."""
+        splits = {}
+        for split in self.splits:
+            done = self.done(split)
+            failures = self.failures(split)
+            splits[split] = {
+                "videos": int(len(done)),
+                "done": int(done.sum()),
+                "failed": len(failures),
+                "pending": int(len(done) - done.sum() - len(failures)),
+                "views": self.views(split),
+                "classes": len(self.class_names(split)),
+                "failures": [{"video_id": v, "reason": r} for v, r in failures],
+            }
+        size = sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return {
+            "path": str(self.path),
+            "key": self.key,
+            "shape": {"frames": self.frames, "patches": self.patches, "dim": self.dim, "dtype": STORED_DTYPE},
+            "fingerprint": self.fingerprint,
+            "versions": self.attrs.get("versions", {}),
+            "splits": splits,
+            "bytes_on_disk": size,
+        }
+
+
+def open_cache(path: Path | str) -> FeatureCache:
+    """Open an existing cache for reading."""
+    return FeatureCache(path, mode="r")
+
+
+class CacheWriter(FeatureCache):
+    """Writes one video's features at a time; one process must own each video it writes."""
+
+    def __init__(self, path: Path | str) -> None:
+        super().__init__(path, mode="r+")
+
+    @classmethod
+    def create(
+        cls,
+        path: Path | str,
+        fingerprint: dict,
+        layouts: dict[str, SplitLayout],
+        *,
+        frames: int,
+        patches: int,
+        dim: int,
+    ) -> CacheWriter:
+        """Create the cache, or reopen it when one with the same fingerprint is already there.
+
+        An existing cache built with other settings is an error naming the difference, never a
+        silent mix. Only one process should call this (rank 0); others open with `CacheWriter(path)`.
+        """
+        path = Path(path)
+        if (path / "zarr.json").exists():
+            writer = cls(path)
+            diff = fingerprint_diff(fingerprint, writer.fingerprint)
+            if diff:
+                raise CacheError(f"{path}: built with other settings: " + "; ".join(diff))
+            return writer
+        tmp = path.with_name(path.name + ".creating")
+        shutil.rmtree(tmp, ignore_errors=True)
+        root = zarr.open_group(str(tmp), mode="w")
+        for split, layout in layouts.items():
+            if split not in SPLITS:
+                raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+            n = len(layout.video_ids)
+            group = root.create_group(split)
+            group.attrs.update(
+                {"video_ids": list(layout.video_ids), "class_names": list(layout.class_names), "views": layout.views}
+            )
+            group.create_array(
+                "features",
+                shape=(n, layout.views, frames, patches, dim),
+                chunks=(1, layout.views, frames, patches, dim),
+                dtype=STORED_DTYPE,
+                fill_value=0,
+            )
+            labels = group.create_array("labels", shape=(n,), chunks=(max(n, 1),), dtype="int64", fill_value=-1)
+            if n:
+                labels[:] = np.asarray(layout.labels, dtype=np.int64)
+            group.create_array("done", shape=(n,), chunks=(1,), dtype=bool, fill_value=False)
+            group.create_array("failure", shape=(n,), chunks=(1,), dtype=str)
+        # Root attributes last, then an atomic rename: a half-created cache is never mistaken for one.
+        root.attrs.update(
+            {
+                "schema": SCHEMA_VERSION,
+                "fingerprint": fingerprint,
+                "key": cache_key(fingerprint),
+                "frames": frames,
+                "patches": patches,
+                "dim": dim,
+                "versions": _versions(),
+            }
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(path)
+        return cls(path)
+
+    def pending(self, split: str) -> np.ndarray:
+        """Indices of the videos not yet done (failed ones are tried again)."""
+        return np.flatnonzero(~self.done(split))
+
+    def write(self, split: str, index: int, features: np.ndarray | torch.Tensor) -> None:
+        """Store one video's [V, L, P*P, D] features, then mark it done (in that order)."""
+        group = self._split(split)
+        if isinstance(features, torch.Tensor):
+            features = features.detach().cpu().numpy()
+        expected = tuple(group["features"].shape[1:])
+        if tuple(features.shape) != expected:
+            raise ValueError(
+                f"features of {split}[{index}] have shape {tuple(features.shape)}, cache expects {expected}"
+            )
+        group["features"][index] = features.astype(np.float16, copy=False)
+        group["failure"][index] = ""
+        group["done"][index] = True
+
+    def fail(self, split: str, index: int, reason: str) -> None:
+        """Record why a video could not be extracted; it stays not-done."""
+        self._split(split)["failure"][index] = reason.replace("\n", " ")[:500]
+
+
+def export_hdf5(cache: FeatureCache, out: Path | str) -> Path:
+    """Write the cache's arrays and attributes to one HDF5 file, for tools that read HDF5."""
+    import h5py
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(out, "w") as f:
+        f.attrs["fingerprint"] = json.dumps(cache.fingerprint, sort_keys=True)
+        f.attrs["key"] = cache.key
+        for split in cache.splits:
+            g = f.create_group(split)
+            array = cache.features_array(split)
+            dset = g.create_dataset(
+                "features", shape=array.shape, dtype="float16", chunks=(1,) + tuple(array.shape[1:])
+            )
+            for i in range(array.shape[0]):
+                dset[i] = array[i]
+            g.create_dataset("labels", data=cache.labels(split))
+            g.create_dataset("done", data=cache.done(split))
+            g.create_dataset(
+                "video_ids", data=np.array(cache.video_ids(split), dtype=object), dtype=h5py.string_dtype()
+            )
+            g.attrs["class_names"] = json.dumps(cache.class_names(split))
+            g.attrs["failures"] = json.dumps(cache.failures(split))
+    return out
+
+
+def write_random_cache(
+    path: Path | str,
+    *,
+    splits: dict[str, tuple[int, int, int]],
+    frames: int = 8,
+    patches: int = 16,
+    dim: int = 64,
+    seed: int = 0,
+    signal: float = 1.0,
+) -> Path:
+    """A small cache of class-structured random features, written through the real writer.
+
+    Each class has a random [L, P*P, D] pattern; a video is its class pattern times `signal` plus
+    unit noise, so heads can learn it and evaluation has something to measure. For tests and
+    benchmarks; split -> (classes, videos per class, views).
+    """
+    rng = np.random.default_rng(seed)
+    layouts, data = {}, {}
+    for split, (classes, per_class, views) in splits.items():
+        names = [f"{split}_class_{c:03d}" for c in range(classes)]
+        labels = np.repeat(np.arange(classes), per_class)
+        patterns = rng.standard_normal((classes, frames, patches, dim)).astype(np.float32)
+        noise = rng.standard_normal((len(labels), views, frames, patches, dim)).astype(np.float32)
+        data[split] = (signal * patterns[labels][:, None] + noise).astype(np.float16)
+        layouts[split] = SplitLayout(
+            video_ids=[f"{names[c]}/v{i:04d}" for i, c in enumerate(labels)],
+            labels=labels.tolist(),
+            class_names=names,
+            views=views,
+        )
+    fingerprint = {
+        "dataset": "random",
+        "seed": seed,
+        "signal": signal,
+        "splits": {s: list(v) for s, v in splits.items()},
+    }
+    writer = CacheWriter.create(path, fingerprint, layouts, frames=frames, patches=patches, dim=dim)
+    for split, features in data.items():
+        array = writer.features_array(split)
+        array[:] = features
+        writer._split(split)["done"][:] = True
+    return Path(path)

@@ -1,0 +1,333 @@
+"""Predict: a trained model recognises actions in a person's own clips and long recordings.
+
+A support folder (one sub-folder per action, a few clips each) and query clips become features
+with exactly the recipe the checkpoint was trained on (`FeatureMaker`: the recipe's backbone,
+weights, layer, input geometry, normalisation and the test-view sampling rule, through the same
+decode -> backbone -> pool path as extraction), then the heads encode each clip once and relate
+the queries to the support with any number of clips per action. Probabilities are
+softmax(logits / T) with T calibrated on the support by leave-one-out (pipeline/evaluation/unknown.py); a
+long recording is cut into sliding windows, each classified like a clip.
+
+`FewShotRecognizer` is the API: from_checkpoint(...), add_support(folder or saved index),
+save_support(file), predict(paths). The support index is a safetensors file (loading it never
+executes code) with the per-video embeddings, action names, paths, the checkpoint's sha256 and
+the recipe; an index made with another checkpoint or recipe is refused with the difference named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.data.manifests import VIDEO_SUFFIXES
+from pipeline.data.video import (
+    ViewSpec,
+)
+from pipeline.evaluation.batched import ProtoBaseline
+from pipeline.evaluation.unknown import (
+    DEFAULT_SCORE,
+    calibrate,
+    relate,
+    scores,
+    threshold,
+)
+from pipeline.features.backbones import get_backbone
+from pipeline.features.extract import ExtractSettings
+from pipeline.features.extract import recipe as extraction_recipe
+from pipeline.predict.clips import (
+    PROTO,
+    FeatureMaker,
+    PredictError,
+    feature_maker,
+    find_videos,
+    support_folder,
+)
+from pipeline.predict.outputs import merge_segments
+from pipeline.predict.support import SupportSet
+from pipeline.runtime import distributed
+from pipeline.training.checkpoints import (
+    CheckpointError,
+    load_checkpoint,
+)
+
+QUERY_CHUNK = 64  # query videos related to the support at a time
+
+
+# ---------------------------------------------------------------------------------------------- predictions
+
+
+@dataclass
+class UnknownRule:
+    """Label a query `unknown` when `score` falls below the threshold that rejects `false_rejection` of
+    the support's own held-out clips."""
+
+    false_rejection: float = 0.05
+    score: str = DEFAULT_SCORE
+
+
+def parse_unknown(text: str) -> UnknownRule | None:
+    """--unknown off | auto | P (the false-rejection rate aimed at, e.g. 0.05)."""
+    text = text.strip().lower()
+    if text == "off":
+        return None
+    if text == "auto":
+        return UnknownRule()
+    try:
+        rate = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise PredictError(f"--unknown {text!r}: expected auto, off or a false-rejection rate such as 0.05") from None
+    if not 0 < rate < 1:
+        raise PredictError(f"--unknown {text!r}: the false-rejection rate must be between 0 and 1")
+    return UnknownRule(rate)
+
+
+class FewShotRecognizer:
+    """A checkpoint (or the training-free `proto`) plus its feature recipe, ready for support and query clips."""
+
+    def __init__(
+        self, model: nn.Module, checkpoint: str, checkpoint_sha256: str, maker: FeatureMaker, notes: list[str]
+    ) -> None:
+        self.model, self.checkpoint, self.checkpoint_sha256 = model.eval(), checkpoint, checkpoint_sha256
+        self.maker, self.notes = maker, notes
+        self.support: SupportSet | None = None
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | Path,
+        *,
+        backbone: str | None = None,
+        weights: Path | None = None,
+        allow_other_weights: bool = False,
+        device: str = "auto",
+        batch_size: int = 64,
+        workers: int = 2,
+    ) -> FewShotRecognizer:
+        """Any checkpoint pipeline.checkpoints reads, or "proto" with `backbone` (nearest class mean of its features)."""
+        dev = distributed.resolve_device(device)
+        weights = Path(weights) if weights is not None else None
+        if str(checkpoint) == PROTO:
+            if not backbone:
+                raise PredictError("proto needs --backbone NAME (e.g. dinov2_vits14, tf_efficientnet_lite0)")
+            net = get_backbone(backbone, weights=weights, image_size=ViewSpec().crop)
+            spec = ViewSpec(interpolation=net.interpolation)
+            recipe = extraction_recipe(
+                net, ExtractSettings(views=1, spec=spec), distributed.resolve_precision("auto", dev)
+            )
+            maker, notes = feature_maker(recipe, backbone=net, device=dev, batch_size=batch_size, workers=workers)
+            return cls(ProtoBaseline(), PROTO, f"proto:{recipe.weights}", maker, notes)
+        try:
+            loaded = load_checkpoint(checkpoint)
+        except CheckpointError as err:
+            raise PredictError(str(err)) from None
+        if loaded.recipe is None:
+            raise PredictError(
+                f"{checkpoint}: does not record the features its heads were trained on, so clips "
+                "cannot be turned into them (retrain with this strm, or use proto --backbone NAME)"
+            )
+        maker, notes = feature_maker(
+            loaded.recipe,
+            state=loaded.backbone_state,
+            weights=weights,
+            allow_other_weights=allow_other_weights,
+            device=dev,
+            batch_size=batch_size,
+            workers=workers,
+        )
+        return cls(loaded.heads.to(dev), str(checkpoint), loaded.sha256, maker, loaded.notes + notes)
+
+    # ------------------------------------------------------------------ support
+
+    def _encode(self, features: list[torch.Tensor]) -> Any:
+        """Per-video embeddings of clip features [L, P*P, D] (heads.encode, eval mode, no grad)."""
+        x = torch.stack(features).to(self.maker.device, torch.float32)
+        with torch.inference_mode():
+            return self.model.encode(x)
+
+    def add_support(self, source: Path | str, progress: Callable[[int, int], None] | None = None) -> SupportSet:
+        """A support folder (decoded and encoded once) or a saved index; PredictError names what is wrong."""
+        source = Path(source)
+        if source.is_file():
+            self.support = SupportSet.load(
+                source, self.checkpoint_sha256, self.maker.recipe, self.maker.backbone.weights_id
+            )
+            self.support.embedding = self.support.embedding.to(self.maker.device)
+            return self.support
+        clips = support_folder(source)
+        actions = sorted({a for _, a in clips})
+        paths = [p for p, _ in clips]
+        counter = _counter(progress, len(paths))
+        results = self.maker.run(self.maker.clip_jobs(paths, "support"), counter)
+        used = [(str(p), a) for k, (p, a) in enumerate(clips) if isinstance(results[k], torch.Tensor)]
+        failed = [(str(p), results[k]) for k, (p, a) in enumerate(clips) if isinstance(results[k], str)]
+        lost = [a for a in actions if not any(action == a for _, action in used)]
+        if lost:
+            raise PredictError(
+                f"{source}: no clip of action(s) {', '.join(lost)} could be used ("
+                + "; ".join(f"{p}: {r}" for p, r in failed)
+                + ")"
+            )
+        labels = torch.tensor([actions.index(a) for _, a in used])
+        embedding = self._encode([results[k] for k in range(len(clips)) if isinstance(results[k], torch.Tensor)])
+        calibration = calibrate(self.model, embedding, labels.to(self.maker.device), len(actions))
+        self.support = SupportSet(
+            actions,
+            labels,
+            embedding,
+            used,
+            failed,
+            calibration,
+            self.checkpoint_sha256,
+            self.maker.recipe,
+            self.maker.backbone.weights_id,
+        )
+        if not calibration.support_scores.get("max_logit"):
+            self.notes.append(
+                "no action has 2 support clips to hold one out, so the temperature is 1 (probabilities "
+                "uncalibrated) and --unknown has no threshold: add a second clip to an action"
+            )
+        return self.support
+
+    def save_support(self, path: Path | str) -> Path:
+        if self.support is None:
+            raise PredictError("no support set yet: add_support(folder) first")
+        return self.support.save(Path(path))
+
+    # ------------------------------------------------------------------ queries
+
+    def _classify(self, features: list[torch.Tensor], top_k: int, unknown: UnknownRule | None) -> list[dict]:
+        """Each clip's logits, calibrated probabilities, top-k and (with a rule) unknown verdict."""
+        support = self.support
+        actions, way, cal = support.actions, len(support.actions), support.calibration
+        device = self.maker.device
+        labels = support.labels.to(device)
+        cut = threshold(cal, unknown.score, unknown.false_rejection) if unknown else None
+        rows = []
+        for start in range(0, len(features), QUERY_CHUNK):
+            query = self._encode(features[start : start + QUERY_CHUNK])
+            logits, qc = relate(self.model, support.embedding, labels, query, way)
+            probs = (logits.double() / cal.temperature).softmax(-1)
+            values = scores(logits, qc, cal) if unknown else {}
+            for i in range(len(logits)):
+                order = probs[i].argsort(descending=True).tolist()
+                best = actions[order[0]]
+                row = {
+                    "prediction": best,
+                    "probability": float(probs[i, order[0]]),
+                    "probabilities": {a: float(probs[i, c]) for c, a in enumerate(actions)},
+                    "top_k": [[actions[c], float(probs[i, c])] for c in order[:top_k]],
+                    "logits": {a: float(logits[i, c]) for c, a in enumerate(actions)},
+                }
+                if unknown:
+                    score = float(values[unknown.score][i])
+                    row.update(action=best, score=score, score_name=unknown.score, threshold=cut)
+                    if score < cut:
+                        row["prediction"] = "unknown"
+                rows.append(row)
+        return rows
+
+    def predict(
+        self,
+        paths: Iterable[Path | str],
+        *,
+        top_k: int = 3,
+        window: float | None = None,
+        stride: float | None = None,
+        unknown: UnknownRule | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[dict]:
+        """One record per query video (files, or folders searched recursively), in order; a failed clip has
+        status "failed" and its reason, and never stops the others. With `window` (seconds), each query
+        also gets its sliding windows (stride seconds apart) and their merged segments."""
+        if self.support is None:
+            raise PredictError("no support set yet: add_support(folder or index) first")
+        paths = list(paths)
+        if stride is not None and window is None:
+            raise PredictError("--stride needs --window (the length of the windows it moves)")
+        if unknown is not None and not self.support.calibration.support_scores.get(unknown.score):
+            raise PredictError(
+                "--unknown needs a threshold from held-out support clips, and no action of the support "
+                "has 2 clips: add a second clip to at least one action, or use --unknown off"
+            )
+        videos = find_videos(paths)
+        if not videos:
+            raise PredictError(
+                f"no query videos in {', '.join(map(str, paths)) or 'the arguments'} "
+                f"(files, or folders holding {', '.join(sorted(VIDEO_SUFFIXES))})"
+            )
+        jobs = self.maker.clip_jobs(videos, "query")
+        spans: dict[int, tuple[list[int], list[tuple[float, float]], str | None]] = {}
+        if window is not None:
+            planned = self.maker.window_jobs(videos, window, stride or window, len(jobs))
+            for k, (window_jobs, times, reason) in enumerate(planned):
+                spans[k] = ([j.index for j in window_jobs], times, reason)
+                jobs += window_jobs
+        results = self.maker.run(jobs, _counter(progress, len(jobs)))
+        ok = [i for i in range(len(jobs)) if isinstance(results[i], torch.Tensor)]
+        classified = dict(zip(ok, self._classify([results[i] for i in ok], top_k, unknown), strict=False))
+        records = []
+        for k, video in enumerate(videos):
+            record: dict[str, Any] = {"path": str(video)}
+            if k in classified:
+                record.update(status="ok", reason=None, **classified[k])
+            else:
+                record.update(
+                    status="failed",
+                    reason=results[k],
+                    prediction=None,
+                    probability=None,
+                    probabilities={},
+                    top_k=[],
+                    logits={},
+                )
+            if k in spans:
+                indices, times, reason = spans[k]
+                record["windows"] = [
+                    {
+                        "start": round(t0, 3),
+                        "end": round(t1, 3),
+                        "prediction": classified[i]["prediction"] if i in classified else None,
+                        "probability": classified[i]["probability"] if i in classified else None,
+                        "probabilities": classified[i]["probabilities"] if i in classified else {},
+                        **({} if i in classified else {"reason": results[i]}),
+                    }
+                    for i, (t0, t1) in zip(indices, times, strict=False)
+                ]
+                record["segments"] = merge_segments(record["windows"])
+                if reason is not None:
+                    record["windows_reason"] = reason
+            records.append(record)
+        return records
+
+    def report(self, records: list[dict]) -> dict:
+        """The JSON document of a run: checkpoint, recipe, actions, support used and failed, queries."""
+        support = self.support
+        return {
+            "checkpoint": self.checkpoint,
+            "recipe": self.maker.recipe.to_dict(),
+            "actions": support.actions,
+            "support": {
+                "used": [{"path": p, "action": a} for p, a in support.used],
+                "failed": [{"path": p, "reason": r} for p, r in support.failed],
+            },
+            "temperature": support.calibration.temperature,
+            "notes": self.notes,
+            "queries": records,
+        }
+
+
+def _counter(progress: Callable[[int, int], None] | None, total: int) -> Callable[[int], None] | None:
+    if progress is None:
+        return None
+    done = [0]
+
+    def step(k: int) -> None:
+        done[0] += k
+        progress(done[0], total)
+
+    return step

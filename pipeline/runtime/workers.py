@@ -1,0 +1,170 @@
+"""Worker processes in which a crash fails one item, not the run.
+
+Decoders are native code: a truncated file can segfault PyAV/FFmpeg, which takes the whole process
+down. `concurrent.futures` then fails every pending future (BrokenProcessPool); here each worker
+holds exactly one item at a time, so a dead worker fails only that item, is replaced, and the rest
+go on. Workers start with forkserver (spawn where there is none), never plain fork, so no decoder
+or thread state is shared with the parent.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_STOP = b""  # a message with no payload asks a worker to exit
+
+
+def _context() -> mp.context.BaseContext:
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    # Import torch and the decoders once in the fork server rather than in every new worker
+    # (seconds each); it takes effect when the server first starts.
+    context.set_forkserver_preload(["pipeline.data.video"])
+    return context
+
+
+def _worker_main(fn: Callable[[Any], Any], conn: Connection, threads: int | None) -> None:
+    """Run fn on each item received, send back ("ok", result) or ("error", reason)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers
+    if threads is not None and "torch" in sys.modules:  # fn's module imported torch
+        sys.modules["torch"].set_num_threads(threads)
+    while True:
+        message = conn.recv_bytes()
+        if message == _STOP:
+            return
+        item = pickle.loads(message)
+        try:
+            reply = pickle.dumps(("ok", fn(item)), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # fn's failure (or an unpicklable result) fails this item only
+            reply = pickle.dumps(("error", f"{type(exc).__name__}: {exc}"))
+        conn.send_bytes(reply)
+
+
+@dataclass
+class _Worker:
+    process: mp.process.BaseProcess
+    conn: Connection
+    item: Any = None
+    busy: bool = False
+    since: float = 0.0  # when it got its item (for timeout_s)
+
+
+def _death_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"worker process died ({name}) while processing this item"
+    return f"worker process exited (code {exitcode}) while processing this item"
+
+
+def imap_isolated(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    workers: int,
+    max_in_flight: int | None = None,
+    *,
+    timeout_s: float | None = None,
+    threads_per_worker: int | None = 1,
+) -> Iterator[tuple[T, R | None, str | None]]:
+    """Yield (item, result, None) or (item, None, reason) for every item, in completion order.
+
+    fn must be a picklable top-level function; items and results must pickle. At most
+    `max_in_flight` items (default: `workers`) are taken from `items` and not yet yielded, so a
+    lazy iterable and large results stay bounded. A worker that dies (segfault, os._exit) or runs
+    past `timeout_s` on one item is replaced and only that item fails. `threads_per_worker` caps
+    torch's intra-op threads in each worker (the processes are the parallelism).
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    limit = max(1, max_in_flight if max_in_flight is not None else workers)
+    ctx = _context()
+    pool: list[_Worker] = []
+    waiting: deque[T] = deque()  # taken from items, not yet given to a worker
+    source = iter(items)
+    exhausted = False
+    in_flight = 0
+
+    def start() -> _Worker:
+        parent, child = ctx.Pipe(duplex=True)
+        process = ctx.Process(target=_worker_main, args=(fn, child, threads_per_worker), daemon=True)
+        process.start()
+        child.close()
+        worker = _Worker(process, parent)
+        pool.append(worker)
+        return worker
+
+    def retire(worker: _Worker) -> None:
+        pool.remove(worker)
+        if worker.process.is_alive():
+            worker.process.kill()
+        worker.process.join()
+        worker.conn.close()
+
+    try:
+        while True:
+            while not exhausted and in_flight < limit:
+                try:
+                    waiting.append(next(source))
+                    in_flight += 1
+                except StopIteration:
+                    exhausted = True
+            if in_flight == 0:
+                return
+            idle = [w for w in pool if not w.busy]
+            while waiting and (idle or len(pool) < workers):
+                worker = idle.pop() if idle else start()
+                worker.item, worker.busy, worker.since = waiting.popleft(), True, time.monotonic()
+                worker.conn.send_bytes(pickle.dumps(worker.item, protocol=pickle.HIGHEST_PROTOCOL))
+            busy = [w for w in pool if w.busy]
+            wait_s = None
+            if timeout_s is not None:
+                wait_s = max(0.0, min(w.since for w in busy) + timeout_s - time.monotonic())
+            ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=wait_s))
+            for worker in busy:
+                if worker.conn in ready or (worker.process.sentinel in ready and worker.conn.poll()):
+                    try:
+                        status, payload = pickle.loads(worker.conn.recv_bytes())
+                    except (EOFError, OSError):  # the pipe closed: the process is dying
+                        worker.process.join(timeout=10)
+                        status, payload = "died", _death_reason(worker.process.exitcode)
+                elif worker.process.sentinel in ready:
+                    worker.process.join()
+                    status, payload = "died", _death_reason(worker.process.exitcode)
+                elif timeout_s is not None and time.monotonic() - worker.since >= timeout_s:
+                    status, payload = "died", f"timed out after {timeout_s:g} s; worker process stopped"
+                else:
+                    continue
+                item = worker.item
+                worker.item, worker.busy = None, False
+                if status == "died":
+                    retire(worker)
+                in_flight -= 1
+                if status == "ok":
+                    yield item, payload, None
+                else:
+                    yield item, None, payload
+    finally:
+        for worker in list(pool):
+            if not worker.busy:
+                try:
+                    worker.conn.send_bytes(_STOP)
+                except OSError:
+                    pass
+        for worker in list(pool):
+            worker.process.join(timeout=5 if not worker.busy else 0)
+            retire(worker)

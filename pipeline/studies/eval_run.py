@@ -1,0 +1,204 @@
+"""An evaluation run as `strm evaluate` makes it: which model, which tasks, every shot, the files.
+
+Why here and not in the stage: which heads fit which features, what the untrained baseline starts
+from and how a shot sweep reuses one per-video pass are decisions a library user needs too (the
+demo and the ablation grid score models the same way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline import evaluation as ev
+from pipeline.data.episodes import TaskBatch
+from pipeline.features.cache import FeatureCache, FeatureRecipe
+from pipeline.features.readers import CacheError, SplitReader
+from pipeline.heads import VARIANTS
+from pipeline.training.checkpoints import load_checkpoint
+from pipeline.training.train import TrainError, make_config, starting_heads
+
+BASELINES = ("proto", "untrained")
+Progress = Callable[[str, int, int, int | None], None]  # (phase, done, total, shot or None while encoding)
+
+
+class EvalError(ValueError):
+    """A model, cache split or task file that cannot be evaluated together; the message says why."""
+
+
+@dataclass
+class ModelChoice:
+    """The model a run scores, what to record about it, and the label its files are named after."""
+
+    model: nn.Module
+    about: dict[str, Any]
+    label: str
+
+
+def fit_note(trained: FeatureRecipe | None, features: FeatureRecipe | None) -> str:
+    """A note when heads meet features of another backbone, weights or input than they were trained on."""
+    if trained is None or features is None:
+        return ""
+    differ = trained.differences(features)  # the fields that change a test view's feature (cache.FEATURE_FIELDS)
+    if not differ:
+        return ""
+    return f"the heads were trained on other features than this cache's ({'; '.join(differ)}: trained vs cache)"
+
+
+def choose_model(
+    cache: FeatureCache,
+    *,
+    checkpoint: Path | None = None,
+    baseline: str | None = None,
+    variant: str | None = None,
+    seed: int = 0,
+) -> ModelChoice:
+    """Heads from any checkpoint (pipeline.checkpoints), the proto baseline, or the untrained heads
+    train-heads would start from with this seed; EvalError when they do not fit the cache's features."""
+    if (checkpoint is None) == (baseline is None):
+        raise EvalError("give a checkpoint or a baseline (proto, untrained): one model per run")
+    if baseline == "proto":
+        return ModelChoice(ev.ProtoBaseline(), {"baseline": "proto"}, "proto")
+    if baseline == "untrained":
+        name = variant or "strm"
+        if name not in VARIANTS:
+            raise EvalError(f"variant {name!r} is not one of {', '.join(VARIANTS)}")
+        config = make_config("frozen", variant=name, seed=seed)
+        about = {"baseline": "untrained", "variant": name, "init_seed": seed, "preset": config.preset}
+        if "train" not in cache.splits and config.standardize:  # nothing to standardise on: say so
+            config = make_config("frozen", variant=name, seed=seed, standardize=False)
+            about["note"] = f"{cache.path} has no train split: the untrained heads are not standardised"
+        try:
+            heads = starting_heads(config, cache)
+        except (TrainError, CacheError) as err:
+            raise EvalError(str(err)) from None
+        return ModelChoice(heads, about, f"untrained-{name}")
+    if baseline is not None:
+        raise EvalError(f"baseline {baseline!r}: expected one of {', '.join(BASELINES)}")
+    loaded = load_checkpoint(checkpoint, variant)
+    heads = loaded.heads
+    shape = (heads.frames, heads.patches, heads.dim)
+    if shape != (cache.frames, cache.patches, cache.dim):
+        raise EvalError(
+            f"{checkpoint}: heads take features of L={shape[0]} frames x P={shape[1]} patches x "
+            f"D={shape[2]}, the cache {cache.path} holds {cache.frames} x {cache.patches} x {cache.dim}"
+        )
+    about = loaded.about()
+    note = "; ".join(n for n in (about.get("note", ""), fit_note(loaded.recipe, cache.recipe)) if n)
+    if note:
+        about["note"] = note
+    return ModelChoice(heads, about, Path(checkpoint).stem)
+
+
+@dataclass
+class TaskPlan:
+    """The tasks of a run: per shot, either sampled from the seed or read from an episodes file."""
+
+    tasks: dict[int, TaskBatch]
+    way: int
+    queries: int
+    seed: int
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_tasks(
+    split: SplitReader,
+    split_name: str,
+    *,
+    shots: Sequence[int],
+    episodes: int,
+    way: int,
+    queries: int,
+    seed: int,
+    episodes_file: Path | None = None,
+) -> TaskPlan:
+    """The tasks for each shot; an episodes file fixes way, shot, queries, seed and count."""
+    if episodes_file is not None:
+        if len(shots) > 1:
+            raise EvalError("an episodes file fixes the shot: it cannot be combined with a shot sweep")
+        try:
+            loaded, saved = ev.load_episodes(episodes_file, split)
+        except ValueError as err:
+            raise EvalError(str(err)) from None
+        notes = []
+        if saved.get("split") not in (None, split_name):
+            notes.append(f"{episodes_file} was saved from split {saved['split']!r}; evaluating on {split_name!r}")
+        return TaskPlan({saved["shot"]: loaded}, saved["way"], saved["queries"], saved["seed"], notes)
+    try:
+        tasks = {
+            k: ev.sample_tasks(split.labels, episodes=episodes, way=way, shot=k, queries=queries, seed=seed)
+            for k in shots
+        }
+    except ValueError as err:
+        raise EvalError(f"split {split_name!r}: {err}") from None
+    return TaskPlan(tasks, way, queries, seed)
+
+
+def save_planned(plan: TaskPlan, split: SplitReader, split_name: str, path: Path) -> list[Path]:
+    """Write each shot's tasks as an episodes file (one file per shot when there are several)."""
+    written = []
+    for k, tasks in plan.tasks.items():
+        target = path if len(plan.tasks) == 1 else path.with_name(f"{path.stem}_shot{k}{path.suffix}")
+        written.append(ev.save_episodes(target, tasks, split, seed=plan.seed, split_name=split_name))
+    return written
+
+
+def run_plan(
+    choice: ModelChoice,
+    split: SplitReader,
+    split_name: str,
+    plan: TaskPlan,
+    *,
+    device: torch.device,
+    autocast: bool = False,
+    batch_tasks: int | None = None,
+    progress: Progress | None = None,
+) -> list[ev.EvalResult]:
+    """Every shot of the plan on one per-video pass of the split."""
+    show = progress or (lambda *_: None)
+    choice.model.to(device)
+    try:
+        embedding = ev.embed_split(
+            choice.model,
+            split,
+            device=device,
+            autocast=autocast,
+            progress=lambda _phase, done, total: show("embed", done, total, None),
+        )
+        return [
+            ev.evaluate(
+                choice.model,
+                split,
+                seed=plan.seed,
+                device=device,
+                batch_tasks=batch_tasks,
+                tasks=tasks,
+                embedding=embedding,
+                split_name=split_name,
+                autocast=autocast,
+                progress=lambda phase, done, total, k=k: show(phase, done, total, k),
+            )
+            for k, tasks in plan.tasks.items()
+        ]
+    except ValueError as err:
+        raise EvalError(f"split {split_name!r}: {err}") from None
+
+
+def default_record(label: str, split: str, way: int, seed: int) -> Path:
+    return Path("runs") / "evaluate" / f"{label}_{split}_{way}way_seed{seed}.json"
+
+
+def write_results(
+    results: list[ev.EvalResult], about: dict, json_path: Path, csv_path: Path | None, label: str, split: str
+) -> list[Path]:
+    """The run record (JSON), the summary (CSV, next to it by default) and, for a sweep, accuracy against shots."""
+    written = [ev.write_run(json_path, results, about)]
+    written.append(ev.write_csv(csv_path or json_path.with_suffix(".csv"), results))
+    if len(results) > 1:
+        written.append(ev.plot_shot_sweep(results, json_path.with_suffix(".png"), title=f"{label} on {split}"))
+    return written
