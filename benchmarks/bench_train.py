@@ -34,7 +34,7 @@ STREAM_DIM, STREAM_SPLITS, STREAM_TASKS = 2048, {"train": (10, 10, VIEWS)}, 60  
 
 def train_loading_fraction() -> Figure:
     """Steady-state tasks/s streaming from the Zarr cache divided by tasks/s from the split in RAM."""
-    from pipeline.features.cache import write_random_cache
+    from pipeline.features.copies import write_random_cache
     from pipeline.training.train import make_config, train
 
     best: dict[str, float] = {}
@@ -76,7 +76,8 @@ def train_loading_fraction() -> Figure:
 def cache_stream_gb_per_s() -> Figure:
     """GB/s of features the streamed reader delivers to training at D = 2048 (one view of each video)."""
     from pipeline.data.episodes import EpisodeSampler
-    from pipeline.features.cache import open_cache, write_random_cache
+    from pipeline.features.cache import open_cache
+    from pipeline.features.copies import write_random_cache
     from pipeline.training.train import task_inputs
 
     with tempfile.TemporaryDirectory(prefix="bench_stream_") as tmp:

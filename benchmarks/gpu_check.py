@@ -424,7 +424,8 @@ def _timed_training(ctx: Context, split, cache: Path, out: Path) -> tuple[float,
 
 def step_train_heads(ctx: Context, rec: Recorder) -> None:
     """tasks/s with the training split resident on the GPU (goal >= 250), then in RAM through pinned memory."""
-    from pipeline.features.cache import open_cache, write_random_cache
+    from pipeline.features.cache import open_cache
+    from pipeline.features.copies import write_random_cache
     from pipeline.features.readers import SplitFeatures, choose_loading
 
     s = ctx.size
@@ -460,7 +461,8 @@ def step_train_heads(ctx: Context, rec: Recorder) -> None:
 def step_evaluate(ctx: Context, rec: Recorder) -> None:
     """10,000 tasks at HMDB51 test scale on the device (goal <= 10 s), and autocast's paired accuracy difference."""
     from pipeline import evaluation as ev
-    from pipeline.features.cache import open_cache, write_random_cache
+    from pipeline.features.cache import open_cache
+    from pipeline.features.copies import write_random_cache
     from pipeline.heads import build_heads, load_heads
     from pipeline.training.train import make_config, train
 
@@ -663,7 +665,7 @@ def step_ddp(ctx: Context, rec: Recorder) -> None:
     import rich  # noqa: F401 - the ranks run the command line
     import typer  # noqa: F401
 
-    from pipeline.features.cache import write_random_cache
+    from pipeline.features.copies import write_random_cache
     from pipeline.training.train import make_config, train
 
     s = ctx.size

@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.features.cache import export_hdf5, open_cache
+from pipeline.features.cache import open_cache
+from pipeline.features.copies import export_hdf5
 from pipeline.features.readers import CacheError
 from stages.common import fail
 

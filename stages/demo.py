@@ -26,7 +26,7 @@ from pipeline.studies.demo import (
     DemoSizes,
     run_demo,
 )
-from pipeline.training.loop import TrainError
+from pipeline.training.config import TrainError
 from stages.common import fail, progress_bar
 
 console = Console(stderr=True)

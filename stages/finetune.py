@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -24,9 +25,11 @@ from pipeline.runtime.distributed import (
     teardown,
 )
 from pipeline.training.checkpoints import CheckpointError, load_checkpoint
+from pipeline.training.config import TrainError
 from pipeline.training.finetune import finetune, make_finetune_config, start_settings
-from pipeline.training.loop import Declined, Estimate, TrainError
+from pipeline.training.loop import Declined
 from pipeline.training.runs import LAST, RunError, saved_settings
+from pipeline.training.state import Estimate, TrainResult
 from stages.common import Optimizer, fail, progress_bar, training_progress
 
 console = Console(stderr=True)
@@ -55,7 +58,7 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
-def _refresh_command(dataset: str, videos: Path, manifest: Path | None, config, checkpoint: Path) -> str:
+def _refresh_command(dataset: str, videos: Path, manifest: Path | None, config, checkpoint: Path | None) -> str:
     parts = ["strm extract", dataset, "--videos", str(videos)]
     if manifest is not None:
         parts += ["--manifest", str(manifest)]
@@ -76,6 +79,7 @@ def _refresh_command(dataset: str, videos: Path, manifest: Path | None, config, 
     return " ".join(parts + ["--backbone-checkpoint", str(checkpoint)])
 
 
+# Over 80 lines for its option declarations and their mapping to settings; the work is in _train and _report.
 def finetune_command(
     dataset: str = typer.Argument(
         ...,
@@ -185,71 +189,7 @@ def finetune_command(
     out = out or _default_out(source)
     rank = 0
     try:
-        resolve_device(device or "auto")  # a device this machine lacks is one line, before anything else
-        rank, world = init_distributed(device or "auto")
-        quiet = rank != 0
-        saved = {k: v for k, v in saved_settings(out).items() if k not in NOT_RESUMED} if resume else {}
-        start = None
-        defaults: dict = {}
-        if not (resume and (out / LAST).exists()):
-            start = load_checkpoint(source)
-            defaults = start_settings(start)
-            if backbone and defaults.get("backbone") not in (None, backbone) and not quiet:
-                console.print(
-                    f"note: the heads of {source} were trained on {defaults['backbone']} features, not {backbone}",
-                    highlight=False,
-                )
-        config = make_finetune_config(
-            dataset, **{**defaults, **saved, **{k: v for k, v in given.items() if v is not None}, "source": str(source)}
-        )
-        with progress_bar(console, disable=quiet, transient=True) as bar:
-            count = bar.add_task("counting frames", total=None)
-            table, counted = training_manifest(
-                dataset,
-                videos,
-                manifest,
-                device=config.device,
-                progress=lambda done, total: bar.update(count, completed=done, total=total),
-            )
-        on_cpu = resolve_device(config.device).type == "cpu"
-        if not quiet:
-            if counted:
-                console.print(
-                    f"counted the frames of {counted} videos (a manifest from `strm manifest` already holds them)",
-                    highlight=False,
-                )
-            console.print(
-                f"fine-tuning {config.backbone} + heads from {source} on {dataset} -> {out} "
-                f"({config.optimizer} lr {config.lr:g}, {config.tasks_per_step} tasks a step"
-                + (f", {world} processes" if world > 1 else "")
-                + ")",
-                highlight=False,
-            )
-            if on_cpu and config.amp != "off":
-                console.print("note: mixed precision is CUDA-only; this CPU run is float32", highlight=False)
-            for note in start.notes if start else ():
-                console.print(f"note: {note}", highlight=False)
-
-        def confirm(estimate: Estimate) -> bool:
-            console.print(
-                f"timed: {estimate.seconds_per_task:.1f} s a task on {estimate.device}; "
-                f"{estimate.tasks_left} tasks left ≈ {_hours(estimate.seconds_left)}",
-                highlight=False,
-            )
-            return yes or estimate.seconds_left <= CPU_LIMIT_S
-
-        with training_progress(console, "finetune", disable=quiet) as show:
-            real_cpu_run = on_cpu and config.backbone != "tiny"
-            result = finetune(
-                config,
-                table,
-                out,
-                start=start,
-                resume=resume,
-                videos_root=videos,
-                progress=show,
-                confirm=confirm if real_cpu_run else None,
-            )
+        rank, result = _train(dataset, source, videos, manifest, out, given, resume=resume, yes=yes)
     except Declined:
         fail(f"this run is estimated past {_hours(CPU_LIMIT_S)} on CPU: pass --yes to start it anyway, or use a GPU")
     except (TrainError, ManifestError, RunError, DeviceError, CheckpointError) as err:
@@ -260,6 +200,93 @@ def finetune_command(
         teardown()
     if rank != 0:
         return
+    _report(result, dataset, videos, manifest)
+
+
+def _train(
+    dataset: str,
+    source: Path,
+    videos: Path,
+    manifest: Path | None,
+    out: Path,
+    given: dict[str, Any],
+    *,
+    resume: bool,
+    yes: bool,
+) -> tuple[int, TrainResult]:
+    """(this process's rank, the run's result): settings resolved, frames counted, the run started or resumed."""
+    device = given["device"]
+    backbone = given["backbone"]
+    resolve_device(device or "auto")  # a device this machine lacks is one line, before anything else
+    rank, world = init_distributed(device or "auto")
+    quiet = rank != 0
+    saved = {k: v for k, v in saved_settings(out).items() if k not in NOT_RESUMED} if resume else {}
+    start = None
+    defaults: dict = {}
+    if not (resume and (out / LAST).exists()):
+        start = load_checkpoint(source)
+        defaults = start_settings(start)
+        if backbone and defaults.get("backbone") not in (None, backbone) and not quiet:
+            console.print(
+                f"note: the heads of {source} were trained on {defaults['backbone']} features, not {backbone}",
+                highlight=False,
+            )
+    config = make_finetune_config(
+        dataset, **{**defaults, **saved, **{k: v for k, v in given.items() if v is not None}, "source": str(source)}
+    )
+    with progress_bar(console, disable=quiet, transient=True) as bar:
+        count = bar.add_task("counting frames", total=None)
+        table, counted = training_manifest(
+            dataset,
+            videos,
+            manifest,
+            device=config.device,
+            progress=lambda done, total: bar.update(count, completed=done, total=total),
+        )
+    on_cpu = resolve_device(config.device).type == "cpu"
+    if not quiet:
+        if counted:
+            console.print(
+                f"counted the frames of {counted} videos (a manifest from `strm manifest` already holds them)",
+                highlight=False,
+            )
+        console.print(
+            f"fine-tuning {config.backbone} + heads from {source} on {dataset} -> {out} "
+            f"({config.optimizer} lr {config.lr:g}, {config.tasks_per_step} tasks a step"
+            + (f", {world} processes" if world > 1 else "")
+            + ")",
+            highlight=False,
+        )
+        if on_cpu and config.amp != "off":
+            console.print("note: mixed precision is CUDA-only; this CPU run is float32", highlight=False)
+        for note in start.notes if start else ():
+            console.print(f"note: {note}", highlight=False)
+
+    def confirm(estimate: Estimate) -> bool:
+        console.print(
+            f"timed: {estimate.seconds_per_task:.1f} s a task on {estimate.device}; "
+            f"{estimate.tasks_left} tasks left ≈ {_hours(estimate.seconds_left)}",
+            highlight=False,
+        )
+        return yes or estimate.seconds_left <= CPU_LIMIT_S
+
+    with training_progress(console, "finetune", disable=quiet) as show:
+        real_cpu_run = on_cpu and config.backbone != "tiny"
+        result = finetune(
+            config,
+            table,
+            out,
+            start=start,
+            resume=resume,
+            videos_root=videos,
+            progress=show,
+            confirm=confirm if real_cpu_run else None,
+        )
+    return rank, result
+
+
+def _report(result: TrainResult, dataset: str, videos: Path, manifest: Path | None) -> None:
+    """The run's notes, its best and last checkpoints, and the command that refreshes the cache with it."""
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)
     best = (

@@ -55,6 +55,7 @@ def import_checkpoint(
     for line in report.notes:
         console.print(f"  [yellow]note[/yellow]     {line}")
 
+    assert loaded.recipe is not None  # load_checkpoint gives an authors' file the released models' recipe
     extra = {"source": {"path": str(src), "import_report": asdict(report)}, "recipe": loaded.recipe.to_dict()}
     if loaded.backbone_state:
         extra["backbone"] = loaded.backbone_state  # as `Backbone.state_dict()` names it

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import pandas as pd
 import typer
@@ -30,7 +30,11 @@ from pipeline.data.manifests import (
 )
 
 DEFAULT_OUT = Path("data_manifests/local")
-DatasetName = enum.Enum("DatasetName", {name: name for name in DATASETS}, type=str)  # Typer shows the choices
+if TYPE_CHECKING:  # the members come from DATASETS at run time, which mypy cannot follow: a str enum to it
+
+    class DatasetName(str, enum.Enum): ...
+else:
+    DatasetName = enum.Enum("DatasetName", {name: name for name in DATASETS}, type=str)  # Typer shows the choices
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -107,13 +111,13 @@ def manifest(
     console.print(view)
 
     kinds = bad_kinds(table)
-    classes = kinds.pop("missing class", 0)
+    empty_classes = kinds.pop("missing class", 0)
     summary = f"bad videos: {sum(kinds.values())}"
     if kinds:
         summary += " (" + ", ".join(f"{kind} {n}" for kind, n in kinds.most_common()) + ")"
-    if classes:
-        summary += f"; classes with no videos: {classes}"
-    if kinds or classes:
+    if empty_classes:
+        summary += f"; classes with no videos: {empty_classes}"
+    if kinds or empty_classes:
         summary += f"; listed in {report}"
     console.print(summary, markup=False, highlight=False, soft_wrap=True)
     console.print(f"manifest: {out} ({len(table)} rows)", markup=False, highlight=False)

@@ -12,7 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.evaluation.compute import task_compute
-from pipeline.features.cache import open_cache, write_random_cache
+from pipeline.features.cache import open_cache
+from pipeline.features.copies import write_random_cache
 from pipeline.heads import build_heads
 from pipeline.studies.ablation import (
     TrainSettings,

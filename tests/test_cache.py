@@ -11,13 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 import pipeline.features.readers as readers_module
-from pipeline.features.cache import (
-    CacheWriter,
-    SplitLayout,
-    cache_key,
-    open_cache,
-    write_random_cache,
-)
+from pipeline.features.cache import CacheWriter, SplitLayout, cache_key, open_cache
+from pipeline.features.copies import write_random_cache
 from pipeline.features.readers import CacheError, available_ram, choose_loading
 from stages.app import app
 

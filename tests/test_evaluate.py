@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from pipeline import evaluation as ev
 from pipeline.data.episodes import EpisodeSampler, Task, TaskBatch
 from pipeline.evaluation import batched
-from pipeline.features.cache import write_random_cache
+from pipeline.features.copies import write_random_cache
 from pipeline.features.readers import SplitFeatures
 from pipeline.heads import build_heads, save_heads
 from stages.app import app

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from faults import kill_at_random, kills_from_env, seed_from_env, timed_run
 from typer.testing import CliRunner
 from video_factory import write_test_video
 
@@ -322,6 +323,24 @@ def test_kill_9_mid_run_then_rerun_gives_bit_identical_arrays(dataset, tmp_path)
     resumed = _cli_run(root, cache_root, "--workers", "1")
     assert resumed == path
     _assert_same_cache(reference, resumed)
+
+
+def test_kills_at_random_moments_then_a_rerun_give_bit_identical_arrays(dataset, tmp_path):
+    """SIGKILL at seeded random moments (start-up, mid-run, near the end), rerun each time: the cache
+    ends equal to the uninterrupted one. `make faults` runs 20 kills."""
+    root, reference = dataset
+    cmd = [sys.executable, str(_entry(root)), *_cli_args(root, tmp_path / "cache", "--workers", "1")]
+    duration = timed_run(
+        [sys.executable, str(_entry(root)), *_cli_args(root, tmp_path / "timing", "--workers", "1")],
+        env=_env(),
+        cwd=REPO,
+    )
+    campaign = kill_at_random(
+        cmd, env=_env(), cwd=REPO, kills=kills_from_env(3), seed=seed_from_env(1), duration_s=duration
+    )
+    assert campaign.final_returncode == 0, campaign.summary() + campaign.final_stderr
+    _assert_same_cache(reference, tmp_path / "cache" / "toy" / reference.name)
+    print(f"extract faults: {campaign.summary()}, {duration:.1f} s uninterrupted")
 
 
 def test_two_gloo_ranks_under_torchrun_equal_the_single_process_cache(dataset, tmp_path):

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import torch
 from collectives_probe import assert_collectives_on
+from faults import kill_at_random, kills_from_env, seed_from_env, timed_run
 from typer.testing import CliRunner
 
 from pipeline.data.episodes import EpisodeSampler
@@ -30,17 +31,9 @@ from pipeline.features.cache import open_cache
 from pipeline.features.extract import ExtractSettings, RunOptions, extract
 from pipeline.heads import build_heads, load_heads, save_heads
 from pipeline.training.checkpoints import load_checkpoint, resnet_trunk_state
-from pipeline.training.finetune import (
-    VIEW_DRAWS,
-    EndToEnd,
-    FinetuneError,
-    TaskClips,
-    build_backbone,
-    finetune,
-    make_finetune_config,
-    split_videos,
-)
-from pipeline.training.loop import TrainError
+from pipeline.training.clips import VIEW_DRAWS, FinetuneError, TaskClips, split_videos
+from pipeline.training.config import TrainError
+from pipeline.training.finetune import EndToEnd, build_backbone, finetune, make_finetune_config
 from pipeline.training.runs import read_metrics
 from pipeline.training.train import make_config, train
 from stages.app import app
@@ -594,7 +587,7 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_weights_and_writes_are_a
     renamed = []
     real_replace = os.replace
     monkeypatch.setattr(
-        "pipeline.training.runs.os.replace", lambda a, b: (renamed.append(Path(b).name), real_replace(a, b))
+        "pipeline.runtime.files.os.replace", lambda a, b: (renamed.append(Path(b).name), real_replace(a, b))
     )
     monkeypatch.chdir(root)  # resumed with --videos and --manifest relative: the same videos
     result = CliRunner().invoke(app, _args(Path("."), heads, out, "--resume", "--workers", "0"))
@@ -603,3 +596,24 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_weights_and_writes_are_a
     _states_equal(out / "last.pt", tuned[0] / "last.pt")
     strip = lambda records: [{k: v for k, v in r.items() if k != "tasks_per_s"} for r in records]  # noqa: E731
     assert strip(read_metrics(out)) == strip(read_metrics(tuned[0]))
+
+
+def test_kills_at_random_moments_then_resume_end_with_the_uninterrupted_weights(world, tuned, tmp_path):
+    """SIGKILL at seeded random moments, `--resume` each time: the uninterrupted run's weights and
+    metrics. `make faults` runs 20 kills."""
+    root, _, _, heads = world
+    out = tmp_path / "killed"
+    extra = ["--episodes", "16", "--val-every", "16", "--val-episodes", "20", "--checkpoint-every", "4"]
+    args = _args(root, heads, out, *extra, "--log-every", "4", "--workers", "0", "--resume")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", "from stages.app import main; main()", *args]
+    timing = _args(root, heads, tmp_path / "timing", *extra, "--log-every", "4", "--workers", "0")
+    duration = timed_run([sys.executable, "-c", "from stages.app import main; main()", *timing], env=env, cwd=REPO)
+    campaign = kill_at_random(
+        cmd, env=env, cwd=REPO, kills=kills_from_env(3), seed=seed_from_env(3), duration_s=duration
+    )
+    assert campaign.final_returncode == 0, campaign.summary() + campaign.final_stderr
+    _states_equal(out / "last.pt", tuned[0] / "last.pt")
+    strip = lambda records: [{k: v for k, v in r.items() if k != "tasks_per_s"} for r in records]  # noqa: E731
+    assert strip(read_metrics(out)) == strip(read_metrics(tuned[0]))
+    print(f"finetune faults: {campaign.summary()}")

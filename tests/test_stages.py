@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.features.cache import write_random_cache
+from pipeline.features.copies import write_random_cache
 from stages.app import app
 
 REPO = Path(__file__).resolve().parents[1]

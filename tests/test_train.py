@@ -17,21 +17,19 @@ import numpy as np
 import pytest
 import torch
 from collectives_probe import assert_collectives_on
+from faults import kill_at_random, kills_from_env, seed_from_env, timed_run
 from typer.testing import CliRunner
 
 from pipeline.evaluation.batched import evaluate
-from pipeline.features.cache import (
-    CacheWriter,
-    SplitLayout,
-    open_cache,
-    write_random_cache,
-)
+from pipeline.features.cache import CacheWriter, SplitLayout, open_cache
+from pipeline.features.copies import write_random_cache
 from pipeline.heads import build_heads, load_heads
 from pipeline.training.runs import read_metrics
 from pipeline.training.train import TrainError, make_config, train
 
 SMALL = {"trm_dim": 32}  # D' = 32 keeps a task at D = 32 in tens of milliseconds
 CLI = "from stages.app import main; main()"
+REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -118,6 +116,38 @@ def test_it_learns_and_checkpoints_load_weights_only(tmp_path):
     assert again == pytest.approx(result.best_val_accuracy)
     info = json.loads((tmp_path / "run" / "config.json").read_text())
     assert info["config"]["lr"] == 3e-3 and info["cache"]["fingerprint"]["dataset"] == "informative"
+
+
+def _same_run(a: Path, b: Path) -> None:
+    """Two run folders hold the same training: weights, optimiser state, metrics (timing aside)."""
+    ca, cb = torch.load(a / "last.pt", weights_only=True), torch.load(b / "last.pt", weights_only=True)
+    assert ca["task_index"] == cb["task_index"]
+    for key, value in ca["model"].items():
+        assert torch.equal(value, cb["model"][key]), key
+    for index, state in ca["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, cb["optimizer"]["state"][index][name]), (index, name)
+    strip = lambda records: [{k: v for k, v in r.items() if k != "tasks_per_s"} for r in records]  # noqa: E731
+    assert strip(read_metrics(a)) == strip(read_metrics(b))
+    best_a, best_b = torch.load(a / "best.pt", weights_only=True), torch.load(b / "best.pt", weights_only=True)
+    for key, value in best_a["model"].items():
+        assert torch.equal(value, best_b["model"][key]), f"best.pt {key}"
+
+
+def test_kills_at_random_moments_then_resume_end_with_the_uninterrupted_run(tmp_path):
+    """SIGKILL at seeded random moments, `--resume` each time: the same weights, optimiser state,
+    metrics and best.pt as one uninterrupted run. `make faults` runs 20 kills."""
+    cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2), "val": (5, 3, 1)}, dim=32)
+    args = ["--cache", str(cache), "--episodes", "60", "--shot", "2", "--queries", "2", "--val-every", "20"]
+    args += ["--val-episodes", "10", "--checkpoint-every", "5", "--heads-option", "trm_dim=32", "--seed", "3"]
+    duration = timed_run(_cli(*args, "--out", str(tmp_path / "whole")), env=_env(), cwd=REPO)
+    cmd = _cli(*args, "--out", str(tmp_path / "killed"), "--resume")
+    campaign = kill_at_random(
+        cmd, env=_env(), cwd=REPO, kills=kills_from_env(3), seed=seed_from_env(2), duration_s=duration
+    )
+    assert campaign.final_returncode == 0, campaign.summary() + campaign.final_stderr
+    _same_run(tmp_path / "whole", tmp_path / "killed")
+    print(f"train-heads faults: {campaign.summary()}, {duration:.1f} s uninterrupted")
 
 
 def test_kill_9_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
@@ -213,7 +243,7 @@ def test_caches_and_options_that_do_not_fit_are_clear_errors(tmp_path):
         train(config, other, tmp_path / "run", resume=True)
     with pytest.raises(TrainError, match="D=32.*D=48"):
         train(config, wider, tmp_path / "run", resume=True)
-    with pytest.raises(TrainError, match="already holds a run"):
+    with pytest.raises(TrainError, match="holds an earlier run.*--resume.*--overwrite"):
         train(config, cache, tmp_path / "run")
     longer = train(replace(config, episodes=6), cache, tmp_path / "run", resume=True)  # constant lr: may extend
     assert longer.tasks_done == 6 and read_metrics(tmp_path / "run")[-1]["task"] == 6
@@ -417,3 +447,43 @@ def test_a_resumed_run_does_not_log_its_tasks_twice_to_tensorboard(tmp_path):
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+def test_a_finished_run_folder_is_never_overwritten_unless_asked(tmp_path):
+    """Deleting last.pt (as large as best.pt) and training again into the same --out used to replace
+    best.pt, metrics.jsonl and config.json silently: any earlier run file now stops a new run."""
+    cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2), "val": (5, 3, 1)}, dim=32)
+    config = make_config("frozen", episodes=4, shot=2, queries=2, heads_options=SMALL, val_every=2, val_episodes=5)
+    out = tmp_path / "run"
+    train(config, cache, out)
+    (out / "last.pt").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {"best.pt", "metrics.jsonl", "config.json"} <= set(before)
+    with pytest.raises(TrainError, match=r"holds an earlier run \(config.json, metrics.jsonl, best.pt"):
+        train(config, cache, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # every file as it was
+    train(config, cache, out, overwrite=True)
+    assert (out / "last.pt").exists() and read_metrics(out)[-1]["task"] == 4
+
+
+def test_best_pt_written_after_last_pt_is_not_replaced_by_a_worse_replay(tmp_path):
+    """A run killed between best.pt and last.pt resumes from an older last.pt; the best.pt on disk is
+    newer. A replayed validation that is worse (on a GPU a replay is not bit-identical) keeps it."""
+    cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2), "val": (5, 3, 1)}, dim=32)
+    config = make_config(
+        "frozen", episodes=8, shot=2, queries=2, heads_options=SMALL, val_every=4, val_episodes=5, checkpoint_every=4
+    )
+    out = tmp_path / "run"
+    train(replace(config, episodes=4), cache, out)  # last.pt at task 4 vouches for best.pt of task 4
+    early = (out / "last.pt").read_bytes()
+    state = torch.load(out / "last.pt", weights_only=True)["state"]
+    assert state["best_sha256"] is not None
+    best = torch.load(out / "best.pt", weights_only=True)
+    best["val"]["accuracy"], best["task_index"] = 101.0, 8  # as if a later validation (task 8) had been saved
+    torch.save(best, out / "best.pt")
+    newer = (out / "best.pt").read_bytes()
+    (out / "last.pt").write_bytes(early)
+    result = train(config, cache, out, resume=True)
+    assert (out / "best.pt").read_bytes() == newer  # a replay at 100% or less does not replace it
+    assert result.best_val_accuracy == 101.0 and result.best_task == 8
+    assert any("best.pt was saved after last.pt" in n for n in result.notes)

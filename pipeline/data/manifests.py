@@ -20,7 +20,7 @@ import pandas as pd
 
 from pipeline.data.video import FRAMES, VideoError, count_frames
 from pipeline.runtime import distributed
-from pipeline.runtime.workers import imap_isolated
+from pipeline.runtime.workers import TIME_LIMIT_S, imap_isolated
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ("video_id", "class", "split", "path", "n_frames", "status")
@@ -180,8 +180,9 @@ def build_manifest(
     if split_dir is not None:
         rows = list(_rows_from_lists(read_split_lists(split_dir), index))
     else:
-        assert classes_csv is not None or spec.classes_csv is not None
-        rows = list(_rows_from_classes(read_class_splits(classes_csv or spec.classes_csv), index))
+        class_csv = classes_csv or spec.classes_csv
+        assert class_csv is not None  # the needs == "classes_csv" check above, or a bundled CSV
+        rows = list(_rows_from_classes(read_class_splits(class_csv), index))
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     order = {split: k for k, split in enumerate(SPLITS)}
     table = table.sort_values(["split", "class", "video_id"], key=lambda c: c.map(order) if c.name == "split" else c)
@@ -246,7 +247,7 @@ def validate_manifest(
     workers: int = 2,
     progress: Callable[[int], None] | None = None,
     *,
-    timeout_s: float | None = 600.0,
+    timeout_s: float | None = TIME_LIMIT_S,
 ) -> pd.DataFrame:
     """Open every video with a path and read its true frame count, in `workers` processes.
 
@@ -267,7 +268,11 @@ def validate_manifest(
         _probe, rows, workers=min(workers, len(rows)), max_in_flight=2 * workers, timeout_s=timeout_s
     )
     for (row, _), result, error in results:
-        n_frames[row], status[row] = result if error is None else (-1, f"unreadable: {error}")
+        if error is None:
+            assert result is not None  # an item without an error carries _probe's result
+            n_frames[row], status[row] = result
+        else:
+            n_frames[row], status[row] = -1, f"unreadable: {error}"
         if progress is not None:
             progress(1)
     out["n_frames"], out["status"] = n_frames, status

@@ -221,7 +221,7 @@ def draw_scene(rng: np.random.Generator, spec: SynthSpec = SynthSpec()) -> Scene
     d_image = np.asarray(_photo_crop(rng, int(distractor), d_side), dtype=np.float32) / 255
     background[top : top + d_side, left : left + d_side] = d_image
     curtain = (rng.uniform(0, 1, size=3), rng.uniform(0, 1, size=3), int(rng.integers(5, 11)))
-    return Scene(background, photo, side, centre, circle, curtain, size)  # type: ignore[arg-type]
+    return Scene(background, photo, side, centre, circle, curtain, size)
 
 
 def primitive_state(primitive: str, progress: float, scene: Scene, spec: SynthSpec = SynthSpec()) -> State:

@@ -167,7 +167,7 @@ def crop_view(
     frames: torch.Tensor, train: bool, rng: np.random.Generator | None, spec: ViewSpec = ViewSpec()
 ) -> torch.Tensor:
     """Resized frames [T, 3, H, W] -> [T, 3, crop, crop]: draw_crop, then apply it to every frame."""
-    return draw_crop(*frames.shape[-2:], train, rng, spec).apply(frames)
+    return draw_crop(frames.shape[-2], frames.shape[-1], train, rng, spec).apply(frames)
 
 
 def transform_view(
@@ -204,7 +204,7 @@ def load_views(
     position = {index: k for k, index in enumerate(union)}
     out = torch.empty((len(plans), FRAMES, 3, spec.crop, spec.crop), dtype=torch.uint8)
     for k, (train, rng, indices) in enumerate(plans):
-        crop = draw_crop(*frames.shape[-2:], train, rng, spec)
+        crop = draw_crop(frames.shape[-2], frames.shape[-1], train, rng, spec)
         for j, index in enumerate(indices):
             out[k, j] = crop.apply(frames[position[index]])  # the one copy of each frame
     return out
@@ -234,7 +234,7 @@ def load_window(path: Path | str, first: int, count: int, spec: ViewSpec = ViewS
     indices = [first + i for i in sample_indices(count)]
     frames = resize_short_side(decode_frames(path, sorted(set(indices))), spec)
     position = {index: k for k, index in enumerate(sorted(set(indices)))}
-    crop = draw_crop(*frames.shape[-2:], False, None, spec)
+    crop = draw_crop(frames.shape[-2], frames.shape[-1], False, None, spec)
     return torch.stack([crop.apply(frames[position[i]]) for i in indices])
 
 

@@ -20,7 +20,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -87,7 +87,9 @@ def embed_split(
 
     def encode(start: int) -> Any:
         with torch.inference_mode(), _autocast(device, autocast):  # both are per thread
-            return heads.encode(chunk(start).to(device=device, dtype=torch.float32, non_blocking=True))
+            return cast("Callable[..., Any]", heads.encode)(
+                chunk(start).to(device=device, dtype=torch.float32, non_blocking=True)
+            )
 
     parts = []
     with _cpu_streams(device) as streams:
@@ -123,9 +125,11 @@ def relate_tasks(
     labels = torch.as_tensor(tasks.support_labels, device=device)
     with torch.inference_mode(), _autocast(device, autocast):
         if qc_tables is None:
-            return heads.relate(embedding[support], labels, embedding[query], way)
+            return cast("Callable[..., HeadsOutput]", heads.relate)(embedding[support], labels, embedding[query], way)
         nearest = [table[query[:, :, None], support[:, None, :]] for table in qc_tables]  # [B, n_q, n_s, T]
-        return heads.relate(embedding[support], labels, embedding[query], way, qc_nearest=nearest)
+        return cast("Callable[..., HeadsOutput]", heads.relate)(
+            embedding[support], labels, embedding[query], way, qc_nearest=nearest
+        )
 
 
 # QC's table: each block of `qc.nearest_block` multiplies the tuples of 32 videos with those of 32

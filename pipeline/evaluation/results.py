@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.data.episodes import TaskBatch
 
 if TYPE_CHECKING:
-    from pipeline.features.readers import SplitFeatures
+    from pipeline.features.readers import SplitReader
 
 
 Z95 = 1.96
@@ -85,7 +85,7 @@ class EvalResult:
         )
 
 
-def _score(tasks: TaskBatch, predicted: np.ndarray, split: SplitFeatures, settings: dict[str, Any]) -> EvalResult:
+def _score(tasks: TaskBatch, predicted: np.ndarray, split: SplitReader, settings: dict[str, Any]) -> EvalResult:
     """Per-task accuracy, per-class accuracy and the confusion matrix from predicted task labels."""
     correct = predicted == tasks.query_labels
     true_class = np.take_along_axis(tasks.classes, tasks.query_labels, axis=1)

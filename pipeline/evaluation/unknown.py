@@ -15,12 +15,17 @@ leave-one-out spread, QC's nearest-tuple distance, and their combinations.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from pipeline.heads import HeadsOutput
 
 DEFAULT_SCORE = "zscore"  # the best measured on the demo's heads (README), and defined for every model
 
@@ -31,7 +36,7 @@ def relate(
     """(fused logits, QC logits or None) of queries against the support, in eval mode, no grad."""
     model.eval()
     with torch.inference_mode():
-        out = model.relate(support, labels, query, way)
+        out = cast("Callable[..., HeadsOutput]", model.relate)(support, labels, query, way)
     return out.logits.float().cpu(), None if out.qc_logits is None else out.qc_logits.float().cpu()
 
 
@@ -87,13 +92,12 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def _spread(values: torch.Tensor, labels: torch.Tensor, way: int) -> tuple[np.ndarray, np.ndarray]:
     """Per action, the mean and std of its own clips' values; the pooled ones where it has fewer than 2."""
-    values = values.double().numpy()
-    labels = labels.numpy()
-    pooled_mean = float(values.mean()) if len(values) else 0.0
-    pooled_std = float(values.std()) if len(values) > 1 else 1.0
+    array, classes = values.double().numpy(), labels.numpy()
+    pooled_mean = float(array.mean()) if len(array) else 0.0
+    pooled_std = float(array.std()) if len(array) > 1 else 1.0
     mean, std = np.full(way, pooled_mean), np.full(way, max(pooled_std, 1e-6))
     for c in range(way):
-        own = values[labels == c]
+        own = array[classes == c]
         if len(own) >= 2:
             mean[c], std[c] = own.mean(), max(own.std(), 1e-6)
     return mean, std

@@ -2,9 +2,10 @@
 4x4 max pool) and the Zarr cache with its feature recipe and split readers.
 """
 
-from pipeline.features.backbones import PRESETS, Backbone, get_backbone, patch_features
+from pipeline.features.backbones import Backbone, get_backbone, patch_features
 from pipeline.features.cache import CacheWriter, FeatureCache, FeatureRecipe, open_cache
 from pipeline.features.extract import ExtractSettings, RunOptions
+from pipeline.features.presets import PRESETS
 from pipeline.features.readers import LOADINGS, CacheError, SplitFeatures, SplitReader
 from pipeline.features.weights import OFFLINE_DEFAULT, WeightsUnavailable, file_sha256
 

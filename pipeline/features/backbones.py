@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
+from pipeline.features.presets import PRESETS
 from pipeline.features.weights import (
     file_sha256,
     lite0_timm_state_dict,
@@ -38,7 +38,8 @@ from pipeline.features.weights import (
 )
 
 if TYPE_CHECKING:
-    from timm.models import PretrainedCfg
+    from timm.models import EfficientNet, FeatureInfo, PretrainedCfg
+    from torchvision.models import VisionTransformer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,7 +78,9 @@ class Backbone(nn.Module):
 
     def place(self, device: torch.device) -> Backbone:
         """On `device` with channels-last weights, the layout `patch_features` feeds it (faster convolutions)."""
-        return self.to(device=device, memory_format=torch.channels_last)
+        return self.to(  # type: ignore[call-overload]  # torch's stubs lack to(device=, memory_format=); it works
+            device=device, memory_format=torch.channels_last
+        )
 
     def prepare(self, frames: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """uint8 [..., 3, H, W] -> float input: [0, 1], then this backbone's mean/std unless told not to
@@ -133,7 +136,7 @@ def _resnet50(weights: Path | None, layer: str | None, pretrained: bool, image_s
 class _ViTPatchMap(nn.Module):
     """torchvision ViT run to its final LayerNorm; the patch tokens (class token dropped) as a map."""
 
-    def __init__(self, vit: nn.Module) -> None:
+    def __init__(self, vit: VisionTransformer) -> None:
         super().__init__()
         self.vit = vit
         self.vit.heads = nn.Identity()
@@ -177,14 +180,16 @@ def _efficientnet_lite0(weights: Path | None, layer: str | None, pretrained: boo
     layer = layer or "head"
     if layer not in ("head", "last_block"):
         raise ValueError(f"tf_efficientnet_lite0 has layers 'head' (D=1280) and 'last_block' (D=320), not {layer!r}")
-    model = seeded(lambda: timm.create_model("tf_efficientnet_lite0", pretrained=False), TINY_SEED)
+    model = cast(
+        "EfficientNet", seeded(lambda: timm.create_model("tf_efficientnet_lite0", pretrained=False), TINY_SEED)
+    )
     path = weights if weights is not None else (lite0_wheel_weights() if pretrained else None)
     if path is not None:
         model.load_state_dict(lite0_timm_state_dict(load_file(path), model))
         weights_id = file_sha256(path)
     else:
         weights_id = random_id(model, TINY_SEED)
-    cfg = model.pretrained_cfg
+    cfg = cast("dict[str, Any]", model.pretrained_cfg)  # a dict: timm's builder sets it
     model.reset_classifier(0)
     dim = model.num_features
     if layer == "last_block":
@@ -217,7 +222,8 @@ class _ForwardFeatures(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.model.forward_features(x)
+        forward_features = cast("Callable[[torch.Tensor], torch.Tensor]", self.model.forward_features)  # timm's
+        y = forward_features(x)
         if y.dim() == 4:
             return y
         tokens = y[:, getattr(self.model, "num_prefix_tokens", 0) :]
@@ -248,7 +254,7 @@ def _dinov2_unchunked(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key): value for key, value in state.items()}
 
 
-def _hub_file(cfg: PretrainedCfg | None) -> str | None:
+def _hub_file(cfg: PretrainedCfg | None) -> str | tuple[str, str] | None:
     """What to download by hand for a timm pretrained config, if it says."""
     if cfg is not None and cfg.hf_hub_id:
         repo = cfg.hf_hub_id
@@ -257,6 +263,30 @@ def _hub_file(cfg: PretrainedCfg | None) -> str | None:
             f"(https://huggingface.co/{repo})"
         )
     return cfg.url if cfg is not None and cfg.url else None
+
+
+def _create_timm(
+    build: Callable[[], nn.Module], weights: Path | None, pretrained: bool, label: str, cfg: PretrainedCfg | None
+) -> nn.Module:
+    """The timm model with its weights: from `weights` (already in timm's overlay), the hub, or seeded
+    random; a file that does not fit and a hub that cannot be reached are one-line errors."""
+    if weights is not None:
+        try:
+            model = seeded(build, TINY_SEED)
+        except RuntimeError as err:  # missing / unexpected keys, shapes that do not fit
+            raise ValueError(f"{weights}: these weights do not fit {label}: {err}") from err
+        for module in model.modules():  # timm's configs keep a (deep) copy of the weights alive
+            for attr in ("pretrained_cfg", "default_cfg"):
+                if isinstance(getattr(module, attr, None), dict):
+                    getattr(module, attr).pop("state_dict", None)
+    elif pretrained:
+        try:
+            model = build()
+        except Exception as err:  # noqa: BLE001 - hub download failures come in many types
+            raise unavailable(label, "timm / Hugging Face hub", err, _hub_file(cfg)) from err
+    else:
+        model = seeded(build, TINY_SEED)
+    return model
 
 
 def _timm(
@@ -284,18 +314,18 @@ def _timm(
         )
     label = f"{preset} ({name})" if preset else name
     cfg = timm.models.get_pretrained_cfg(name)
-    size: dict[str, object] = {}
+    size: dict[str, Any] = {}
     if image_size is not None and cfg is not None and cfg.fixed_input_size:
         size["img_size"] = image_size
     layer = layer or "features"
-    kwargs: dict[str, object] = {"pretrained": pretrained or weights is not None, **size}
+    kwargs: dict[str, Any] = {"pretrained": pretrained or weights is not None, **size}
     if layer == "features":
         kwargs["num_classes"] = 0
     else:
         # The whole model's feature_info lists every level (a ViT's features_only default keeps only its
         # last 3 blocks); out_indices index this list.
         probe = timm.create_model(name, pretrained=False, **size)
-        modules = [info["module"] for info in probe.feature_info]
+        modules = [info["module"] for info in cast("list[dict[str, Any]]", probe.feature_info)]
         if layer not in modules:
             raise ValueError(f"{name} has layers 'features' and {modules}, not {layer!r}")
         kwargs.update(features_only=True, out_indices=(modules.index(layer),))
@@ -309,25 +339,7 @@ def _timm(
             state = {k: v for k, v in state.items() if k not in (f"{head}.weight", f"{head}.bias")}
         kwargs["pretrained_cfg_overlay"] = {"state_dict": state, "num_classes": 0}
 
-    def build() -> nn.Module:
-        return timm.create_model(name, **kwargs)
-
-    if weights is not None:
-        try:
-            model = seeded(build, TINY_SEED)
-        except RuntimeError as err:  # missing / unexpected keys, shapes that do not fit
-            raise ValueError(f"{weights}: these weights do not fit {label}: {err}") from err
-        for module in model.modules():  # timm's configs keep a (deep) copy of the weights alive
-            for attr in ("pretrained_cfg", "default_cfg"):
-                if isinstance(getattr(module, attr, None), dict):
-                    getattr(module, attr).pop("state_dict", None)
-    elif pretrained:
-        try:
-            model = build()
-        except Exception as err:  # noqa: BLE001 - hub download failures come in many types
-            raise unavailable(label, "timm / Hugging Face hub", err, _hub_file(cfg)) from err
-    else:
-        model = seeded(build, TINY_SEED)
+    model = _create_timm(lambda: timm.create_model(name, **kwargs), weights, pretrained, label, cfg)
     # The tensors as loaded (timm's layout, at this input size): the same weights give the same id
     # whether they came from the hub, a safetensors file or a torch file in either layout.
     loaded = weights is not None or pretrained
@@ -335,9 +347,9 @@ def _timm(
     data = resolve_model_data_config(model)
     if layer == "features":
         trunk: nn.Module = _ForwardFeatures(model)
-        dim = model.num_features
+        dim = cast(int, model.num_features)
     else:
-        trunk, dim = _FeatureLevel(model), model.feature_info.channels()[0]
+        trunk, dim = _FeatureLevel(model), cast("FeatureInfo", model.feature_info).channels()[0]
     return Backbone(
         trunk,
         name=name,
@@ -349,51 +361,6 @@ def _timm(
         interpolation=data["interpolation"],
         preset=preset,
     )
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A short backbone name: the timm model (architecture.pretrained_tag), the input side it is built
-    for by default (the crop), and its map's width D."""
-
-    timm_name: str
-    image_size: int
-    dim: int
-    description: str
-
-
-# Frozen ViTs stronger than the paper's ResNet-50. At 224 px a patch-14 model gives 16 x 16 tokens,
-# a patch-16 one 14 x 14. OpenAI's CLIP is timm's QuickGELU variant: the activation it was trained with.
-PRESETS: dict[str, Preset] = {
-    "dinov2_vits14": Preset(
-        "vit_small_patch14_dinov2.lvd142m", 224, 384, "DINOv2 ViT-S/14, self-supervised (LVD-142M)"
-    ),
-    "dinov2_vitb14": Preset("vit_base_patch14_dinov2.lvd142m", 224, 768, "DINOv2 ViT-B/14, self-supervised (LVD-142M)"),
-    "dinov2_vitl14": Preset(
-        "vit_large_patch14_dinov2.lvd142m", 224, 1024, "DINOv2 ViT-L/14, self-supervised (LVD-142M)"
-    ),
-    "dinov2_vits14_reg": Preset(
-        "vit_small_patch14_reg4_dinov2.lvd142m",
-        224,
-        384,
-        "DINOv2 ViT-S/14 with 4 register tokens (maps without artefact tokens)",
-    ),
-    "dinov2_vitb14_reg": Preset(
-        "vit_base_patch14_reg4_dinov2.lvd142m", 224, 768, "DINOv2 ViT-B/14 with 4 register tokens"
-    ),
-    "dinov2_vitl14_reg": Preset(
-        "vit_large_patch14_reg4_dinov2.lvd142m", 224, 1024, "DINOv2 ViT-L/14 with 4 register tokens"
-    ),
-    "clip_vitb16": Preset("vit_base_patch16_clip_quickgelu_224.openai", 224, 768, "OpenAI CLIP ViT-B/16 image tower"),
-    "clip_vitl14": Preset("vit_large_patch14_clip_quickgelu_224.openai", 224, 1024, "OpenAI CLIP ViT-L/14 image tower"),
-    "siglip_vitb16": Preset("vit_base_patch16_siglip_224.webli", 224, 768, "SigLIP ViT-B/16 image tower (WebLI)"),
-    "siglip2_vitb16": Preset("vit_base_patch16_siglip_224.v2_webli", 224, 768, "SigLIP 2 ViT-B/16 image tower (WebLI)"),
-}
-
-
-def preset_lines() -> list[str]:
-    """One line per preset (name, timm model, D, default crop, what it is), for help texts."""
-    return [f"{name}: {p.timm_name}, D={p.dim}, crop {p.image_size}; {p.description}" for name, p in PRESETS.items()]
 
 
 # ---------------------------------------------------------------------------------------------

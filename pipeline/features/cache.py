@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from importlib import metadata
 from pathlib import Path
+from typing import Any, Literal, TypeAlias, cast
 
 import numpy as np
 import torch
@@ -39,16 +40,19 @@ import zarr
 
 from pipeline.data.video import ViewSpec
 from pipeline.features.readers import (
+    CacheBusy,
     CacheError,
     SplitFeatures,
     SplitReader,
     StreamedSplit,
     choose_loading,
 )
+from pipeline.runtime.files import sync_dir, sync_file
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
 STORED_DTYPE = "float16"
+CacheMode: TypeAlias = Literal["r", "r+"]  # read, or read and write; zarr's "a"/"w" would clobber a cache
 
 
 def cache_key(fingerprint: dict) -> str:
@@ -127,6 +131,10 @@ class FeatureRecipe:
 
     def fingerprint(self, dataset: str, manifest: str, videos: int) -> dict:
         """The readable record whose hash is the cache key (the keys of every existing cache)."""
+        normalize = _NO_NORMALIZE
+        if self.normalize:
+            assert self.mean is not None and self.std is not None  # normalize: mean given; std comes with it
+            normalize = f"mean={list(self.mean)} std={list(self.std)}"
         fp = {
             "dataset": dataset,
             "manifest": manifest,
@@ -137,7 +145,7 @@ class FeatureRecipe:
             "short_side": self.short_side,
             "crop": self.crop,
             "flip": self.flip,
-            "normalize": f"mean={list(self.mean)} std={list(self.std)}" if self.normalize else _NO_NORMALIZE,
+            "normalize": normalize,
             "frames": self.frames,
             "patches": self.patches,
             "train_views": self.train_views,
@@ -189,6 +197,11 @@ class FeatureRecipe:
         return cls(**values)
 
 
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    """A split's member array; zarr types a group's members as arrays or groups."""
+    return cast(zarr.Array, group[name])
+
+
 def _versions() -> dict[str, str]:
     return {name: metadata.version(name) for name in ("torch", "zarr", "numpy")}
 
@@ -206,7 +219,7 @@ class SplitLayout:
 class FeatureCache:
     """Read access to a cache; `CacheWriter` adds the writes."""
 
-    def __init__(self, path: Path | str, mode: str = "r") -> None:
+    def __init__(self, path: Path | str, mode: CacheMode = "r") -> None:
         self.path = Path(path)
         if not (self.path / "zarr.json").exists():
             raise CacheError(f"{self.path}: not a feature cache (no zarr.json); build one with `strm extract`")
@@ -216,7 +229,7 @@ class FeatureCache:
             raise CacheError(
                 f"{self.path}: cache schema {attrs.get('schema')!r}, this strm reads schema {SCHEMA_VERSION}"
             )
-        self.attrs = attrs
+        self.attrs: dict[str, Any] = attrs
 
     @property
     def fingerprint(self) -> dict:
@@ -250,30 +263,30 @@ class FeatureCache:
     def _split(self, split: str) -> zarr.Group:
         if split not in self.root:
             raise CacheError(f"{self.path}: no split {split!r} (has {', '.join(self.splits) or 'none'})")
-        return self.root[split]
+        return cast(zarr.Group, self.root[split])  # a cache's splits are groups
 
     def views(self, split: str) -> int:
-        return int(self._split(split).attrs["views"])
+        return int(cast(int, self._split(split).attrs["views"]))
 
     def video_ids(self, split: str) -> list[str]:
-        return list(self._split(split).attrs["video_ids"])
+        return list(cast("list[str]", self._split(split).attrs["video_ids"]))
 
     def class_names(self, split: str) -> list[str]:
-        return list(self._split(split).attrs["class_names"])
+        return list(cast("list[str]", self._split(split).attrs["class_names"]))
 
     def labels(self, split: str) -> np.ndarray:
-        return self._split(split)["labels"][:]
+        return cast(np.ndarray, _array(self._split(split), "labels")[:])
 
     def done(self, split: str) -> np.ndarray:
-        return self._split(split)["done"][:]
+        return cast(np.ndarray, _array(self._split(split), "done")[:])
 
     def features_array(self, split: str) -> zarr.Array:
         """The on-disk array, for readers that stream chunks instead of loading a split."""
-        return self._split(split)["features"]
+        return _array(self._split(split), "features")
 
     def failures(self, split: str) -> list[tuple[str, str]]:
         """(video_id, reason) for every video whose extraction failed and is not done."""
-        reasons = self._split(split)["failure"][:]
+        reasons = cast(np.ndarray, _array(self._split(split), "failure")[:])
         ids = self.video_ids(split)
         return [(ids[i], str(r)) for i, r in enumerate(reasons) if r]
 
@@ -351,10 +364,60 @@ def open_cache(path: Path | str) -> FeatureCache:
 
 
 class CacheWriter(FeatureCache):
-    """Writes one video's features at a time; one process must own each video it writes."""
+    """Writes one video's features at a time; one process must own each video it writes.
 
-    def __init__(self, path: Path | str) -> None:
+    `durable`: each video's chunk is on the disk (fsync) before its `done` flag is written, and the
+    flag before the next video, so after a power loss a done video's features are there too.
+    """
+
+    def __init__(self, path: Path | str, durable: bool = True) -> None:
         super().__init__(path, mode="r+")
+        self.durable = durable
+        self._lock: int | None = None
+
+    def lock_path(self, rank: int) -> Path:
+        """Beside the Zarr group (a file inside it would be read as a broken member)."""
+        return self.path.parent / f".{self.path.name}.writer{rank}.lock"
+
+    def hold(self, rank: int = 0) -> None:
+        """Become this rank's one writer of the cache, or raise CacheBusy naming the process that is.
+
+        An flock: the kernel drops it when its holder ends in any way (kill -9 included), so a killed
+        extraction never leaves the cache locked. torchrun ranks hold one lock each and write
+        disjoint videos.
+        """
+        import fcntl
+        import os
+        import socket
+
+        fd = os.open(self.lock_path(rank), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise CacheBusy(
+                f"{self.path}: another extraction is writing this cache ({holder}); "
+                "wait for it to end (or stop it), then run the same command again: it resumes"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, rank {rank}".encode(), 0)
+        self._lock = fd
+
+    def release(self) -> None:
+        """Give the writer lock back (closing the file drops the flock)."""
+        import os
+
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _sync_chunk(self, array: zarr.Array, index: int) -> None:
+        if self.durable:
+            key = array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
+            chunk = self.path / array.path / key
+            sync_file(chunk)
+            sync_dir(chunk.parent)
 
     @classmethod
     def create(
@@ -427,86 +490,24 @@ class CacheWriter(FeatureCache):
         group = self._split(split)
         if isinstance(features, torch.Tensor):
             features = features.detach().cpu().numpy()
-        expected = tuple(group["features"].shape[1:])
+        expected = tuple(_array(group, "features").shape[1:])
         if tuple(features.shape) != expected:
             raise ValueError(
                 f"features of {split}[{index}] have shape {tuple(features.shape)}, cache expects {expected}"
             )
-        group["features"][index] = features.astype(np.float16, copy=False)
-        group["failure"][index] = ""
-        group["done"][index] = True
+        stored = features.astype(np.float16, copy=False)
+        if not np.isfinite(stored).all():  # extraction fails such a video first; never store one
+            raise CacheError(f"features of {split}[{index}] are not finite in float16 (inf or NaN)")
+        _array(group, "features")[index] = stored
+        self._sync_chunk(_array(group, "features"), index)
+        _array(group, "failure")[index] = ""
+        _array(group, "done")[index] = True
+        self._sync_chunk(_array(group, "done"), index)
+
+    def mark_all_done(self, split: str) -> None:
+        """Every video of the split done, after its whole features array was written at once."""
+        _array(self._split(split), "done")[:] = True
 
     def fail(self, split: str, index: int, reason: str) -> None:
         """Record why a video could not be extracted; it stays not-done."""
-        self._split(split)["failure"][index] = reason.replace("\n", " ")[:500]
-
-
-def export_hdf5(cache: FeatureCache, out: Path | str) -> Path:
-    """Write the cache's arrays and attributes to one HDF5 file, for tools that read HDF5."""
-    import h5py
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(out, "w") as f:
-        f.attrs["fingerprint"] = json.dumps(cache.fingerprint, sort_keys=True)
-        f.attrs["key"] = cache.key
-        for split in cache.splits:
-            g = f.create_group(split)
-            array = cache.features_array(split)
-            dset = g.create_dataset(
-                "features", shape=array.shape, dtype="float16", chunks=(1,) + tuple(array.shape[1:])
-            )
-            for i in range(array.shape[0]):
-                dset[i] = array[i]
-            g.create_dataset("labels", data=cache.labels(split))
-            g.create_dataset("done", data=cache.done(split))
-            g.create_dataset(
-                "video_ids", data=np.array(cache.video_ids(split), dtype=object), dtype=h5py.string_dtype()
-            )
-            g.attrs["class_names"] = json.dumps(cache.class_names(split))
-            g.attrs["failures"] = json.dumps(cache.failures(split))
-    return out
-
-
-def write_random_cache(
-    path: Path | str,
-    *,
-    splits: dict[str, tuple[int, int, int]],
-    frames: int = 8,
-    patches: int = 16,
-    dim: int = 64,
-    seed: int = 0,
-    signal: float = 1.0,
-) -> Path:
-    """A small cache of class-structured random features, written through the real writer.
-
-    Each class has a random [L, P*P, D] pattern; a video is its class pattern times `signal` plus
-    unit noise, so heads can learn it and evaluation has something to measure. For tests and
-    benchmarks; split -> (classes, videos per class, views).
-    """
-    rng = np.random.default_rng(seed)
-    layouts, data = {}, {}
-    for split, (classes, per_class, views) in splits.items():
-        names = [f"{split}_class_{c:03d}" for c in range(classes)]
-        labels = np.repeat(np.arange(classes), per_class)
-        patterns = rng.standard_normal((classes, frames, patches, dim)).astype(np.float32)
-        noise = rng.standard_normal((len(labels), views, frames, patches, dim)).astype(np.float32)
-        data[split] = (signal * patterns[labels][:, None] + noise).astype(np.float16)
-        layouts[split] = SplitLayout(
-            video_ids=[f"{names[c]}/v{i:04d}" for i, c in enumerate(labels)],
-            labels=labels.tolist(),
-            class_names=names,
-            views=views,
-        )
-    fingerprint = {
-        "dataset": "random",
-        "seed": seed,
-        "signal": signal,
-        "splits": {s: list(v) for s, v in splits.items()},
-    }
-    writer = CacheWriter.create(path, fingerprint, layouts, frames=frames, patches=patches, dim=dim)
-    for split, features in data.items():
-        array = writer.features_array(split)
-        array[:] = features
-        writer._split(split)["done"][:] = True
-    return Path(path)
+        _array(self._split(split), "failure")[index] = reason.replace("\n", " ")[:500]

@@ -40,7 +40,7 @@ from pipeline.features.cache import (
 )
 from pipeline.features.readers import CacheError
 from pipeline.runtime import distributed
-from pipeline.runtime.workers import imap_isolated
+from pipeline.runtime.workers import TIME_LIMIT_S, imap_isolated
 
 SPLIT_ORDER = ("train", "val", "test")
 
@@ -64,6 +64,7 @@ class RunOptions:
     workers: int = 2  # decoding processes; 0 decodes in this process
     device: str = "auto"
     precision: str = "auto"  # auto: fp32 on CPU, bf16 (or fp16) autocast on CUDA; or fp32/bf16/fp16
+    decode_time_limit_s: float | None = TIME_LIMIT_S  # per video, in a worker (workers >= 1): then it fails
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,12 @@ def cache_path(cache_root: Path, dataset: str, fp: dict) -> Path:
     return Path(cache_root) / dataset / cache_key(fp)
 
 
+NOT_FINITE = (
+    "features not finite (inf or NaN): the backbone's output is NaN or beyond float16's range (|x| > 65504); "
+    "check the --weights file and the input normalisation"
+)
+
+
 def decode_job(job: VideoJob) -> torch.Tensor:
     """A video's views (or one window's test view) as uint8 [views * 8, 3, crop, crop], decoded once
     (runs in a worker process)."""
@@ -229,10 +236,15 @@ def _jobs(
     return todo, bad, already
 
 
-def _decoded(jobs: list[VideoJob], workers: int) -> Iterator[tuple[VideoJob, torch.Tensor | None, str | None]]:
-    """Decoded videos in completion order, with the error text of those that failed."""
+def _decoded(
+    jobs: list[VideoJob], workers: int, time_limit_s: float | None
+) -> Iterator[tuple[VideoJob, torch.Tensor | None, str | None]]:
+    """Decoded videos in completion order, with the error text of those that failed (a worker past
+    the time limit is stopped: its video fails, the run goes on)."""
     if workers > 0:
-        yield from imap_isolated(decode_job, jobs, workers=workers, max_in_flight=2 * workers + 1)
+        yield from imap_isolated(
+            decode_job, jobs, workers=workers, max_in_flight=2 * workers + 1, timeout_s=time_limit_s
+        )
         return
     for job in jobs:
         try:
@@ -330,13 +342,22 @@ def run_jobs(
     """Videos -> patch features, decoding in worker processes while the backbone (already on `device`) runs.
 
     `on_features(job, [views, L, P*P, D] float16, frames so far)` gets each video once its frames are
-    through, in completion order; `on_failure(job, reason, frames so far)` each video that failed.
+    through, in completion order; `on_failure(job, reason, frames so far)` each video that failed,
+    features that are not finite included (they would poison every task that draws the video).
     """
-    batcher = _Batcher(backbone, normalize, patches, options, device, precision, on_features)
-    for job, frames, error in _decoded(jobs, options.workers):
+
+    def checked(job: VideoJob, features: torch.Tensor, frames: int) -> None:
+        if torch.isfinite(features).all():
+            on_features(job, features, frames)
+        else:
+            on_failure(job, NOT_FINITE, frames)
+
+    batcher = _Batcher(backbone, normalize, patches, options, device, precision, checked)
+    for job, frames, error in _decoded(jobs, options.workers, options.decode_time_limit_s):
         if error is not None:
             on_failure(job, error, batcher.frames)
         else:
+            assert frames is not None  # a video without an error carries decode_job's frames
             batcher.add(job, frames)
     batcher.flush()
 
@@ -363,6 +384,26 @@ def extract(
     fp = fingerprint(dataset, manifest, recipe(backbone, settings, precision))
     path = cache_path(cache_root, dataset, fp)
     writer = _open_writer(path, fp, split_layouts(manifest, settings.views), backbone.dim, settings.patches, device)
+    rank, world = distributed.rank_world()
+    writer.hold(rank)  # one writer per cache (and rank): a second extraction is refused, naming this one
+    try:
+        return _extract_into(writer, manifest, backbone, settings, options, videos_root, progress, device, precision)
+    finally:
+        writer.release()
+
+
+def _extract_into(
+    writer: CacheWriter,
+    manifest: pd.DataFrame,
+    backbone: Backbone,
+    settings: ExtractSettings,
+    options: RunOptions,
+    videos_root: Path | None,
+    progress: Callable[[Progress], None] | None,
+    device: torch.device,
+    precision: str,
+) -> ExtractResult:
+    """extract()'s work once this process holds the cache."""
     rank, world = distributed.rank_world()
     todo, bad, already = _jobs(manifest, writer, settings, videos_root, rank, world)
     state = Progress(total=len(todo) + len(bad), already_done=already)
@@ -398,4 +439,4 @@ def extract(
         on_failure=lambda job, error, frames: report(job, frames, error),
     )
     distributed.barrier(device)
-    return ExtractResult(path=path, progress=state, failures=failures)
+    return ExtractResult(path=writer.path, progress=state, failures=failures)

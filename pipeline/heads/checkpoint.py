@@ -21,11 +21,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pipeline.heads.model import STRMHeads, build_heads
 from pipeline.heads.pe import sinusoid_table
+from pipeline.runtime.files import replace_durably
 
 FORMAT = "strm-heads/1"
 
@@ -47,7 +49,7 @@ class ImportReport:
     """What an authors' file held and what became of it (printed by `strm import-checkpoint`)."""
 
     variant: str
-    sizes: dict[str, object]
+    sizes: dict[str, Any]
     found: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
@@ -79,7 +81,7 @@ def _authors_state_dict(raw: dict) -> dict[str, torch.Tensor]:
     return state
 
 
-def _sizes(state: dict[str, torch.Tensor], frames: int | None, patches: int) -> dict[str, object]:
+def _sizes(state: dict[str, torch.Tensor], frames: int | None, patches: int) -> dict[str, Any]:
     trm_ids = sorted({int(m.group(1)) for k in state if (m := re.match(r"transformers\.(\d+)\.k_linear\.weight$", k))})
     if not trm_ids:
         raise ValueError("no TRM weights (transformers.<i>.k_linear.weight): not an STRM or TRX checkpoint")
@@ -99,7 +101,7 @@ def _sizes(state: dict[str, torch.Tensor], frames: int | None, patches: int) -> 
     if "fr_enrich.Tok_MLP.inp_fc.weight" in state:
         frames = frames or state["fr_enrich.Tok_MLP.inp_fc.weight"].shape[0]
     frames = frames or 8
-    sizes: dict[str, object] = {
+    sizes: dict[str, Any] = {
         "dim": dim,
         "frames": frames,
         "patches": patches,
@@ -261,7 +263,7 @@ def save_heads(path: str | os.PathLike, heads: STRMHeads, **extra) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     torch.save(checkpoint, partial)
-    os.replace(partial, path)
+    replace_durably(partial, path)  # data on the disk before the rename: a resume trusts it
 
 
 def load_heads(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -43,7 +44,7 @@ class VideoEmbedding:
     _PER_VIDEO = ("trm_k", "trm_k_rstd", "trm_v", "qc", "qc_norms", "ple_patches", "H", "E")
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> VideoEmbedding:
-        changes = {}
+        changes: dict[str, Any] = {}
         for name in self._PER_VIDEO:
             value = getattr(self, name)
             if isinstance(value, tuple):
@@ -79,7 +80,7 @@ class VideoEmbedding:
     def cat(cls, parts: Sequence[VideoEmbedding]) -> VideoEmbedding:
         """Concatenate embeddings of disjoint video sets along the first dim (encoding in chunks)."""
         first = parts[0]
-        joined = {}
+        joined: dict[str, Any] = {}
         for f in fields(cls):
             values = [getattr(p, f.name) for p in parts]
             if f.name == "tuples":

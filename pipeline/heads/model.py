@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +25,13 @@ from pipeline.heads.ple import SelfAttentionEnrich
 from pipeline.heads.qc import QC, relate_qc, relate_qc_nearest
 from pipeline.heads.trm import TRM, relate_trm, trm_attention_weights
 
+if TYPE_CHECKING:
+    from pipeline.heads.checkpoint import ImportReport
+
 # Which blocks each named variant uses (the paper's Tables 1, 3 and its TRX baseline). "attention"
 # is PLE's self-attention block, "mixer" FLE's MLP-mixer; the Table 4 swaps override `ple`/`fle`.
 # "joint": the number of Jnt-ST layers (jnt.py) that replace PLE and FLE, None for none.
-VARIANTS = MappingProxyType(
+VARIANTS: MappingProxyType[str, dict[str, Any]] = MappingProxyType(
     {
         "strm": {"ple": "attention", "fle": "mixer", "joint": None, "cardinalities": (2,), "qc": True},
         "trm": {"ple": None, "fle": None, "joint": None, "cardinalities": (2,), "qc": False},
@@ -42,7 +46,7 @@ VARIANTS = MappingProxyType(
 ENRICHMENTS = ("attention", "mixer", None)
 
 # Option defaults shared by every variant; None widths mean D/2 (psi, QC).
-DEFAULT_OPTIONS = MappingProxyType(
+DEFAULT_OPTIONS: MappingProxyType[str, Any] = MappingProxyType(
     {
         "frames": 8,
         "patches": 16,
@@ -64,8 +68,9 @@ STD_ABSOLUTE_FLOOR = 1e-6
 STD_RELATIVE_FLOOR = 1e-2
 
 
-def _unflatten(t: torch.Tensor | None, lead: Sequence[int]) -> torch.Tensor | None:
-    return None if t is None else t.reshape(*lead, *t.shape[1:])
+def _unflatten(t: torch.Tensor, lead: Sequence[int]) -> torch.Tensor:
+    """Leading dim back to `lead` (VideoEmbedding._map passes only the tensors that are set)."""
+    return t.reshape(*lead, *t.shape[1:])
 
 
 def _mean(logits: list[torch.Tensor]) -> torch.Tensor:
@@ -107,6 +112,12 @@ def _resolve(variant: str, dim: int, options: dict) -> dict:
 class STRMHeads(nn.Module):
     """PLE/FLE enrichment, TRM per cardinality and the optional QC classifier (see module docstring)."""
 
+    feature_mean: torch.Tensor  # buffers registered in __init__
+    feature_std: torch.Tensor
+    # Set only on heads read from an authors' file (`checkpoint.load_authors_checkpoint`).
+    backbone_state_dict: dict[str, torch.Tensor]
+    import_report: ImportReport
+
     def __init__(self, variant: str = "strm", dim: int = 2048, **options) -> None:
         super().__init__()
         opts = _resolve(variant, dim, options)
@@ -116,7 +127,7 @@ class STRMHeads(nn.Module):
         self.lambda_qc = float(opts["lambda_qc"])
         self.tuple_keep = float(opts["tuple_keep"])
         # The build_heads kwargs, fully resolved: what a checkpoint needs to rebuild this module.
-        self.options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()}
+        self.options: dict[str, Any] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()}
 
         self.register_buffer("feature_mean", torch.zeros(dim))
         self.register_buffer("feature_std", torch.ones(dim))
@@ -186,11 +197,12 @@ class STRMHeads(nn.Module):
 
     def kept_tuples(self, cardinality_index: int) -> torch.Tensor | None:
         """Indices of the tuples kept (Fig. 6 right), or None for all: random in training, fixed in eval."""
-        total = self.trm[cardinality_index].tuples.shape[0]
+        tuples = cast(TRM, self.trm[cardinality_index]).tuples
+        total = tuples.shape[0]
         keep = max(1, round(self.tuple_keep * total))
         if keep >= total:
             return None
-        device = self.trm[cardinality_index].tuples.device
+        device = tuples.device
         if self.training:
             return torch.randperm(total, device=device)[:keep].sort().values
         # Evenly spaced, deterministic: floor(i * (T-1) / (keep-1)) are distinct because the step is >= 1.
@@ -223,7 +235,7 @@ class STRMHeads(nn.Module):
         h = patches.mean(dim=2)
         e = h if self.fle is None else self.fle(h)
         trm_k, trm_k_rstd, trm_v, qc, qc_norms, tuples = [], [], [], [], [], []
-        for i, trm in enumerate(self.trm):
+        for i, trm in enumerate(cast("Sequence[TRM]", self.trm)):
             keep = self.kept_tuples(i)
             k, rstd, v = trm(e, keep)
             trm_k.append(k)
@@ -234,7 +246,7 @@ class STRMHeads(nn.Module):
                 z, norms = self.qc[i](h, keep)
                 qc.append(z)
                 qc_norms.append(norms)
-        emb = VideoEmbedding(*map(tuple, (trm_k, trm_k_rstd, trm_v, qc, qc_norms, tuples)))
+        emb = VideoEmbedding(tuple(trm_k), tuple(trm_k_rstd), tuple(trm_v), tuple(qc), tuple(qc_norms), tuple(tuples))
         if intermediates:
             enriched = self.ple is not None or self.joint is not None
             emb = replace(emb, ple_patches=patches if enriched else None, H=h, E=e)
@@ -291,11 +303,11 @@ class STRMHeads(nn.Module):
                     nearest = [torch.take_along_dim(t, by_label, dim=2) for t in nearest]
             chunks.append(self._relate_grouped(part, query[start : start + step], way, shot, nearest, mask))
         trm_logits = torch.cat([c[0] for c in chunks])
-        qc_logits = torch.cat([c[1] for c in chunks]) if self.qc is not None else None
+        qc_logits = torch.cat([cast(torch.Tensor, c[1]) for c in chunks]) if self.qc is not None else None
         logits = trm_logits if qc_logits is None else trm_logits + self.lambda_qc * qc_logits
         out = HeadsOutput(logits, trm_logits, qc_logits)
         if not batched:
-            out = HeadsOutput(*(None if t is None else t[0] for t in (out.logits, out.trm_logits, out.qc_logits)))
+            out = HeadsOutput(out.logits[0], out.trm_logits[0], None if out.qc_logits is None else out.qc_logits[0])
         return out
 
     def _relate_grouped(
@@ -328,7 +340,7 @@ class STRMHeads(nn.Module):
                     support.tuples[i],
                     shot_mask,
                 )
-                for i, module in enumerate(self.trm)
+                for i, module in enumerate(cast("Sequence[TRM]", self.trm))
             ]
         )
         if self.qc is None:
@@ -372,7 +384,7 @@ class STRMHeads(nn.Module):
         i = self.cardinalities.index(cardinality if cardinality is not None else self.cardinalities[0])
         groups = group_by_class(support_labels[None], None)
         way, shot = groups.way, groups.shot
-        trm = self.trm[i]
+        trm = cast(TRM, self.trm[i])
         class_k = trm.keys(support.trm_k[i], support.tuples[i])
         class_k = class_k if groups.order is None else class_k[groups.order[0]]
         t_s = class_k.shape[1]

@@ -26,6 +26,8 @@ def sinusoid_table(dim: int, max_len: int, scale: float = 0.1) -> torch.Tensor:
 class PositionalEncoding(nn.Module):
     """x <- dropout(x + pe[:len]) over the second-to-last axis (tokens); dropout only in training."""
 
+    pe: torch.Tensor  # registered as a buffer in __init__
+
     def __init__(self, dim: int, max_len: int, dropout: float = 0.1) -> None:
         super().__init__()
         self.max_len = max_len

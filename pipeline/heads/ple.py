@@ -54,6 +54,7 @@ class SelfAttentionEnrich(nn.Module):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """softmax(Q K^T * scale) V for already position-encoded tokens x [..., tokens, D]."""
+        assert self.qkv is not None, "a gamma_zero block has no attention branch"
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
@@ -61,5 +62,6 @@ class SelfAttentionEnrich(nn.Module):
         if self.pe is not None:
             x = self.pe(x)
         if self.qkv is not None:
+            assert self.gamma is not None  # built together with qkv
             x = self.gamma * self.attention(x) + x
         return self.psi(x) + x

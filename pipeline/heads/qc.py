@@ -26,6 +26,8 @@ from pipeline.heads.trm import frame_tuples, mask_padded_shots, tuple_linear
 class QC(nn.Module):
     """Tuple embeddings of one cardinality for the min-distance classifier."""
 
+    tuples: torch.Tensor  # registered as a buffer in __init__
+
     def __init__(self, dim: int, frames: int, cardinality: int, out_dim: int, *, dropout: float = 0.1) -> None:
         super().__init__()
         self.cardinality = cardinality

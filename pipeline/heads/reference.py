@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pipeline.heads.fle import MixerEnrich
 from pipeline.heads.jnt import JointEnrich
 from pipeline.heads.model import STRMHeads
 from pipeline.heads.ple import SelfAttentionEnrich
+from pipeline.heads.qc import QC
+from pipeline.heads.trm import TRM
 
 
 def _pe(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -44,6 +48,7 @@ def _attention_layer(block: SelfAttentionEnrich, x: torch.Tensor) -> torch.Tenso
         bq, bk, bv = block.qkv.bias.chunk(3, dim=0)
         q, k, v = x @ wq.T + bq, x @ wk.T + bk, x @ wv.T + bv
         attention = torch.softmax(q @ k.transpose(1, 2) * block.scale, dim=-1)
+        assert block.gamma is not None  # built together with qkv
         x = block.gamma * (attention @ v) + x
     fc1, fc2, fc3 = block.psi[0], block.psi[2], block.psi[4]
     psi = fc3(torch.relu(fc2(torch.relu(fc1(x)))))
@@ -65,11 +70,11 @@ def _joint_block(block: JointEnrich, x: torch.Tensor, p: float, training: bool) 
     tokens = torch.stack([x[:, t, q] for t in range(L) for q in range(P)], dim=1)
     tokens = _pe(tokens, p, training)
     for layer in block.layers:
-        tokens = _attention_layer(layer, tokens)
+        tokens = _attention_layer(cast(SelfAttentionEnrich, layer), tokens)
     return torch.stack([torch.stack([tokens[:, t * P + q] for q in range(P)], dim=1) for t in range(L)], dim=1)
 
 
-def _enrich(block: SelfAttentionEnrich | MixerEnrich | None, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+def _enrich(block: nn.Module | None, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if block is None:
         return x
     if isinstance(block, SelfAttentionEnrich):
@@ -113,7 +118,7 @@ def reference_forward(
         all_tuples = list(itertools.combinations(range(heads.frames), w))
         keep = heads.kept_tuples(i)
         tuples = all_tuples if keep is None else [all_tuples[j] for j in keep.tolist()]
-        trm = heads.trm[i]
+        trm = cast(TRM, heads.trm[i])
         kv = {}
         for name, (_h, e) in frames.items():
             t = _tuple_vectors(_pe(e, p, training), tuples)
@@ -133,7 +138,7 @@ def reference_forward(
         trm_all.append(logits)
 
         if heads.qc is not None:
-            qc = heads.qc[i]
+            qc = cast(QC, heads.qc[i])
             z = {
                 name: torch.relu(qc.proj(_tuple_vectors(F.dropout(h, p, training), tuples)))
                 for name, (h, _) in frames.items()
@@ -147,7 +152,8 @@ def reference_forward(
                     logits[q, c] = -distances.min(dim=1).values.mean()
             qc_all.append(logits)
 
-    out["trm_logits"] = torch.stack(trm_all).mean(0)
-    out["qc_logits"] = torch.stack(qc_all).mean(0) if qc_all else None
-    out["logits"] = out["trm_logits"] if not qc_all else out["trm_logits"] + heads.lambda_qc * out["qc_logits"]
+    trm_logits = torch.stack(trm_all).mean(0)
+    qc_logits = torch.stack(qc_all).mean(0) if qc_all else None
+    out["trm_logits"], out["qc_logits"] = trm_logits, qc_logits
+    out["logits"] = trm_logits if qc_logits is None else trm_logits + heads.lambda_qc * qc_logits
     return out

@@ -87,6 +87,8 @@ class TRM(nn.Module):
     """Per-frame key rows (centred) and value rows of one cardinality and its tuples' key 1/std (see
     the module docstring); `relate_trm` does the cross-video step."""
 
+    tuples: torch.Tensor  # registered as a buffer in __init__
+
     def __init__(self, dim: int, frames: int, cardinality: int, out_dim: int, *, dropout: float = 0.1) -> None:
         super().__init__()
         self.cardinality = cardinality

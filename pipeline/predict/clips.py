@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -136,7 +137,7 @@ class FeatureMaker:
     ) -> list[tuple[list[VideoJob], list[tuple[float, float]], str | None]]:
         """Per recording: the jobs of its windows and their (start, end) times in seconds, or the reason it
         has none. The recordings are probed in one pool of crash-isolated workers."""
-        out = []
+        out: list[tuple[list[VideoJob], list[tuple[float, float]], str | None]] = []
         for path, probed in zip(paths, _probe([str(p) for p in paths], self.workers), strict=False):
             if isinstance(probed, str):
                 out.append(([], [], probed))
@@ -178,8 +179,8 @@ def _probe(paths: list[str], workers: int) -> list[tuple[int, float] | str]:
             except (VideoError, ValueError, OSError) as err:
                 out.append(str(err))
         return out
-    results = {
-        item: (value if error is None else _short_reason(error))
+    results: dict[str, tuple[int, float] | str] = {
+        item: (cast(tuple[int, float], value) if error is None else _short_reason(error))  # no error: a result
         for item, value, error in imap_isolated(probe_video, paths, workers=workers)
     }
     return [results[p] for p in paths]
@@ -235,5 +236,6 @@ def feature_maker(
             raise PredictError(message + ": pass --weights with the recorded file, or --allow-other-weights")
         notes.append(message + " (--allow-other-weights): predictions may be meaningless")
     if recipe.normalize:  # the recipe's own statistics, whatever the backbone's defaults say now
+        assert recipe.mean is not None and recipe.std is not None  # a normalising recipe records both
         backbone.mean, backbone.std = tuple(recipe.mean), tuple(recipe.std)
     return FeatureMaker(recipe, backbone.place(device).eval(), device, batch_size, workers), notes

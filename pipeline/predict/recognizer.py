@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -147,7 +147,7 @@ class FewShotRecognizer:
         """Per-video embeddings of clip features [L, P*P, D] (heads.encode, eval mode, no grad)."""
         x = torch.stack(features).to(self.maker.device, torch.float32)
         with torch.inference_mode():
-            return self.model.encode(x)
+            return cast(Any, self.model).encode(x)  # STRMHeads or ProtoBaseline: both have encode
 
     def add_support(self, source: Path | str, progress: Callable[[int, int], None] | None = None) -> SupportSet:
         """A support folder (decoded and encoded once) or a saved index; PredictError names what is wrong."""
@@ -164,7 +164,7 @@ class FewShotRecognizer:
         counter = _counter(progress, len(paths))
         results = self.maker.run(self.maker.clip_jobs(paths, "support"), counter)
         used = [(str(p), a) for k, (p, a) in enumerate(clips) if isinstance(results[k], torch.Tensor)]
-        failed = [(str(p), results[k]) for k, (p, a) in enumerate(clips) if isinstance(results[k], str)]
+        failed = [(str(p), r) for k, (p, a) in enumerate(clips) if isinstance(r := results[k], str)]
         lost = [a for a in actions if not any(action == a for _, action in used)]
         if lost:
             raise PredictError(
@@ -173,7 +173,7 @@ class FewShotRecognizer:
                 + ")"
             )
         labels = torch.tensor([actions.index(a) for _, a in used])
-        embedding = self._encode([results[k] for k in range(len(clips)) if isinstance(results[k], torch.Tensor)])
+        embedding = self._encode([r for k in range(len(clips)) if isinstance(r := results[k], torch.Tensor)])
         calibration = calibrate(self.model, embedding, labels.to(self.maker.device), len(actions))
         self.support = SupportSet(
             actions,
@@ -203,6 +203,7 @@ class FewShotRecognizer:
     def _classify(self, features: list[torch.Tensor], top_k: int, unknown: UnknownRule | None) -> list[dict]:
         """Each clip's logits, calibrated probabilities, top-k and (with a rule) unknown verdict."""
         support = self.support
+        assert support is not None  # predict checks it before classifying
         actions, way, cal = support.actions, len(support.actions), support.calibration
         device = self.maker.device
         labels = support.labels.to(device)
@@ -225,6 +226,7 @@ class FewShotRecognizer:
                 }
                 if unknown:
                     score = float(values[unknown.score][i])
+                    assert cut is not None  # a rule gives a threshold
                     row.update(action=best, score=score, score_name=unknown.score, threshold=cut)
                     if score < cut:
                         row["prediction"] = "unknown"
@@ -269,7 +271,8 @@ class FewShotRecognizer:
                 jobs += window_jobs
         results = self.maker.run(jobs, _counter(progress, len(jobs)))
         ok = [i for i in range(len(jobs)) if isinstance(results[i], torch.Tensor)]
-        classified = dict(zip(ok, self._classify([results[i] for i in ok], top_k, unknown), strict=False))
+        features = [cast(torch.Tensor, results[i]) for i in ok]  # ok: the jobs that gave features
+        classified = dict(zip(ok, self._classify(features, top_k, unknown), strict=False))
         records = []
         for k, video in enumerate(videos):
             record: dict[str, Any] = {"path": str(video)}
@@ -307,6 +310,7 @@ class FewShotRecognizer:
     def report(self, records: list[dict]) -> dict:
         """The JSON document of a run: checkpoint, recipe, actions, support used and failed, queries."""
         support = self.support
+        assert support is not None, "report() needs add_support() first"
         return {
             "checkpoint": self.checkpoint,
             "recipe": self.maker.recipe.to_dict(),

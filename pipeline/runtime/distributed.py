@@ -105,7 +105,8 @@ def init_distributed(device: str = "auto", timeout: timedelta | None = None) -> 
     cuda = resolve_device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo", **({"timeout": timeout} if timeout else {}))
+    options: dict[str, Any] = {"timeout": timeout} if timeout else {}
+    dist.init_process_group("nccl" if cuda else "gloo", **options)
     return rank_world()
 
 

@@ -15,18 +15,23 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
+_Context: TypeAlias = "mp.context.SpawnContext | mp.context.ForkServerContext"
 _STOP = b""  # a message with no payload asks a worker to exit
+# The one worker policy of every decoding pool (manifest, extract, predict, synth): a worker that has
+# not finished its item in this time (a decoder blocked on a stalled mount, a stream that never ends)
+# is stopped and only that item fails. Ten minutes is far beyond any real video's decode here.
+TIME_LIMIT_S = 600.0
 
 
-def _context() -> mp.context.BaseContext:
+def _context() -> _Context:
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     context = mp.get_context("forkserver")
@@ -72,13 +77,66 @@ def _death_reason(exitcode: int | None) -> str:
     return f"worker process exited (code {exitcode}) while processing this item"
 
 
+def _start(ctx: _Context, pool: list[_Worker], fn: Callable[[Any], Any], threads: int | None) -> _Worker:
+    """A fresh worker, added to the pool (at first, and in place of one that died)."""
+    parent, child = ctx.Pipe(duplex=True)
+    process = ctx.Process(target=_worker_main, args=(fn, child, threads), daemon=True)
+    process.start()
+    child.close()
+    worker = _Worker(process, parent)
+    pool.append(worker)
+    return worker
+
+
+def _retire(pool: list[_Worker], worker: _Worker) -> None:
+    """Remove a worker and make sure its process is gone (killed if it still runs)."""
+    pool.remove(worker)
+    if worker.process.is_alive():
+        worker.process.kill()
+    worker.process.join()
+    worker.conn.close()
+
+
+def _outcome(worker: _Worker, ready: Container[object], timeout_s: float | None) -> tuple[str, Any] | None:
+    """A busy worker's news after `wait`: ("ok" | "error", its reply), ("died", why), or None (still working).
+
+    A reply already in the pipe wins over the process's exit, so a result sent just before dying counts.
+    """
+    if worker.conn in ready or (worker.process.sentinel in ready and worker.conn.poll()):
+        try:
+            status, payload = pickle.loads(worker.conn.recv_bytes())
+        except (EOFError, OSError):  # the pipe closed: the process is dying
+            worker.process.join(timeout=10)
+            status, payload = "died", _death_reason(worker.process.exitcode)
+        return status, payload
+    if worker.process.sentinel in ready:
+        worker.process.join()
+        return "died", _death_reason(worker.process.exitcode)
+    if timeout_s is not None and time.monotonic() - worker.since >= timeout_s:
+        return "died", f"timed out after {timeout_s:g} s; worker process stopped"
+    return None
+
+
+def _shut_down(pool: list[_Worker]) -> None:
+    """Ask idle workers to exit (a grace period to do so), kill busy ones: no process outlives the iterator."""
+    for worker in list(pool):
+        if not worker.busy:
+            try:
+                worker.conn.send_bytes(_STOP)
+            except OSError:
+                pass
+    for worker in list(pool):
+        worker.process.join(timeout=5 if not worker.busy else 0)
+        _retire(pool, worker)
+
+
 def imap_isolated(
     fn: Callable[[T], R],
     items: Iterable[T],
     workers: int,
     max_in_flight: int | None = None,
     *,
-    timeout_s: float | None = None,
+    timeout_s: float | None = TIME_LIMIT_S,
     threads_per_worker: int | None = 1,
 ) -> Iterator[tuple[T, R | None, str | None]]:
     """Yield (item, result, None) or (item, None, reason) for every item, in completion order.
@@ -98,23 +156,6 @@ def imap_isolated(
     source = iter(items)
     exhausted = False
     in_flight = 0
-
-    def start() -> _Worker:
-        parent, child = ctx.Pipe(duplex=True)
-        process = ctx.Process(target=_worker_main, args=(fn, child, threads_per_worker), daemon=True)
-        process.start()
-        child.close()
-        worker = _Worker(process, parent)
-        pool.append(worker)
-        return worker
-
-    def retire(worker: _Worker) -> None:
-        pool.remove(worker)
-        if worker.process.is_alive():
-            worker.process.kill()
-        worker.process.join()
-        worker.conn.close()
-
     try:
         while True:
             while not exhausted and in_flight < limit:
@@ -127,7 +168,7 @@ def imap_isolated(
                 return
             idle = [w for w in pool if not w.busy]
             while waiting and (idle or len(pool) < workers):
-                worker = idle.pop() if idle else start()
+                worker = idle.pop() if idle else _start(ctx, pool, fn, threads_per_worker)
                 worker.item, worker.busy, worker.since = waiting.popleft(), True, time.monotonic()
                 worker.conn.send_bytes(pickle.dumps(worker.item, protocol=pickle.HIGHEST_PROTOCOL))
             busy = [w for w in pool if w.busy]
@@ -136,35 +177,18 @@ def imap_isolated(
                 wait_s = max(0.0, min(w.since for w in busy) + timeout_s - time.monotonic())
             ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=wait_s))
             for worker in busy:
-                if worker.conn in ready or (worker.process.sentinel in ready and worker.conn.poll()):
-                    try:
-                        status, payload = pickle.loads(worker.conn.recv_bytes())
-                    except (EOFError, OSError):  # the pipe closed: the process is dying
-                        worker.process.join(timeout=10)
-                        status, payload = "died", _death_reason(worker.process.exitcode)
-                elif worker.process.sentinel in ready:
-                    worker.process.join()
-                    status, payload = "died", _death_reason(worker.process.exitcode)
-                elif timeout_s is not None and time.monotonic() - worker.since >= timeout_s:
-                    status, payload = "died", f"timed out after {timeout_s:g} s; worker process stopped"
-                else:
+                outcome = _outcome(worker, ready, timeout_s)
+                if outcome is None:
                     continue
+                status, payload = outcome
                 item = worker.item
                 worker.item, worker.busy = None, False
                 if status == "died":
-                    retire(worker)
+                    _retire(pool, worker)
                 in_flight -= 1
                 if status == "ok":
                     yield item, payload, None
                 else:
                     yield item, None, payload
     finally:
-        for worker in list(pool):
-            if not worker.busy:
-                try:
-                    worker.conn.send_bytes(_STOP)
-                except OSError:
-                    pass
-        for worker in list(pool):
-            worker.process.join(timeout=5 if not worker.busy else 0)
-            retire(worker)
+        _shut_down(pool)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from pipeline import evaluation as ev
@@ -31,8 +32,8 @@ from pipeline.heads import VARIANTS, STRMHeads, load_heads
 from pipeline.heads.model import DEFAULT_OPTIONS
 from pipeline.runtime import distributed
 from pipeline.studies import report
-from pipeline.training.loop import TrainProgress
 from pipeline.training.runs import read_metrics
+from pipeline.training.state import TrainProgress
 from pipeline.training.train import make_config, train
 
 PROTO = "proto"
@@ -269,11 +270,14 @@ def evaluate_point(
             result = ev.EvalResult.from_dict(saved["results"][0])
             if result.settings.get("episodes_digest") == digest:
                 return result
+    model: torch.nn.Module
     if point.variant == PROTO:
         model = ev.ProtoBaseline()
     else:
-        model, _ = load_heads(checkpoint)
-        after_training(model, point.after)
+        assert checkpoint is not None  # a row with heads has one (run_grid and the demo pass its base row's)
+        heads, _ = load_heads(checkpoint)
+        after_training(heads, point.after)
+        model = heads
     result = ev.evaluate(model, test, tasks=tasks, seed=seed, split_name="test", device=device)
     ev.write_run(record, [result], about)
     return result
@@ -302,7 +306,7 @@ class GridOutcome:
     points: list[GridPoint]
     results: dict[str, ev.EvalResult]
     checkpoints: dict[str, Path]
-    table: object  # pandas DataFrame
+    table: pd.DataFrame
     written: list[Path]
     seconds: dict[str, float]
 
@@ -375,7 +379,7 @@ def write_table(
     out: Path,
     checkpoints: dict[str, Path],
     compute: Mapping[str, TaskCompute | None] | None = None,
-) -> object:
+) -> pd.DataFrame:
     """The ablation table (markdown, CSV) and its figure; returns the DataFrame. `compute` (per row label,
     None for a row without heads) adds heads_gflop and heads_flops_vs_reference, blank where either is missing."""
     ref_compute = (compute or {}).get(reference)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from pipeline import evaluation as ev
@@ -39,9 +40,9 @@ from pipeline.data.manifests import (
 from pipeline.data.video import ViewSpec, decode_frames
 from pipeline.evaluation.unknown import unknown_protocol
 from pipeline.features.backbones import get_backbone
-from pipeline.features.cache import open_cache
+from pipeline.features.cache import FeatureCache, open_cache
 from pipeline.features.extract import ExtractSettings, RunOptions, extract
-from pipeline.features.readers import CacheError
+from pipeline.features.readers import CacheError, SplitFeatures
 from pipeline.heads import load_heads
 from pipeline.predict.outputs import timeline_figure
 from pipeline.predict.recognizer import FewShotRecognizer, UnknownRule
@@ -56,8 +57,8 @@ from pipeline.studies.ablation import (
     write_table,
 )
 from pipeline.studies.visualize import FrameSource, render
-from pipeline.training.loop import TrainProgress
 from pipeline.training.runs import read_metrics
+from pipeline.training.state import TrainProgress
 
 PREDICT_FACTS = 2  # the predict step's facts.json layout: older ones are computed again
 
@@ -370,7 +371,7 @@ class DemoOutcome:
 
     report: Path
     results: dict[str, ev.EvalResult]
-    table: object  # pandas DataFrame (pipeline.studies.ablation.write_table)
+    table: pd.DataFrame  # pipeline.studies.ablation.write_table's
     timings: list[dict]
 
 
@@ -380,16 +381,8 @@ def run_demo(
     """Every stage in order (resuming what is on disk); DemoError when a stage cannot go on."""
     events = events or DemoEvents()
     clock = StageClock(out / "timings.json", events)
-    videos, eval_dir, fig_dir = out / "videos", out / "eval", out / "figures"
-    with clock.stage("synth") as state:
-        _synth(videos, sizes, workers, state, events)
-    with clock.stage("manifest") as state:
-        manifest = _manifest(videos, out / "manifest.csv", sizes, workers, state, events)
-    with clock.stage("extract") as state:
-        try:
-            cache_path = _extract(manifest, cache_root, sizes, workers, state, events)
-        except CacheError as err:
-            raise DemoError(str(err)) from None
+    eval_dir, fig_dir = out / "eval", out / "figures"
+    manifest, cache_path = _inputs(out, sizes, workers, cache_root, clock, events)
     cache = open_cache(cache_path)
     points = {p.label: p for p in parse_grid(ABLATION)}
     settings = TrainSettings(
@@ -407,6 +400,92 @@ def run_demo(
         "test": cache.load_split("test"),
     }
     tasks = ev.sample_tasks(splits["test"].labels, episodes=sizes.episodes, way=5, shot=5, queries=1, seed=sizes.seed)
+    checkpoints, results = _train_and_evaluate(
+        out,
+        sizes,
+        clock,
+        events,
+        cache=cache,
+        points=points,
+        settings=settings,
+        device=device,
+        splits=splits,
+        tasks=tasks,
+    )
+    with clock.stage("ablation table"):
+        table = write_table(list(points.values()), results, REFERENCE, out, checkpoints)
+    sweeps: dict[str, list[ev.EvalResult]] = {}
+    with clock.stage("accuracy against shots") as state:
+        reused = True
+        for label in MAIN:
+            record = eval_dir / f"shots_{label}.json"
+            mtime = record.stat().st_mtime if record.exists() else None
+            sweeps[label] = _shot_sweep(label, checkpoints.get(label), splits["test"], sizes, record)
+            reused &= mtime is not None and record.stat().st_mtime == mtime
+        state["reused"] = reused
+    with clock.stage("visualize"):
+        heads = load_heads(checkpoints["strm"])[0]
+        figures = {
+            key: path.relative_to(out).as_posix()
+            for key, path in render(
+                heads, splits["test"], fig_dir, frames=FrameSource(manifest, cache.recipe), seed=sizes.seed, count=2
+            ).items()
+        }
+    with clock.stage("predict") as state:
+        prediction = _predict_stage(out, manifest, checkpoints["strm"], splits["test"], sizes, workers, events, state)
+        figures["timeline"] = prediction["timeline"]
+    with clock.stage("report"):
+        path = _write_report(
+            out,
+            sizes,
+            clock,
+            cache_path=cache_path,
+            workers=workers,
+            test=splits["test"],
+            tasks=tasks,
+            results=results,
+            checkpoints=checkpoints,
+            sweeps=sweeps,
+            table=table,
+            figures=figures,
+            prediction=prediction,
+        )
+    return DemoOutcome(path, results, table, clock.rows())
+
+
+def _inputs(
+    out: Path, sizes: DemoSizes, workers: int, cache_root: Path, clock: StageClock, events: DemoEvents
+) -> tuple[pd.DataFrame, Path]:
+    """The stages synth, manifest and extract: (the manifest, the feature cache's folder)."""
+    videos = out / "videos"
+    with clock.stage("synth") as state:
+        _synth(videos, sizes, workers, state, events)
+    with clock.stage("manifest") as state:
+        manifest = _manifest(videos, out / "manifest.csv", sizes, workers, state, events)
+    with clock.stage("extract") as state:
+        try:
+            cache_path = _extract(manifest, cache_root, sizes, workers, state, events)
+        except CacheError as err:
+            raise DemoError(str(err)) from None
+    return manifest, cache_path
+
+
+def _train_and_evaluate(
+    out: Path,
+    sizes: DemoSizes,
+    clock: StageClock,
+    events: DemoEvents,
+    *,
+    cache: FeatureCache,
+    points: dict[str, GridPoint],
+    settings: TrainSettings,
+    device: torch.device,
+    splits: dict[str, SplitFeatures],
+    tasks: TaskBatch,
+) -> tuple[dict[str, Path], dict[str, ev.EvalResult]]:
+    """The training and evaluation stages, main models first, then the ablation variants: (the checkpoint of
+    each trained row, the result of every row on the test tasks)."""
+    eval_dir = out / "eval"
     checkpoints: dict[str, Path] = {}
     results: dict[str, ev.EvalResult] = {}
 
@@ -454,74 +533,74 @@ def run_demo(
     evaluated(MAIN, "evaluate proto, trm, strm")
     trained(("ple-trm", "fle-trm", "ple-fle-trm", "jnt-st-1"), "train ablation variants")
     evaluated(tuple(k for k in points if k not in MAIN), "evaluate ablation rows")
-    with clock.stage("ablation table"):
-        table = write_table(list(points.values()), results, REFERENCE, out, checkpoints)
-    sweeps: dict[str, list[ev.EvalResult]] = {}
-    with clock.stage("accuracy against shots") as state:
-        reused = True
-        for label in MAIN:
-            record = eval_dir / f"shots_{label}.json"
-            mtime = record.stat().st_mtime if record.exists() else None
-            sweeps[label] = _shot_sweep(label, checkpoints.get(label), splits["test"], sizes, record)
-            reused &= mtime is not None and record.stat().st_mtime == mtime
-        state["reused"] = reused
-    with clock.stage("visualize"):
-        heads = load_heads(checkpoints["strm"])[0]
-        figures = {
-            key: path.relative_to(out).as_posix()
-            for key, path in render(
-                heads, splits["test"], fig_dir, frames=FrameSource(manifest, cache.recipe), seed=sizes.seed, count=2
-            ).items()
-        }
-    with clock.stage("predict") as state:
-        facts_path, stamp = out / "predict" / "facts.json", checkpoints["strm"].stat().st_mtime
-        saved = json.loads(facts_path.read_text()) if facts_path.exists() else {}
-        state["reused"] = saved.get("checkpoint_mtime") == stamp and saved.get("version") == PREDICT_FACTS
-        prediction = (
-            saved["facts"]
-            if state["reused"]
-            else _predict(out, manifest, checkpoints["strm"], splits["test"], sizes, workers, events)
-        )
-        facts_path.write_text(
-            json.dumps({"checkpoint_mtime": stamp, "version": PREDICT_FACTS, "facts": prediction}) + "\n"
-        )
-        figures["timeline"] = prediction["timeline"]
-    with clock.stage("report"):
-        main = {k: results[k] for k in MAIN}
-        both = reversed_pair_tasks(tasks, splits["test"].class_names)
-        figures["accuracy"] = _save(report.accuracy_bars(results), out, "figures/accuracy.png")
-        curves = {label: read_metrics(path.parent) for label, path in checkpoints.items()}
-        figures["training"] = _save(report.training_curves(curves), out, "figures/training.png")
-        figures["shots"] = _save(report.shot_curves(sweeps), out, "figures/shots.png")
-        figures["per_class"] = _save(report.per_class_bars(main, order_by="strm"), out, "figures/per_class.png")
-        figures["ablation"] = "ablation.png"  # drawn with the ablation table
-        strm_ckpt = torch.load(checkpoints["strm"], map_location="cpu", weights_only=True)
-        gamma = strm_ckpt["model"].get("ple.gamma")
-        facts = demo_report.DemoFacts(
-            main=main,
-            winner="strm",
-            ablation=table,
-            ablation_reference=REFERENCE,
-            ablation_results=results,
-            contrasts=CONTRASTS,
-            gamma=None if gamma is None else float(gamma.reshape(-1)[0]),
-            training={k: _training_summary(v) for k, v in checkpoints.items()},
-            sizes=sizes.rows(),
-            timings=clock.rows(),
-            figures=figures,
-            notes=_notes(cache_path, workers),
-            command="strm demo",
-            subsets=[
-                (
-                    f'the tasks that hold both "A then B" and "B then A" (same frames, other order; '
-                    f"{int(both.sum())} of {len(both)})",
-                    report.subset_table(main, both),
-                )
-            ],
-            prediction=prediction,
-        )
-        path = report.write_markdown(out / "report.md", demo_report.demo_report(facts))
-    return DemoOutcome(path, results, table, clock.rows())
+    return checkpoints, results
+
+
+def _predict_stage(
+    out: Path, manifest, checkpoint: Path, test, sizes: DemoSizes, workers: int, events: DemoEvents, state: dict
+) -> dict:
+    """The predict step's facts: reused from OUT/predict/facts.json when made with this checkpoint, else computed."""
+    facts_path, stamp = out / "predict" / "facts.json", checkpoint.stat().st_mtime
+    saved = json.loads(facts_path.read_text()) if facts_path.exists() else {}
+    state["reused"] = saved.get("checkpoint_mtime") == stamp and saved.get("version") == PREDICT_FACTS
+    prediction = (
+        saved["facts"] if state["reused"] else _predict(out, manifest, checkpoint, test, sizes, workers, events)
+    )
+    facts_path.write_text(json.dumps({"checkpoint_mtime": stamp, "version": PREDICT_FACTS, "facts": prediction}) + "\n")
+    return prediction
+
+
+def _write_report(
+    out: Path,
+    sizes: DemoSizes,
+    clock: StageClock,
+    *,
+    cache_path: Path,
+    workers: int,
+    test: SplitFeatures,
+    tasks: TaskBatch,
+    results: dict[str, ev.EvalResult],
+    checkpoints: dict[str, Path],
+    sweeps: dict[str, list[ev.EvalResult]],
+    table: pd.DataFrame,
+    figures: dict[str, str],
+    prediction: dict,
+) -> Path:
+    """The report stage: the summary figures, then OUT/report.md from every stage's facts."""
+    main = {k: results[k] for k in MAIN}
+    both = reversed_pair_tasks(tasks, test.class_names)
+    figures["accuracy"] = _save(report.accuracy_bars(results), out, "figures/accuracy.png")
+    curves = {label: read_metrics(path.parent) for label, path in checkpoints.items()}
+    figures["training"] = _save(report.training_curves(curves), out, "figures/training.png")
+    figures["shots"] = _save(report.shot_curves(sweeps), out, "figures/shots.png")
+    figures["per_class"] = _save(report.per_class_bars(main, order_by="strm"), out, "figures/per_class.png")
+    figures["ablation"] = "ablation.png"  # drawn with the ablation table
+    strm_ckpt = torch.load(checkpoints["strm"], map_location="cpu", weights_only=True)
+    gamma = strm_ckpt["model"].get("ple.gamma")
+    facts = demo_report.DemoFacts(
+        main=main,
+        winner="strm",
+        ablation=table,
+        ablation_reference=REFERENCE,
+        ablation_results=results,
+        contrasts=CONTRASTS,
+        gamma=None if gamma is None else float(gamma.reshape(-1)[0]),
+        training={k: _training_summary(v) for k, v in checkpoints.items()},
+        sizes=sizes.rows(),
+        timings=clock.rows(),
+        figures=figures,
+        notes=_notes(cache_path, workers),
+        command="strm demo",
+        subsets=[
+            (
+                f'the tasks that hold both "A then B" and "B then A" (same frames, other order; '
+                f"{int(both.sum())} of {len(both)})",
+                report.subset_table(main, both),
+            )
+        ],
+        prediction=prediction,
+    )
+    return report.write_markdown(out / "report.md", demo_report.demo_report(facts))
 
 
 def _predict(out: Path, manifest, checkpoint: Path, test, sizes: DemoSizes, workers: int, events: DemoEvents) -> dict:
@@ -552,12 +631,12 @@ def _predict(out: Path, manifest, checkpoint: Path, test, sizes: DemoSizes, work
         f"recording of {', '.join(known[:3])}"
     )
     recognizer = FewShotRecognizer.from_checkpoint(checkpoint, device="cpu", workers=workers)
-    recognizer.add_support(folder / "support")
+    support = recognizer.add_support(folder / "support")
     recognizer.save_support(folder / "support.safetensors")
     records = recognizer.predict([q for q, _ in queries], unknown=UnknownRule())
     windowed = recognizer.predict([recording], window=2.0, stride=0.5)[0]
     (folder / "predictions.json").write_text(json.dumps(recognizer.report(records + [windowed]), indent=1) + "\n")
-    timeline = timeline_figure(windowed, recognizer.support.actions, out / "figures" / "timeline.png")
+    timeline = timeline_figure(windowed, support.actions, out / "figures" / "timeline.png")
     table = [
         {
             "query": f"{q.parent.name}/{q.name}",
@@ -582,7 +661,7 @@ def _predict(out: Path, manifest, checkpoint: Path, test, sizes: DemoSizes, work
         "support_actions": len(known),
         "unseen_actions": len(outsiders),
         "protocol": draw,
-        "temperature": recognizer.support.calibration.temperature,
+        "temperature": support.calibration.temperature,
         "segments": windowed["segments"],
         "recording": list(known[:3]),
         "unknown": protocol,

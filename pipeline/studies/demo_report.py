@@ -4,6 +4,7 @@
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import matplotlib
 
@@ -44,7 +45,7 @@ class DemoFacts:
     notes: Sequence[str] = ()  # anything else a reader must know (the flip, the machine, ...)
     subsets: Sequence[tuple[str, pd.DataFrame]] = ()  # (what the subset is, subset_table of the main models)
     command: str = "strm demo"
-    prediction: Mapping[str, object] | None = None  # the demo's `strm predict` step (pipeline/studies/demo.py _predict)
+    prediction: Mapping[str, Any] | None = None  # the demo's `strm predict` step (pipeline/studies/demo.py _predict)
 
 
 def _figure(facts: DemoFacts, key: str, caption: str) -> str:
@@ -66,6 +67,19 @@ def _not_beaten_reason(winner: EvalResult, other: EvalResult, name: str, wname: 
 
 def demo_report(facts: DemoFacts) -> str:
     """The markdown of the demo's report: results and evidence, figures, ablation in words, sizes and times."""
+    said = findings(facts.ablation_results, facts.contrasts)
+    lines = _result_section(facts, said)
+    lines += _training_section(facts)
+    lines += _pictures_section(facts)
+    lines += _ablation_section(facts, said)
+    if facts.prediction:
+        lines += _prediction_section(facts)
+    lines += _sizes_and_times_section(facts)
+    return "\n".join(lines)
+
+
+def _result_section(facts: DemoFacts, said: Sequence[tuple[Contrast, PairedDifference, str]]) -> list[str]:
+    """The title, the accuracy table, whether the winner beats the others, and where the gain comes from."""
     main, w = facts.main, facts.winner
     others = [k for k in main if k != w]
     first = main[w].settings
@@ -97,7 +111,6 @@ def demo_report(facts: DemoFacts) -> str:
             + "; ".join(_not_beaten_reason(main[w], main[k], k, w) for k in missing)
             + "."
         )
-    said = findings(facts.ablation_results, facts.contrasts)
     lines += [
         "",
         f"Where the gain comes from (details in the ablation below): {_ablation_summary(said, facts.gamma)}",
@@ -110,6 +123,13 @@ def demo_report(facts: DemoFacts) -> str:
         lines += [f"On {what}:", "", markdown_table(table, {"accuracy": ".2f", "ci95": ".2f"}), ""]
     lines += [
         _figure(facts, "accuracy", "Accuracy with its 95% interval, per model, on the same test tasks"),
+    ]
+    return lines
+
+
+def _training_section(facts: DemoFacts) -> list[str]:
+    """Each heads' training summary, and which were still improving when training stopped."""
+    lines = [
         "## Training",
         "",
     ]
@@ -132,6 +152,13 @@ def demo_report(facts: DemoFacts) -> str:
             ]
     lines += [
         _figure(facts, "training", "Training loss and validation accuracy against training tasks"),
+    ]
+    return lines
+
+
+def _pictures_section(facts: DemoFacts) -> list[str]:
+    """Accuracy against shots, per-class accuracy, activation maps and tuple matches."""
+    lines = [
         "## Accuracy against shots",
         "",
         _figure(facts, "shots", "Accuracy against the number of support videos a class"),
@@ -154,7 +181,13 @@ def demo_report(facts: DemoFacts) -> str:
     ]
     for key in sorted(k for k in facts.figures if k.startswith("tuples")):
         lines.append(_figure(facts, key, f"Tuple matches: {key.split(':', 1)[-1]}"))
-    lines += ["## Ablation: where the gain comes from", ""]
+    return lines
+
+
+def _ablation_section(facts: DemoFacts, said: Sequence[tuple[Contrast, PairedDifference, str]]) -> list[str]:
+    """The ablation table, its figure, each paired comparison in words and the plain summary."""
+    first = facts.main[facts.winner].settings
+    lines = ["## Ablation: where the gain comes from", ""]
     ref = facts.ablation_reference
     shown = facts.ablation.drop(columns=["checkpoint"], errors="ignore")
     lines += [
@@ -175,9 +208,12 @@ def demo_report(facts: DemoFacts) -> str:
     if facts.gamma is not None:
         lines.append(f"- PLE's attention gate gamma (initialised at 0) ended training at {facts.gamma:+.4f}.")
     lines += ["", f"**Plainly:** {_ablation_summary(said, facts.gamma)} ('negligible': under {NEGLIGIBLE} points.)", ""]
-    if facts.prediction:
-        lines += _prediction_section(facts)
-    lines += [
+    return lines
+
+
+def _sizes_and_times_section(facts: DemoFacts) -> list[str]:
+    """What was run and why these sizes, the notes, and the time per stage with its total."""
+    lines = [
         "## What was run, and why these sizes",
         "",
         markdown_table(pd.DataFrame(facts.sizes, columns=["setting", "value", "why"])),
@@ -199,12 +235,13 @@ def demo_report(facts: DemoFacts) -> str:
         total = {"stage": "total", **{c: table[c].sum() for c in numeric}}
         table = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
         lines += [markdown_table(table, dict.fromkeys(numeric, ".1f")), ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _prediction_section(facts: DemoFacts) -> list[str]:
     """`strm predict` on held-out clips: the queries, the recording's segments, the unknown-score measurement."""
     p = facts.prediction
+    assert p is not None  # demo_report adds this section only when there is a prediction
     d = p["protocol"]
     queries = pd.DataFrame(p["queries"])
     known = queries[queries["truth"] != "unknown"]
@@ -272,17 +309,18 @@ def _ablation_summary(said: Sequence[tuple[Contrast, PairedDifference, str]], ga
         )
     alone = sorted(by_role.get("alone", []), key=lambda x: -x[1].difference)
     if alone:
-        share = total is not None and total[1].difference > 0 and _weight(total[1]) == "real"
+        # The whole gain when it is real and positive: then each block's share of it is said.
+        whole = total[1] if total is not None and total[1].difference > 0 and _weight(total[1]) == "real" else None
         parts.append(
             f"Added alone to {alone[0][0].base}, "
             + "; ".join(
                 f"{c.block} gives {_amount(p)}"
-                + (f" ({p.difference / total[1].difference:.0%} of the whole)" if share else "")
+                + (f" ({p.difference / whole.difference:.0%} of the whole)" if whole is not None else "")
                 for c, p in alone
             )
             + "."
         )
-        if share and alone[0][1].difference >= 0.5 * total[1].difference and _weight(alone[0][1]) == "real":
+        if whole is not None and alone[0][1].difference >= 0.5 * whole.difference and _weight(alone[0][1]) == "real":
             parts.append(f"So the gain comes mostly from {alone[0][0].block}.")
     on_top = by_role.get("on top", [])
     if on_top:

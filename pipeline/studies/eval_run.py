@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from torch import nn
 from pipeline import evaluation as ev
 from pipeline.data.episodes import TaskBatch
 from pipeline.features.cache import FeatureCache, FeatureRecipe
-from pipeline.features.readers import CacheError, SplitReader
+from pipeline.features.readers import CacheError, SplitFeatures, SplitReader
 from pipeline.heads import VARIANTS
 from pipeline.training.checkpoints import load_checkpoint
 from pipeline.training.train import TrainError, make_config, starting_heads
@@ -69,7 +69,7 @@ def choose_model(
         if name not in VARIANTS:
             raise EvalError(f"variant {name!r} is not one of {', '.join(VARIANTS)}")
         config = make_config("frozen", variant=name, seed=seed)
-        about = {"baseline": "untrained", "variant": name, "init_seed": seed, "preset": config.preset}
+        about: dict[str, Any] = {"baseline": "untrained", "variant": name, "init_seed": seed, "preset": config.preset}
         if "train" not in cache.splits and config.standardize:  # nothing to standardise on: say so
             config = make_config("frozen", variant=name, seed=seed, standardize=False)
             about["note"] = f"{cache.path} has no train split: the untrained heads are not standardised"
@@ -80,6 +80,7 @@ def choose_model(
         return ModelChoice(heads, about, f"untrained-{name}")
     if baseline is not None:
         raise EvalError(f"baseline {baseline!r}: expected one of {', '.join(BASELINES)}")
+    assert checkpoint is not None  # the one-model check above: no baseline, so a checkpoint
     loaded = load_checkpoint(checkpoint, variant)
     heads = loaded.heads
     shape = (heads.frames, heads.patches, heads.dim)
@@ -122,7 +123,9 @@ def plan_tasks(
         if len(shots) > 1:
             raise EvalError("an episodes file fixes the shot: it cannot be combined with a shot sweep")
         try:
-            loaded, saved = ev.load_episodes(episodes_file, split)
+            # It reads only video_ids, class_names and labels, which a StreamedSplit has too; the cast
+            # stands in for pipeline/evaluation/tasks.py's narrower SplitFeatures annotation.
+            loaded, saved = ev.load_episodes(episodes_file, cast(SplitFeatures, split))
         except ValueError as err:
             raise EvalError(str(err)) from None
         notes = []
@@ -144,7 +147,10 @@ def save_planned(plan: TaskPlan, split: SplitReader, split_name: str, path: Path
     written = []
     for k, tasks in plan.tasks.items():
         target = path if len(plan.tasks) == 1 else path.with_name(f"{path.stem}_shot{k}{path.suffix}")
-        written.append(ev.save_episodes(target, tasks, split, seed=plan.seed, split_name=split_name))
+        # cast: save_episodes reads only video_ids and class_names (see plan_tasks on its annotation)
+        written.append(
+            ev.save_episodes(target, tasks, cast(SplitFeatures, split), seed=plan.seed, split_name=split_name)
+        )
     return written
 
 
@@ -181,12 +187,17 @@ def run_plan(
                 embedding=embedding,
                 split_name=split_name,
                 autocast=autocast,
-                progress=lambda phase, done, total, k=k: show(phase, done, total, k),
+                progress=_for_shot(show, k),
             )
             for k, tasks in plan.tasks.items()
         ]
     except ValueError as err:
         raise EvalError(f"split {split_name!r}: {err}") from None
+
+
+def _for_shot(show: Progress, k: int) -> Callable[[str, int, int], None]:
+    """`show` with the shot whose tasks report progress."""
+    return lambda phase, done, total: show(phase, done, total, k)
 
 
 def default_record(label: str, split: str, way: int, seed: int) -> Path:

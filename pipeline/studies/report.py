@@ -139,7 +139,7 @@ def shot_curves(sweeps: Mapping[str, Sequence[EvalResult]], title: str = "") -> 
 def per_class_bars(results: Mapping[str, EvalResult], order_by: str | None = None) -> Figure:
     """Per-class accuracy of each model on the test classes, classes sorted by `order_by`'s accuracy."""
     labels = list(results)
-    key = order_by if order_by in results else labels[-1]
+    key = order_by if order_by is not None and order_by in results else labels[-1]
     classes = sorted(results[key].per_class, key=lambda c: results[key].per_class[c])
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(classes) * max(1.0, len(labels) / 3) + 1.5))
     height = 0.8 / len(labels)

@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.data.video import VideoError, ViewSpec, count_frames, load_view
 from pipeline.features.cache import FeatureRecipe
+from pipeline.heads import STRMHeads
 
 Frames = Callable[[str], "torch.Tensor | None"]  # video id -> uint8 [L, 3, H, W] (view 0), or None
 
@@ -75,7 +76,7 @@ class ActivationMaps:
     change: np.ndarray | None  # ||output - input||: where PLE changed the features most
 
 
-def activation_maps(heads: torch.nn.Module, features: torch.Tensor) -> ActivationMaps:
+def activation_maps(heads: STRMHeads, features: torch.Tensor) -> ActivationMaps:
     """Patch magnitudes before and after PLE, and of PLE's change, for one video's features [L, P, D] (eval, no grad)."""
     frames, patches, _ = features.shape
     grid = math.isqrt(patches)
@@ -89,10 +90,14 @@ def activation_maps(heads: torch.nn.Module, features: torch.Tensor) -> Activatio
         ple = None if emb.ple_patches is None else emb.ple_patches[0]
     shape = (frames, grid, grid)
 
-    def grid_of(t: torch.Tensor | None) -> np.ndarray | None:
-        return None if t is None else t.norm(dim=-1).reshape(shape).numpy()
+    def grid_of(t: torch.Tensor) -> np.ndarray:
+        return t.norm(dim=-1).reshape(shape).numpy()
 
-    return ActivationMaps(grid_of(standardised), grid_of(ple), None if ple is None else grid_of(ple - standardised))
+    return ActivationMaps(
+        grid_of(standardised),
+        None if ple is None else grid_of(ple),
+        None if ple is None else grid_of(ple - standardised),
+    )
 
 
 def _placeholder(ax, text: str) -> None:
@@ -171,7 +176,7 @@ class QueryTupleMatches:
 
 
 def tuple_matches(
-    heads: torch.nn.Module,
+    heads: STRMHeads,
     support: torch.Tensor,
     support_labels: torch.Tensor,
     query: torch.Tensor,
@@ -222,7 +227,9 @@ def tuple_match_figure(
     fig, axes = plt.subplots(len(found), cols, figsize=(1.25 * cols, 1.65 * len(found) + 0.5), squeeze=False)
     cache: dict[int, torch.Tensor | None] = {}
     for r, row in enumerate(found):
-        cells = [("query", row.frames, query_frames, None)]
+        cells: list[tuple[str, tuple[int, ...], torch.Tensor | None, float | None]] = [
+            ("query", row.frames, query_frames, None)
+        ]
         for m in row.matches:
             if m.support_index not in cache:
                 cache[m.support_index] = support_frames(m.support_index)
@@ -253,7 +260,7 @@ def tuple_match_figure(
 
 
 def render(
-    heads: torch.nn.Module,
+    heads: STRMHeads,
     split,  # pipeline.features.cache.SplitFeatures
     out: Path | str,
     *,

@@ -8,9 +8,10 @@ from pipeline.training.checkpoints import (
     load_backbone_weights,
     load_checkpoint,
 )
-from pipeline.training.finetune import FinetuneError
-from pipeline.training.loop import TrainError, TrainProgress
+from pipeline.training.clips import FinetuneError
+from pipeline.training.config import TrainError
 from pipeline.training.runs import RunError, RunLog, read_metrics
+from pipeline.training.state import TrainProgress
 from pipeline.training.train import make_config
 
 __all__ = [

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,7 +60,7 @@ class Checkpoint:
 
     def about(self) -> dict:
         """A JSON-able record of which checkpoint this is, for run records."""
-        about = {"checkpoint": str(self.path), "checkpoint_kind": self.kind, "variant": self.variant}
+        about: dict[str, Any] = {"checkpoint": str(self.path), "checkpoint_kind": self.kind, "variant": self.variant}
         if self.recipe is not None:
             about["recipe"] = self.recipe.to_dict()
         if self.notes:

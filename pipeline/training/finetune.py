@@ -24,25 +24,19 @@ Why it is built this way:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from pipeline.data.episodes import EpisodeSampler, Task
+from pipeline.data.episodes import EpisodeSampler
 from pipeline.data.video import (
     FRAMES,
     SAMPLING_RULE_VERSION,
-    VideoError,
     ViewSpec,
-    count_frames,
-    load_view,
 )
 from pipeline.features.backbones import (
     Backbone,
@@ -51,34 +45,17 @@ from pipeline.features.backbones import (
     patch_features,
 )
 from pipeline.features.cache import FeatureRecipe, manifest_digest
-from pipeline.features.extract import split_layouts
-from pipeline.features.readers import SplitFeatures
 from pipeline.heads import STRMHeads, load_heads
 from pipeline.runtime import distributed
 from pipeline.training.checkpoints import Checkpoint
-from pipeline.training.loop import (
-    EpisodicConfig,
-    EpisodicLoop,
-    Estimate,
-    TrainError,
-    TrainProgress,
-    TrainResult,
-    check_config,
-    check_validation_split,
-    resume_point,
-    round_to_steps,
-)
+from pipeline.training.clips import VIEW_DRAWS, DecodedClips, FinetuneError, SplitVideos, split_videos
+from pipeline.training.config import EpisodicConfig, TrainError, check_config, check_validation_split, round_to_steps
+from pipeline.training.loop import EpisodicLoop
 from pipeline.training.runs import FREE, INHERIT
+from pipeline.training.state import Estimate, TrainProgress, TrainResult, resume_point
 from pipeline.training.train import PRESETS, authors_lr
 
 BN_MODES = ("train", "frozen")
-VIEW_DRAWS = 2**31 - 1  # training views are 1..VIEW_DRAWS: in effect a fresh augmentation per use
-# What to do about a video that cannot be decoded: a resumed run must see the videos it started with.
-NEW_RUN = "mark the video bad in the manifest and start again in a new run folder; a run cannot resume on other videos"
-
-
-class FinetuneError(TrainError):
-    """Options, checkpoint, manifest and videos that do not fit together; the message names what."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +161,7 @@ def build_backbone(config: FinetuneConfig, start: Checkpoint | None) -> Backbone
         config.backbone, weights=weights, layer=config.layer, pretrained=state is None, image_size=config.crop
     )
     if state is not None:
+        assert start is not None  # the state came from it
         try:
             backbone.load_state_dict(state)
         except RuntimeError as err:
@@ -253,157 +231,6 @@ class EndToEnd(nn.Module):
         return self.heads(self.features(support), support_labels, self.features(query))
 
 
-# ---------------------------------------------------------------- videos
-
-
-@dataclass(frozen=True)
-class SplitVideos:
-    """One split's usable videos (status ok, not known to be too short), labels as in the cache."""
-
-    video_ids: list[str]
-    paths: list[str]
-    n_frames: np.ndarray  # -1: counted when first loaded
-    labels: np.ndarray  # index into class_names (the cache's numbering: sorted names of the split)
-    class_names: list[str]
-
-    def __len__(self) -> int:
-        return len(self.video_ids)
-
-    def load(self, index: int, view: int, seed: int, spec: ViewSpec) -> torch.Tensor:
-        """uint8 [8, 3, crop, crop]: view 0 the test view, views >= 1 training views (pipeline.data.video.load_view)."""
-        path = self.paths[index]
-        n = int(self.n_frames[index])
-        return load_view(path, n if n > 0 else count_frames(path), self.video_ids[index], view, seed, spec)
-
-
-def split_videos(manifest: pd.DataFrame, split: str, videos_root: Path | None = None) -> SplitVideos:
-    """The usable videos of `split`; paths relative to `videos_root` are resolved."""
-    layouts = split_layouts(manifest, 1) if len(manifest) else {}
-    if split not in layouts:
-        return SplitVideos([], [], np.zeros(0, np.int64), np.zeros(0, np.int64), [])
-    rows = manifest[manifest["split"] == split].reset_index(drop=True)
-    n_frames = rows["n_frames"].astype(int).to_numpy() if "n_frames" in rows else np.full(len(rows), -1)
-    status = rows["status"].astype(str).to_numpy() if "status" in rows else np.full(len(rows), "ok")
-    keep = np.flatnonzero((status == "ok") & ((n_frames < 0) | (n_frames >= FRAMES)))
-    paths = []
-    for p in rows["path"].astype(str).to_numpy()[keep]:
-        path = Path(p)
-        paths.append(str(videos_root / path if videos_root is not None and not path.is_absolute() else path))
-    layout = layouts[split]
-    return SplitVideos(
-        [layout.video_ids[k] for k in keep],
-        paths,
-        n_frames[keep].astype(np.int64),
-        np.asarray(layout.labels, dtype=np.int64)[keep],
-        layout.class_names,
-    )
-
-
-def _one_thread(_worker: int) -> None:
-    torch.set_num_threads(1)  # the worker processes are the parallelism
-
-
-class TaskClips(Dataset):
-    """Item k: the frames of task indices[k], uint8 [n_s + n_q, 8, 3, crop, crop] (support first).
-
-    A video that cannot be decoded gives {"error": reason}, not an exception: the training loop
-    stops with that reason instead of a worker's traceback.
-    """
-
-    def __init__(
-        self, videos: SplitVideos, sampler: EpisodeSampler, indices: list[int], seed: int, spec: ViewSpec
-    ) -> None:
-        self.videos, self.sampler, self.indices, self.seed, self.spec = videos, sampler, indices, seed, spec
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, k: int) -> dict:
-        index = self.indices[k]
-        task = self.sampler.task(index)
-        rows = np.concatenate([task.support, task.query])
-        views = 1 + np.concatenate([task.support_views, task.query_views])  # training views only
-        try:
-            frames = torch.stack(
-                [self.videos.load(int(r), int(v), self.seed, self.spec) for r, v in zip(rows, views, strict=False)]
-            )
-        except (VideoError, ValueError) as err:
-            return {"index": index, "frames": None, "error": str(err)}
-        return {"index": index, "frames": frames, "error": None}
-
-
-class ViewZeroClips(Dataset):
-    """Item k: view 0 of videos [k * chunk, (k+1) * chunk), uint8 [n, 8, 3, crop, crop]."""
-
-    def __init__(self, videos: SplitVideos, spec: ViewSpec, chunk: int = 16) -> None:
-        self.videos, self.spec, self.chunk = videos, spec, chunk
-
-    def __len__(self) -> int:
-        return -(-len(self.videos) // self.chunk)
-
-    def __getitem__(self, k: int) -> dict:
-        rows = range(k * self.chunk, min((k + 1) * self.chunk, len(self.videos)))
-        try:
-            return {"frames": torch.stack([self.videos.load(r, 0, 0, self.spec) for r in rows]), "error": None}
-        except (VideoError, ValueError) as err:
-            return {"frames": None, "error": str(err)}
-
-
-def _loader(dataset: Dataset, workers: int, pin: bool) -> DataLoader:
-    """Items in order, decoded `workers` at a time in forkserver processes (no decoder state is forked)."""
-    extra = dict(prefetch_factor=2, multiprocessing_context="forkserver", worker_init_fn=_one_thread) if workers else {}
-    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin, **extra)
-
-
-def encode_videos(
-    model: EndToEnd,
-    videos: SplitVideos,
-    spec: ViewSpec,
-    *,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    workers: int,
-) -> SplitFeatures:
-    """View 0 of every video through the current backbone, stored as a cache would (float16 patches)."""
-    model.eval()
-    parts = []
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    with torch.inference_mode(), autocast:
-        for item in _loader(ViewZeroClips(videos, spec), workers, device.type == "cuda"):
-            if item["error"] is not None:
-                raise FinetuneError(f"validation video: {item['error']} ({NEW_RUN})")
-            frames = item["frames"].to(device, non_blocking=True)
-            parts.append(model.features(frames, torch.float16)[:, None].cpu())
-    return SplitFeatures(torch.cat(parts), torch.from_numpy(videos.labels), videos.class_names, videos.video_ids)
-
-
-@dataclass
-class DecodedClips:
-    """The task source of finetune: each task's clips decoded by worker processes, in task order."""
-
-    sampler: EpisodeSampler
-    videos: SplitVideos
-    val_videos: SplitVideos
-    model: EndToEnd
-    config: FinetuneConfig
-    amp: torch.dtype | None
-    pin: bool  # pinned host memory for the copies to a GPU
-
-    def inputs(self, indices: list[int]) -> Iterator[tuple[int, Task, torch.Tensor]]:
-        config = self.config
-        clips = TaskClips(self.videos, self.sampler, indices, config.seed, config.spec)
-        for batch in _loader(clips, config.workers, self.pin):
-            i = int(batch["index"])
-            if batch["error"] is not None:
-                raise FinetuneError(f"task {i}: {batch['error']} ({NEW_RUN})")
-            yield i, self.sampler.task(i), batch["frames"]
-
-    def validation_split(self, device: torch.device) -> SplitFeatures:
-        return encode_videos(
-            self.model, self.val_videos, self.config.spec, device=device, dtype=self.amp, workers=self.config.workers
-        )
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -425,7 +252,8 @@ def _manifest_record(train: SplitVideos, val: SplitVideos, videos_root: Path | N
 def run_recipe(config: FinetuneConfig, backbone: Backbone, amp: torch.dtype | None) -> FeatureRecipe:
     """The features a fine-tuned checkpoint's heads expect; its `weights` is the checkpoint file itself
     (pipeline/training/checkpoints.py fills in the file's sha256 when it reads it)."""
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, "fp32")
+    precisions: dict[torch.dtype | None, str] = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+    precision = precisions.get(amp, "fp32")
     spec = config.spec
     return FeatureRecipe(
         backbone=backbone.name,
@@ -446,33 +274,11 @@ def run_recipe(config: FinetuneConfig, backbone: Backbone, amp: torch.dtype | No
     )
 
 
-def finetune(
-    config: FinetuneConfig,
-    manifest: pd.DataFrame,
-    out: Path | str,
-    *,
-    start: Checkpoint | None = None,
-    resume: bool = False,
-    videos_root: Path | None = None,
-    progress: Callable[[TrainProgress], None] | None = None,
-    confirm: Callable[[Estimate], bool] | None = None,
-) -> TrainResult:
-    """Fine-tune backbone and heads on the manifest's training videos; files go to `out`.
-
-    `start` (pipeline.training.checkpoints.load_checkpoint) is required unless `resume` finds `out/last.pt`;
-    its heads are trained in place. `confirm`, when given, is asked once (rank 0) after the first
-    tasks with the measured speed; False stops the run (loop.Declined) before any checkpoint is
-    written. Under torchrun the tasks of each optimiser step are split across ranks; rank 0 writes.
-    """
-    _check(config)
-    out = Path(out)
-    world = distributed.rank_world()[1]
-    device = distributed.resolve_device(config.device)
-    cuda = device.type == "cuda"
-    amp = distributed.autocast_dtype(config.amp, device)
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # every task has the same shapes
-
+def _training_videos(
+    config: FinetuneConfig, manifest: pd.DataFrame, videos_root: Path | None
+) -> tuple[SplitVideos, SplitVideos, EpisodeSampler]:
+    """The usable train and val videos and the training tasks' sampler: a manifest that cannot give
+    `config`'s tasks (or, when the run validates, its validation tasks) fails before any weights load."""
     train_videos = split_videos(manifest, "train", videos_root)
     val_videos = split_videos(manifest, "val", videos_root)
     try:
@@ -492,12 +298,15 @@ def finetune(
                 "the manifest has no usable val videos to validate on (set val_every to 0 to train without)"
             )
         check_validation_split(val_videos.labels, config, "the manifest's")
-    digest = _manifest_record(train_videos, val_videos, videos_root)
+    return train_videos, val_videos, sampler
 
-    try:
-        resumed = resume_point(out, resume, config)
-    except TrainError as err:
-        raise FinetuneError(str(err)) from None
+
+def _starting_point(
+    config: FinetuneConfig, out: Path, start: Checkpoint | None, resumed: dict | None, digest: str
+) -> tuple[FinetuneConfig, STRMHeads, Backbone, list[str]]:
+    """(config, heads, backbone, notes) the run trains from: last.pt's when it resumes (with the run's
+    own layer, weights and resize, so a resume rebuilds the same backbone), else `start`'s. Either
+    way the heads must take the features this backbone and patch grid give."""
     notes: list[str] = []
     if resumed is not None:
         if resumed.get("manifest") != digest:
@@ -529,6 +338,44 @@ def finetune(
             f"{backbone.name} (layer {backbone.layer}) with {config.patches}x{config.patches} patches "
             f"gives [L={FRAMES}, P*P={config.patches**2}, D={backbone.dim}]"
         )
+    return config, heads, backbone, notes
+
+
+def finetune(
+    config: FinetuneConfig,
+    manifest: pd.DataFrame,
+    out: Path | str,
+    *,
+    start: Checkpoint | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    videos_root: Path | None = None,
+    progress: Callable[[TrainProgress], None] | None = None,
+    confirm: Callable[[Estimate], bool] | None = None,
+) -> TrainResult:
+    """Fine-tune backbone and heads on the manifest's training videos; files go to `out`.
+
+    `start` (pipeline.training.checkpoints.load_checkpoint) is required unless `resume` finds `out/last.pt`;
+    its heads are trained in place. `confirm`, when given, is asked once (rank 0) after the first
+    tasks with the measured speed; False stops the run (loop.Declined) before any checkpoint is
+    written. Under torchrun the tasks of each optimiser step are split across ranks; rank 0 writes.
+    """
+    _check(config)
+    out = Path(out)
+    world = distributed.rank_world()[1]
+    device = distributed.resolve_device(config.device)
+    cuda = device.type == "cuda"
+    amp = distributed.autocast_dtype(config.amp, device)
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # every task has the same shapes
+
+    train_videos, val_videos, sampler = _training_videos(config, manifest, videos_root)
+    digest = _manifest_record(train_videos, val_videos, videos_root)
+    try:
+        resumed = resume_point(out, resume, config, overwrite=overwrite)
+    except TrainError as err:
+        raise FinetuneError(str(err)) from None
+    config, heads, backbone, notes = _starting_point(config, out, start, resumed, digest)
     recipe = run_recipe(config, backbone, amp)
     backbone.place(device)
     if world > 1 and cuda and config.bn == "train":

@@ -8,7 +8,7 @@ and last.pt; early stop; resume with the same RNG states. What differs between t
 where a task's inputs come from and how validation features are made: a `TaskSource` passed in.
 
 Why task i is reproducible: its videos, views and dropout masks are functions of (seed, i) alone
-(pipeline/data/episodes.py, `task_seed`), so a run killed at any moment and resumed from `last.pt` ends
+(the episode sampler, and `task_seed` in pipeline/training/config.py), so a run killed at any moment and resumed from `last.pt` ends
 with the weights of an uninterrupted one (on CPU), and a task's gradient does not depend on which
 rank computed it. Collectives go through pipeline/runtime/distributed.py, on the training device.
 """
@@ -17,28 +17,37 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from contextlib import nullcontext
-from dataclasses import asdict, astuple, dataclass, field, fields, replace
+from dataclasses import asdict, astuple
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol, cast
 
-import numpy as np
 import torch
 from torch import nn
 
-from pipeline.data.episodes import EpisodeSampler, Task
+from pipeline.data.episodes import Task
 from pipeline.evaluation.batched import evaluate
 from pipeline.features.readers import SplitReader
+from pipeline.features.weights import file_sha256
 from pipeline.heads import STRMHeads, save_heads
 from pipeline.runtime import distributed
+from pipeline.training.config import EpisodicConfig, TrainError, task_seed
 from pipeline.training.runs import (
     BEST,
-    FREE,
     LAST,
     RunLog,
     plot_curve,
-    resume_differences,
+)
+from pipeline.training.state import (
+    Estimate,
+    MetricWindow,
+    RunState,
+    TrainProgress,
+    TrainResult,
+    newer_best,
+    rng_state,
+    set_rng_state,
 )
 
 PROBE_TASKS = 2  # tasks run before `confirm` is asked; the first one includes the warm-up
@@ -47,202 +56,18 @@ PROBE_TASKS = 2  # tasks run before `confirm` is asked; the first one includes t
 SKIPPED_STEPS = 20
 
 
-class TrainError(ValueError):
-    """Options, data and checkpoint that do not fit together, or a run that diverged; the message says what to do."""
-
-
 class Declined(RuntimeError):
     """`confirm` declined the run after the timed first tasks; nothing was saved."""
-
-
-@dataclass(frozen=True)
-class EpisodicConfig:
-    """The settings every episodic run has; train.TrainConfig and finetune.FinetuneConfig add their own."""
-
-    episodes: int = 10_000
-    way: int = 5
-    shot: int = 5
-    queries: int = 4
-    optimizer: str = "adamw"  # sgd | adam | adamw
-    lr: float = 1e-3
-    momentum: float = 0.0  # SGD only
-    weight_decay: float = 0.0
-    schedule: str = "constant"  # constant | cosine (over optimiser steps)
-    loss_reduction: str = "mean"  # over a task's queries: mean | sum
-    tasks_per_step: int = 1  # tasks whose gradients are accumulated before an optimiser step
-    grad_clip: float = 0.0  # max gradient norm; 0 = off
-    seed: int = 0
-    val_every: int = 500  # tasks; 0 = no validation (best.pt is then the final weights)
-    val_episodes: int = 500
-    val_queries: int = 1
-    val_seed: int = 0
-    patience: int = 0  # validations without improvement before stopping; 0 = never stop early
-    checkpoint_every: int = 250  # tasks
-    log_every: int = 50  # tasks
-    tensorboard: bool = field(default=False, metadata=FREE)  # scalars also to OUT/tb
-    device: str = field(default="auto", metadata=FREE)
-
-
-def check_config(config: EpisodicConfig) -> None:
-    """Raise TrainError naming the first setting that cannot work."""
-    if config.optimizer not in ("sgd", "adam", "adamw"):
-        raise TrainError(f"optimizer {config.optimizer!r}: expected sgd, adam or adamw")
-    if config.schedule not in ("constant", "cosine"):
-        raise TrainError(f"schedule {config.schedule!r}: expected constant or cosine")
-    if config.loss_reduction not in ("mean", "sum"):
-        raise TrainError(f"loss reduction {config.loss_reduction!r}: expected mean or sum")
-    if (
-        min(
-            config.episodes,
-            config.tasks_per_step,
-            config.checkpoint_every,
-            config.log_every,
-            config.way,
-            config.shot,
-            config.queries,
-            config.val_queries,
-        )
-        < 1
-    ):
-        raise TrainError("episodes, tasks_per_step, checkpoint_every, log_every, way, shot and queries must be >= 1")
-    if config.episodes % config.tasks_per_step:
-        raise TrainError(f"episodes ({config.episodes}) must be a multiple of tasks_per_step ({config.tasks_per_step})")
-    world = distributed.world_size()
-    if config.tasks_per_step % world:
-        raise TrainError(
-            f"{world} processes share the {config.tasks_per_step} tasks of an optimiser step: "
-            f"--tasks-per-step must be a multiple of {world}"
-        )
-    if config.val_every and config.val_episodes < 1:
-        raise TrainError("val_episodes must be >= 1 when validating")
-
-
-def round_to_steps(config: EpisodicConfig) -> EpisodicConfig:
-    """val_every, checkpoint_every and log_every rounded up to whole optimiser steps."""
-    tps = config.tasks_per_step
-    up = lambda n: n if n == 0 else -(-n // tps) * tps  # noqa: E731
-    return replace(
-        config,
-        val_every=up(config.val_every),
-        checkpoint_every=up(config.checkpoint_every),
-        log_every=up(config.log_every),
-    )
-
-
-def check_validation_split(labels: np.ndarray, config: EpisodicConfig, where: str) -> None:
-    """A validation split must hold `way` classes of shot + val_queries videos; the error says what to do."""
-    try:
-        EpisodeSampler(labels, way=config.way, shot=config.shot, queries=config.val_queries, seed=0)
-    except ValueError as err:
-        raise TrainError(
-            f"{where} val split: {err}; validate with fewer classes (fewer --way) or train without "
-            "validation (--val-every 0)"
-        ) from None
-
-
-def task_seed(seed: int, index: int) -> int:
-    """The torch seed of task `index` (dropout masks): a function of (seed, index) alone."""
-    return derived_seed(seed, index, 0x5EED)
-
-
-def derived_seed(*entropy: int) -> int:
-    """A torch seed from integers (numpy's SeedSequence: well mixed, the same on every machine)."""
-    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0] >> 1)
 
 
 class TaskSource(Protocol):
     """Where a run's tasks and validation features come from (cached views, or clips through the backbone)."""
 
-    def inputs(self, indices: list[int]) -> Iterator[tuple[int, Task, torch.Tensor]]:
+    def inputs(self, indices: list[int]) -> Generator[tuple[int, Task, torch.Tensor], None, None]:
         """(index, task, inputs [n_s + n_q, ...] support first) for the given tasks, in order; a generator."""
 
     def validation_split(self, device: torch.device) -> SplitReader:
         """Rank 0's validation features with the model as it is now (view 0 of the val split)."""
-
-
-@dataclass
-class MetricWindow:
-    """Sums over the tasks since the last log line (this rank's; in a checkpoint, all ranks')."""
-
-    loss: float = 0.0
-    correct: float = 0.0
-    queries: float = 0.0
-    tasks: float = 0.0
-
-
-@dataclass
-class RunState:
-    """What a run knows besides its weights; saved in every checkpoint (as a plain dict)."""
-
-    best_val: float | None = None
-    best_task: int | None = None
-    bad_validations: int = 0
-    last_val: float | None = None
-    stopped: bool = False
-    window: MetricWindow = field(default_factory=MetricWindow)
-
-    @classmethod
-    def from_dict(cls, saved: dict) -> RunState:
-        known = {f.name for f in fields(cls)}
-        state = cls(**{k: v for k, v in saved.items() if k in known and k != "window"})
-        state.window = MetricWindow(**saved.get("window", {}))
-        return state
-
-
-@dataclass(frozen=True)
-class TrainProgress:
-    """What the progress callback gets at the start and after every optimiser step."""
-
-    task: int  # tasks done
-    total: int
-    loss: float  # mean per task since the last log line (nan before the first task)
-    accuracy: float  # % on the training queries since the last log line (nan before the first task)
-    tasks_per_s: float  # all processes together
-    val_accuracy: float | None  # the latest validation, %
-    best_val_accuracy: float | None
-    gpu_memory_gib: float | None = None  # peak allocated on this process's GPU; None on CPU
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """Measured speed after the first tasks, handed to `confirm`."""
-
-    seconds_per_task: float
-    tasks_left: int  # this process's
-    device: str
-
-    @property
-    def seconds_left(self) -> float:
-        return self.seconds_per_task * self.tasks_left
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """Where a run ended and what it reached."""
-
-    out: Path
-    tasks_done: int
-    stopped_early: bool
-    best_val_accuracy: float | None
-    best_task: int | None
-    last_checkpoint: Path
-    best_checkpoint: Path | None  # None while a validating run has not validated yet
-    config: Any = None  # the run's settings as resolved (e.g. a fine-tune's backbone layer)
-    notes: tuple[str, ...] = ()
-
-
-def resume_point(out: Path, resume: bool, config: EpisodicConfig, also_free: tuple[str, ...] = ()) -> dict | None:
-    """The last.pt a run continues from (None: a new run); TrainError when the folder or settings do not fit."""
-    last = out / LAST
-    if not last.exists():
-        return None
-    if not resume:
-        raise TrainError(f"{last}: the run folder already holds a run; resume it or choose another folder")
-    ckpt = torch.load(last, map_location="cpu", weights_only=True)
-    differ = resume_differences(config, ckpt.get("config", {}), also_free)
-    if differ:
-        raise TrainError(f"{last}: the run was started with other settings: " + "; ".join(differ))
-    return ckpt
 
 
 def _unreached_parameters(heads: STRMHeads) -> list[nn.Parameter]:
@@ -259,19 +84,6 @@ def make_optimizer(config: EpisodicConfig, params: list[nn.Parameter]) -> torch.
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class EpisodicLoop:
@@ -339,16 +151,24 @@ class EpisodicLoop:
                 self.scheduler.load_state_dict(resumed["scheduler"])
             if resumed.get("scaler"):
                 self.scaler.load_state_dict(resumed["scaler"])
-            _set_rng_state(resumed["rng"])
+            set_rng_state(resumed["rng"])
             self.state = RunState.from_dict(resumed["state"])
             if self.rank != 0:  # the saved window is every rank's sum: rank 0 carries it, or _log counts it twice
                 self.state.window = MetricWindow()
             self.done = self.saved = int(resumed["task_index"])
         self.log = None
+        self.newer_best: tuple[int, float] | None = None  # best.pt written after the last.pt resumed from
         if self.rank == 0:
             self.log = RunLog(out, config.tensorboard)
             if resumed is None:
                 (out / BEST).unlink(missing_ok=True)  # left by a run killed before its first last.pt
+            else:
+                self.newer_best = newer_best(out / BEST, self.state)
+                if self.newer_best is not None:
+                    self.notes.append(
+                        f"best.pt was saved after last.pt (task {self.newer_best[0]}, validation "
+                        f"{self.newer_best[1]:.2f}%): a replayed validation replaces it only if it is not worse"
+                    )
             self.log.start(
                 {
                     "config": record,
@@ -372,7 +192,9 @@ class EpisodicLoop:
         s_lab = torch.from_numpy(task.support_labels).to(device)
         q_lab = torch.from_numpy(task.query_labels).to(device)
         torch.manual_seed(task_seed(config.seed, index))  # dropout: the same masks on any rank, after any resume
-        with nullcontext() if sync or self.world == 1 else self.ddp.no_sync():
+        # self.ddp is the DistributedDataParallel wrapper whenever world > 1.
+        ddp = cast(nn.parallel.DistributedDataParallel, self.ddp)
+        with nullcontext() if sync or self.world == 1 else ddp.no_sync():
             with torch.autocast(device.type, dtype=self.amp) if self.amp else nullcontext():
                 output = self.ddp(x[:n_s], s_lab, x[n_s:])
                 loss = self.heads.loss(output, q_lab, reduction=config.loss_reduction)
@@ -461,12 +283,30 @@ class EpisodicLoop:
         state.stopped = bool(config.patience) and state.bad_validations >= config.patience
         if self.log is not None:
             self.log.write({"kind": "val", "task": self.done, "accuracy": accuracy, "ci95": ci95, "best": improved})
-            if improved:
-                self._save(
-                    self.out / BEST,
-                    val={"accuracy": accuracy, "ci95": ci95, "episodes": config.val_episodes, "seed": config.val_seed},
-                )
+            if not self._replay_keeps_newer_best() and improved:
+                self._save_best(accuracy, ci95)
             plot_curve(self.out, config.way)
+
+    def _replay_keeps_newer_best(self) -> bool | None:
+        """At the task of a best.pt written after the last.pt this run resumed from: True when that file
+        beats what the replay has found (on a GPU a replay is not bit-identical), and the state then
+        follows the file; None before that task or without such a file."""
+        newer, state = self.newer_best, self.state
+        if newer is None or self.done < newer[0]:
+            return None
+        self.newer_best = None
+        if state.best_val is None or newer[1] > state.best_val:
+            state.best_task, state.best_val = newer
+            return True
+        return False
+
+    def _save_best(self, accuracy: float, ci95: float) -> None:
+        config = self.config
+        self._save(
+            self.out / BEST,
+            val={"accuracy": accuracy, "ci95": ci95, "episodes": config.val_episodes, "seed": config.val_seed},
+        )
+        self.state.best_sha256 = file_sha256(self.out / BEST)
 
     def _save(self, path: Path, window: MetricWindow | None = None, **more) -> None:
         """`window`: the metric window to store (last.pt: every rank's sum); this rank's by default."""
@@ -479,7 +319,7 @@ class EpisodicLoop:
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(),
-            rng=_rng_state(),
+            rng=rng_state(),
             task_index=self.done,
             config=self.record,
             state=state,
@@ -561,6 +401,7 @@ class EpisodicLoop:
                 self._save(best, val=None)  # nothing to choose by: best.pt is the final weights
                 self.notes.append("no validation: best.pt holds the final weights")
             plot_curve(self.out, config.way)
+            assert self.log is not None  # rank 0 always has one
             self.log.close()
         return TrainResult(
             out=self.out,

@@ -13,10 +13,14 @@ Which settings may change when a run resumes is declared once, on the config dat
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pipeline.runtime.files import replace_durably
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 LAST, BEST, CONFIG, METRICS, CURVE, TENSORBOARD = (
     "last.pt",
@@ -30,15 +34,38 @@ FREE = {"on_resume": "free"}
 INHERIT = {"on_resume": "inherit"}
 
 
+RUN_FILES = (CONFIG, METRICS, LAST, BEST, CURVE, TENSORBOARD)
+
+
+def earlier_run(out: Path) -> list[str]:
+    """The files of an earlier run in `out` (any of them: a deleted last.pt still leaves best.pt)."""
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def clear_run(out: Path) -> None:
+    """Remove an earlier run's files from `out` (asked for with --overwrite); nothing else in it."""
+    import shutil
+
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    for partial in [*out.glob("*.tmp"), *out.glob("*.partial")]:
+        partial.unlink(missing_ok=True)
+
+
 class RunError(ValueError):
     """A run folder or a resumed run that does not fit what was asked; the message names what."""
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one rename: a reader sees the old file or the new one, never half."""
+    """Replace `path` with `text` in one rename: a reader sees the old file or the new one, never half,
+    and after a power loss too (the data is on the disk before the rename)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def read_metrics(out: Path | str) -> list[dict]:
@@ -102,7 +129,7 @@ class RunLog:
 
     def __init__(self, out: Path, tensorboard: bool = False) -> None:
         self.out, self.tensorboard = out, tensorboard
-        self.writer = None
+        self.writer: SummaryWriter | None = None
 
     def start(self, record: dict, resumed_at: int | None) -> None:
         """config.json, and metrics.jsonl (and TensorBoard's events) emptied (new run) or cut back to task

@@ -13,7 +13,7 @@ measurement (see PRESETS): the authors' recipe diverges or stalls there.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -33,19 +33,17 @@ from pipeline.features.readers import (
 from pipeline.heads import STRMHeads, build_heads, load_heads
 from pipeline.heads.model import DEFAULT_OPTIONS
 from pipeline.runtime import distributed
-from pipeline.training.loop import (
+from pipeline.training.config import (
     EpisodicConfig,
-    EpisodicLoop,
     TrainError,
-    TrainProgress,
-    TrainResult,
     check_config,
     check_validation_split,
     derived_seed,
-    resume_point,
     round_to_steps,
 )
+from pipeline.training.loop import EpisodicLoop
 from pipeline.training.runs import FREE
+from pipeline.training.state import TrainProgress, TrainResult, resume_point
 
 INIT_SEED = 0x1417  # mixed with the run's seed into the heads' initial weights
 
@@ -161,7 +159,7 @@ def task_inputs(
     split: SplitReader,
     read_ahead: int = 8,
     device: torch.device | None = None,
-) -> Iterator[tuple[int, Task, torch.Tensor]]:
+) -> Generator[tuple[int, Task, torch.Tensor], None, None]:
     """(index, task, inputs [n_s + n_q, L, P, D] float16) for the given tasks, in order.
 
     From RAM or a GPU the gather is immediate; into pinned memory (for a GPU) or from disk up to
@@ -269,10 +267,11 @@ class CachedViews:
     read_ahead: int
     device: torch.device | None = None  # the training device: pinned inputs are copied there ahead
 
-    def inputs(self, indices: list[int]) -> Iterator[tuple[int, Task, torch.Tensor]]:
+    def inputs(self, indices: list[int]) -> Generator[tuple[int, Task, torch.Tensor], None, None]:
         return task_inputs(self.sampler, indices, self.split, self.read_ahead, self.device)
 
     def validation_split(self, device: torch.device) -> SplitFeatures:
+        assert self.val_split is not None  # train() loads it whenever the run validates
         return self.val_split
 
 
@@ -288,12 +287,28 @@ def _check_resume(ckpt: dict, cache: FeatureCache, path: Path) -> None:
         )
 
 
+def _validation_split(config: TrainConfig, cache: FeatureCache, given: SplitFeatures | None) -> SplitFeatures | None:
+    """The split the run validates on (`given`, else the cache's val split), checked before training
+    starts so that a run whose validation tasks cannot be drawn fails now, not at its first validation."""
+    if not config.val_every:
+        return given
+    if given is None:
+        if "val" not in cache.splits:
+            raise TrainError(
+                f"{cache.path}: no val split to validate on (set val_every to 0 to train without validation)"
+            )
+        given = cache.load_split("val", views=1)
+    check_validation_split(given.labels.numpy(), config, str(cache.path))
+    return given
+
+
 def train(
     config: TrainConfig,
     cache: FeatureCache | Path | str,
     out: Path | str,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: Callable[[TrainProgress], None] | None = None,
     train_split: SplitReader | None = None,
     val_split: SplitFeatures | None = None,
@@ -312,7 +327,7 @@ def train(
         raise TrainError(f"{cache.path}: no train split")
     device = distributed.resolve_device(config.device)
     free = ("episodes",) if config.schedule == "constant" else ()  # a constant lr: a run may be extended or cut
-    resumed = resume_point(out, resume, config, free)
+    resumed = resume_point(out, resume, config, free, overwrite=overwrite)
     if resumed is not None:
         _check_resume(resumed, cache, out / "last.pt")
     views = None if config.augment else 1
@@ -335,14 +350,7 @@ def train(
         )
     except ValueError as e:
         raise TrainError(f"{cache.path} train split: {e}") from None
-    if config.val_every:
-        if val_split is None:
-            if "val" not in cache.splits:
-                raise TrainError(
-                    f"{cache.path}: no val split to validate on (set val_every to 0 to train without validation)"
-                )
-            val_split = cache.load_split("val", views=1)
-        check_validation_split(val_split.labels.numpy(), config, str(cache.path))
+    val_split = _validation_split(config, cache, val_split)
     if resumed is not None:
         heads, _ = load_heads(resumed)
     else:
