@@ -11,7 +11,7 @@ SIZE    ?= paper
 # Spin-waiting OpenMP threads slow torch's small operations several-fold on a shared CPU.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test lint format demo extract bench gpu-check clean
+.PHONY: install test lint format faults demo extract bench gpu-check clean
 
 # The stamp is older than pyproject.toml when the dependencies changed: reinstall then.
 $(STAMP): pyproject.toml
@@ -28,6 +28,14 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Faults tried at random: extraction, train-heads and finetune each killed (SIGKILL) at KILLS seeded
+# random moments and resumed, then compared with an uninterrupted run (the suite runs 3 kills each).
+KILLS ?= 20
+SEED  ?= 0
+faults: $(STAMP)
+	STRM_FAULT_KILLS=$(KILLS) STRM_FAULT_SEED=$(SEED) $(BIN)/python -m pytest -q -s -k random_moments \
+		tests/test_extract.py tests/test_train.py tests/test_finetune.py
 
 # Style, types and layers (pyproject.toml holds each tool's settings): ruff's rules and formatting,
 # mypy over pipeline/ and stages/, and import-linter's contracts (the data flow's layers).

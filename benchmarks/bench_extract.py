@@ -111,7 +111,46 @@ def _fraction(name: str, *, videos: int, views: int, batch_size: int, workers: i
     )
 
 
+def _videos(root: Path, count: int) -> pd.DataFrame:
+    rows = []
+    for i in range(count):
+        _panning_video(root / f"v{i}.mp4", shift=17 * i)
+        row = {"video_id": f"c{i % 2}/v{i}", "class": f"c{i % 2}", "split": "train", "path": f"v{i}.mp4"}
+        rows.append({**row, "n_frames": FRAMES_PER_VIDEO, "status": "ok"})
+    return pd.DataFrame(rows)
+
+
+def _fsync_overhead(videos: int = 12, rounds: int = 3) -> Figure:
+    """What durability costs extraction: the same extraction with each video's chunk and flag fsynced
+    and without, alternated in one run (best of `rounds` each, as the CPU is shared)."""
+    torch.manual_seed(0)
+    backbone = get_backbone("tf_efficientnet_lite0", pretrained=True).to(memory_format=torch.channels_last)
+    settings = ExtractSettings(views=2)
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        manifest = _videos(root, videos)
+        for k in range(2 * rounds):
+            durable = k % 2 == 1
+            options = RunOptions(batch_size=32, workers=1, durable=durable)
+            start = time.perf_counter()
+            extract("bench", manifest, backbone, root / f"cache{k}", settings, options, videos_root=root)
+            seconds[durable].append(time.perf_counter() - start)
+    durable, plain = min(seconds[True]), min(seconds[False])
+    return Figure(
+        value=durable / plain - 1,
+        unit="extra time with fsync",
+        goal="<= 0.05",
+        details={
+            "extraction s, fsync on (each round)": ", ".join(f"{s:.2f}" for s in seconds[True]),
+            "extraction s, fsync off (each round)": ", ".join(f"{s:.2f}" for s in seconds[False]),
+            "setup": f"{videos} videos x 2 views, Lite0 at 224, 1 decoding worker, cache on {tempfile.gettempdir()}",
+        },
+    )
+
+
 BENCHES: dict[str, Callable[[], Figure]] = {
+    "extract_fsync_overhead": _fsync_overhead,
     "extract_fraction_of_backbone_lite0": lambda: _fraction(
         "tf_efficientnet_lite0", videos=10, views=2, batch_size=32, workers=1, repeats=3
     ),

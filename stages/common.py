@@ -24,6 +24,11 @@ LOADING_HELP = (
     "else in RAM when they fit in half of it, else streamed from disk), ram, device (GPU) or stream."
 )
 
+OVERWRITE_HELP = (
+    "Replace an earlier run's files in --out (config.json, metrics.jsonl, last.pt, best.pt, curve.png, tb/); "
+    "without it a folder holding any of them is refused unless --resume."
+)
+
 
 class Loading(str, Enum):
     auto = "auto"
@@ -42,6 +47,12 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """Print `error: message` as one line on stderr (no wrapping) and stop with `code`."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def one_of_resume_overwrite(resume: bool, overwrite: bool) -> None:
+    """--resume continues the run in --out and --overwrite replaces it: both at once is a usage error."""
+    if resume and overwrite:
+        fail("--resume and --overwrite exclude each other: continue the run in --out or replace it", 2)
 
 
 def progress_bar(console: Console, *fields: str, transient: bool = False, disable: bool = False) -> Progress:
@@ -81,5 +92,19 @@ def training_progress(console: Console, name: str, disable: bool = False) -> Ite
             bar.update(
                 rows[0], completed=p.task, rate=p.tasks_per_s, loss=p.loss, acc=p.accuracy, memory=memory, val=val
             )
+
+        yield show
+
+
+@contextmanager
+def counting_progress(
+    console: Console, name: str, disable: bool = False
+) -> Iterator[Callable[[int, int | None], None]]:
+    """A transient bar for work whose total is learnt on the way; yields its progress(done, total) callback."""
+    with progress_bar(console, disable=disable, transient=True) as bar:
+        row = bar.add_task(name, total=None)
+
+        def show(done: int, total: int | None) -> None:
+            bar.update(row, completed=done, total=total)
 
         yield show

@@ -1,6 +1,6 @@
 """`strm demo` (what `make demo` runs): the whole pipeline on the embedded synthetic benchmark, with a report.
 
-The stages, their sizes and why are in pipeline/studies/demo.py; this module draws what it reports.
+The stages are in pipeline/studies/demo.py, their sizes and why in demo_plan.py; this module draws what it reports.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ from pipeline.data import synth
 from pipeline.features.readers import CacheError
 from pipeline.features.weights import WeightsUnavailable
 from pipeline.studies import report
-from pipeline.studies.demo import (
+from pipeline.studies.demo import DemoOutcome, run_demo
+from pipeline.studies.demo_plan import (
     MAIN,
     REFERENCE,
     DemoError,
     DemoEvents,
-    DemoOutcome,
     DemoSizes,
-    run_demo,
 )
 from pipeline.training.config import TrainError
 from stages.common import fail, progress_bar

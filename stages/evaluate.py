@@ -17,15 +17,17 @@ from rich.progress import TaskID
 
 from pipeline.features.cache import open_cache
 from pipeline.features.readers import CacheError
-from pipeline.heads import VARIANTS
 from pipeline.runtime.distributed import DeviceError, resolve_device
 from pipeline.studies.eval_run import (
     EvalError,
+    RequestError,
+    check_request,
     choose_model,
     default_record,
     plan_tasks,
     run_plan,
     save_planned,
+    summary_lines,
     write_results,
 )
 from pipeline.training.checkpoints import CheckpointError
@@ -84,6 +86,9 @@ def evaluate_command(
         None, "--episodes-file", help="Evaluate exactly the tasks of a file written by --save-episodes."
     ),
     batch_tasks: int | None = typer.Option(None, "--batch-tasks", min=1, help="Tasks per batch (default: by memory)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a record of another model at the JSON path (refused without it)."
+    ),
 ) -> None:
     """Episodic accuracy of trained heads on a cache split: mean with the 95% interval 1.96 std / sqrt(n).
 
@@ -92,16 +97,8 @@ def evaluate_command(
     confusion matrix), a CSV summary, and with several --shot values a PNG of accuracy against shots.
     """
     shots = _shots(shot)
-    if checkpoint is None and baseline is None:
-        fail("give --checkpoint PATH, or --baseline proto|untrained", 2)
-    if checkpoint is not None and baseline is not None:
-        fail("--checkpoint and --baseline exclude each other: evaluate one model per run", 2)
-    if variant is not None and variant not in VARIANTS:
-        fail(f"--variant {variant!r} is not one of {', '.join(VARIANTS)}", 2)
-    for path in (checkpoint, episodes_file):
-        if path is not None and not path.is_file():
-            fail(f"{path}: no such file", 2)
     try:
+        check_request(checkpoint, baseline.value if baseline else None, variant, episodes_file)
         dev = resolve_device(device)
         features = open_cache(cache)
         features.views(split)  # a missing split is an error before any model is loaded
@@ -122,7 +119,7 @@ def evaluate_command(
             episodes_file=episodes_file,
         )
         saved_paths = save_planned(plan, data, split, save_episodes) if save_episodes is not None else []
-    except DeviceError as err:
+    except (DeviceError, RequestError) as err:
         fail(str(err), 2)
     except (EvalError, CacheError, CheckpointError) as err:
         fail(str(err))
@@ -164,20 +161,17 @@ def evaluate_command(
     elapsed = time.perf_counter() - start
     json_path = json_out or default_record(choice.label, split, plan.way, plan.seed)
     try:
-        written = write_results(
-            results, {**about, "seconds": round(elapsed, 2)}, json_path, csv_out, choice.label, split
-        )
+        about["seconds"] = round(elapsed, 2)
+        written = write_results(results, about, json_path, csv_out, choice.label, split, overwrite=overwrite)
+    except EvalError as err:
+        fail(str(err))
     except OSError as err:
         fail(f"{err.filename}: cannot write ({err.strerror})")
 
     if about.get("note"):
         console.print(f"note: {about['note']}", highlight=False)
-    for r in results:
-        s = r.settings
-        typer.echo(
-            f"{choice.label}: {s['way']}-way {s['shot']}-shot, {s['queries']} quer{'y' if s['queries'] == 1 else 'ies'}/class, "
-            f"{s['episodes']} tasks on {split}, seed {s['seed']}: {r.mean:.2f} ± {r.ci95:.2f} %"
-        )
+    for line in summary_lines(results, choice.label, split):
+        typer.echo(line)
     typer.echo(f"took {elapsed:.1f} s on {dev}; " + ", ".join(map(str, written)))
     for path in saved_paths:
         typer.echo(f"episodes saved to {path}")

@@ -7,7 +7,6 @@ videos into the same cache; rank 0 draws the progress bar and prints the summary
 from __future__ import annotations
 
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import typer
@@ -121,7 +120,7 @@ def extract_command(
     start = time.perf_counter()
     try:
         # Ranks wait for each other only at the start and the end; the end can be hours later.
-        rank, world = init_distributed(device, timeout=timedelta(hours=12))
+        rank, world = init_distributed(device)
         device = str(resolve_device(device))
     except DeviceError as err:
         fail(str(err), 2)

@@ -1,14 +1,13 @@
 """`strm finetune`: backbone and heads trained together on raw video, from a train-heads or authors' checkpoint.
 
-Settings left out come from the starting checkpoint (the backbone, its layer, input size and
-normalisation that its heads were trained on) and otherwise from the authors' recipe; with
-`--resume` they come from the run's own config.json, and one given that differs is an error.
+Settings left out come from the starting checkpoint (the backbone and input its heads were trained
+on), otherwise from the authors' recipe; with `--resume` from the run's own config.json, and one
+given that differs is an error (pipeline/training/finetune_settings.py settles them).
 On CPU with a real backbone the first tasks are timed and a run estimated past an hour needs --yes.
 """
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -18,23 +17,17 @@ from rich.console import Console
 
 from pipeline.data.manifests import ManifestError, training_manifest
 from pipeline.features.weights import WeightsUnavailable
-from pipeline.runtime.distributed import (
-    DeviceError,
-    init_distributed,
-    resolve_device,
-    teardown,
-)
-from pipeline.training.checkpoints import CheckpointError, load_checkpoint
+from pipeline.runtime.distributed import DeviceError, init_distributed, resolve_device, teardown
+from pipeline.training import finetune_settings as fs
+from pipeline.training.checkpoints import CheckpointError
 from pipeline.training.config import TrainError
-from pipeline.training.finetune import finetune, make_finetune_config, start_settings
+from pipeline.training.finetune import finetune
 from pipeline.training.loop import Declined
-from pipeline.training.runs import LAST, RunError, saved_settings
-from pipeline.training.state import Estimate, TrainResult
-from stages.common import Optimizer, fail, progress_bar, training_progress
+from pipeline.training.runs import RunError
+from pipeline.training.state import TrainResult
+from stages.common import OVERWRITE_HELP, Optimizer, counting_progress, fail, one_of_resume_overwrite, training_progress
 
 console = Console(stderr=True)
-CPU_LIMIT_S = 3600  # past this estimate a CPU run needs --yes
-NOT_RESUMED = ("dataset", "dim", "frames", "variant", "device", "workers")  # given anew by each invocation
 
 
 class BatchNorm(str, Enum):
@@ -48,38 +41,7 @@ class Amp(str, Enum):
     off = "off"
 
 
-def _default_out(source: Path) -> Path:
-    """runs/NAME/best.pt -> runs/NAME-ft; an authors' file x.pt -> runs/x-ft."""
-    name = source.parent.name if source.stem in ("best", "last") and source.parent.name else source.stem
-    return Path("runs") / f"{name}-ft"
-
-
-def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
-
-
-def _refresh_command(dataset: str, videos: Path, manifest: Path | None, config, checkpoint: Path | None) -> str:
-    parts = ["strm extract", dataset, "--videos", str(videos)]
-    if manifest is not None:
-        parts += ["--manifest", str(manifest)]
-    parts += [
-        "--backbone",
-        config.backbone,
-        "--layer",
-        str(config.layer),
-        "--short-side",
-        str(config.short_side),
-        "--crop",
-        str(config.crop),
-        "--patches",
-        str(config.patches),
-    ]
-    if not config.normalize:
-        parts.append("--no-normalize")
-    return " ".join(parts + ["--backbone-checkpoint", str(checkpoint)])
-
-
-# Over 80 lines for its option declarations and their mapping to settings; the work is in _train and _report.
+# Over 80 lines for its option declarations; the work is in _train and _report.
 def finetune_command(
     dataset: str = typer.Argument(
         ...,
@@ -152,6 +114,7 @@ def finetune_command(
     out: Path | None = typer.Option(None, "--out", help="Run folder. (default: runs/NAME-ft)"),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     yes: bool = typer.Option(False, "--yes", help="Start even when a CPU run is estimated past an hour."),
 ) -> None:
     """Fine-tune backbone and heads end to end on episodic tasks decoded from the videos; write last.pt and best.pt.
@@ -160,38 +123,17 @@ def finetune_command(
     `strm extract ... --backbone-checkpoint OUT/best.pt` refreshes the cache for `strm evaluate`.
     Under torchrun the 16 tasks of a step are split across the processes.
     """
-    given = dict(
-        backbone=backbone,
-        layer=layer,
-        weights=str(weights) if weights else None,
-        episodes=episodes,
-        way=way,
-        shot=shot,
-        queries=queries,
-        lr=lr,
-        optimizer=optimizer.value if optimizer else None,
-        tasks_per_step=tasks_per_step,
-        freeze_stages=freeze_stages,
-        bn=bn.value if bn else None,
-        amp=amp.value if amp else None,
-        normalize=normalize,
-        short_side=short_side,
-        crop=crop,
-        seed=seed,
-        val_every=val_every,
-        val_episodes=val_episodes,
-        checkpoint_every=checkpoint_every,
-        log_every=log_every,
-        device=device,
-        tensorboard=tensorboard,
-        workers=workers if workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1)),
-    )
-    out = out or _default_out(source)
-    rank = 0
+    given = fs.given_settings(locals())  # the options that are the run's settings
+    one_of_resume_overwrite(resume, overwrite)
+    out = out or fs.default_out(source)
     try:
-        rank, result = _train(dataset, source, videos, manifest, out, given, resume=resume, yes=yes)
+        rank, result = _train(
+            dataset, source, videos, manifest, out, given, resume=resume, overwrite=overwrite, yes=yes
+        )
     except Declined:
-        fail(f"this run is estimated past {_hours(CPU_LIMIT_S)} on CPU: pass --yes to start it anyway, or use a GPU")
+        fail(
+            f"this run is estimated past {fs.hours(fs.CPU_LIMIT_S)} on CPU: pass --yes to start it anyway, or use a GPU"
+        )
     except (TrainError, ManifestError, RunError, DeviceError, CheckpointError) as err:
         fail(str(err), 2)
     except (WeightsUnavailable, FileNotFoundError) as err:
@@ -212,94 +154,45 @@ def _train(
     given: dict[str, Any],
     *,
     resume: bool,
+    overwrite: bool,
     yes: bool,
 ) -> tuple[int, TrainResult]:
     """(this process's rank, the run's result): settings resolved, frames counted, the run started or resumed."""
-    device = given["device"]
-    backbone = given["backbone"]
-    resolve_device(device or "auto")  # a device this machine lacks is one line, before anything else
-    rank, world = init_distributed(device or "auto")
+    resolve_device(given["device"] or "auto")  # a device this machine lacks is one line, before anything else
+    rank, world = init_distributed(given["device"] or "auto")
     quiet = rank != 0
-    saved = {k: v for k, v in saved_settings(out).items() if k not in NOT_RESUMED} if resume else {}
-    start = None
-    defaults: dict = {}
-    if not (resume and (out / LAST).exists()):
-        start = load_checkpoint(source)
-        defaults = start_settings(start)
-        if backbone and defaults.get("backbone") not in (None, backbone) and not quiet:
-            console.print(
-                f"note: the heads of {source} were trained on {defaults['backbone']} features, not {backbone}",
-                highlight=False,
-            )
-    config = make_finetune_config(
-        dataset, **{**defaults, **saved, **{k: v for k, v in given.items() if v is not None}, "source": str(source)}
-    )
-    with progress_bar(console, disable=quiet, transient=True) as bar:
-        count = bar.add_task("counting frames", total=None)
-        table, counted = training_manifest(
-            dataset,
-            videos,
-            manifest,
-            device=config.device,
-            progress=lambda done, total: bar.update(count, completed=done, total=total),
-        )
+
+    def say(text: str) -> None:
+        if not quiet:
+            console.print(text, highlight=False)
+
+    config, start = fs.settle(dataset, source, out, given, resume=resume, note=lambda text: say(f"note: {text}"))
+    with counting_progress(console, "counting frames", disable=quiet) as counting:
+        table, counted = training_manifest(dataset, videos, manifest, device=config.device, progress=counting)
     on_cpu = resolve_device(config.device).type == "cpu"
-    if not quiet:
-        if counted:
-            console.print(
-                f"counted the frames of {counted} videos (a manifest from `strm manifest` already holds them)",
-                highlight=False,
-            )
-        console.print(
-            f"fine-tuning {config.backbone} + heads from {source} on {dataset} -> {out} "
-            f"({config.optimizer} lr {config.lr:g}, {config.tasks_per_step} tasks a step"
-            + (f", {world} processes" if world > 1 else "")
-            + ")",
-            highlight=False,
-        )
-        if on_cpu and config.amp != "off":
-            console.print("note: mixed precision is CUDA-only; this CPU run is float32", highlight=False)
-        for note in start.notes if start else ():
-            console.print(f"note: {note}", highlight=False)
-
-    def confirm(estimate: Estimate) -> bool:
-        console.print(
-            f"timed: {estimate.seconds_per_task:.1f} s a task on {estimate.device}; "
-            f"{estimate.tasks_left} tasks left ≈ {_hours(estimate.seconds_left)}",
-            highlight=False,
-        )
-        return yes or estimate.seconds_left <= CPU_LIMIT_S
-
+    for line in fs.describe_start(config, source, out, world=world, counted=counted, on_cpu=on_cpu, start=start):
+        say(line)
     with training_progress(console, "finetune", disable=quiet) as show:
-        real_cpu_run = on_cpu and config.backbone != "tiny"
         result = finetune(
             config,
             table,
             out,
             start=start,
             resume=resume,
+            overwrite=overwrite,
             videos_root=videos,
             progress=show,
-            confirm=confirm if real_cpu_run else None,
+            confirm=fs.confirmation(config, on_cpu=on_cpu, yes=yes, tell=say),
         )
     return rank, result
 
 
 def _report(result: TrainResult, dataset: str, videos: Path, manifest: Path | None) -> None:
     """The run's notes, its best and last checkpoints, and the command that refreshes the cache with it."""
-    for note in result.notes:
-        console.print(f"note: {note}", highlight=False)
-    best = (
-        f"best validation {result.best_val_accuracy:.2f}% at task {result.best_task}"
-        if result.best_val_accuracy is not None
-        else "no validation"
-    )
-    console.print(
-        f"done: {result.tasks_done} tasks; {best}; best: {result.best_checkpoint}; last: {result.last_checkpoint}",
-        highlight=False,
-    )
+    for line in fs.done_lines(result):
+        console.print(line, highlight=False)
     console.print("refresh the feature cache with the fine-tuned backbone:", highlight=False)
-    typer.echo(_refresh_command(dataset, videos, manifest, result.config, result.best_checkpoint))
+    typer.echo(fs.refresh_command(dataset, videos, manifest, result.config, result.best_checkpoint))
 
 
 def register(app: typer.Typer) -> None:

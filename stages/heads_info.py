@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.console import Console
@@ -52,7 +51,7 @@ def heads_info_command(
     if unknown:
         fail(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}", 2)
     try:
-        rows: list[dict[str, Any]] = compute_table(  # heterogeneous columns (names, counts, ratios)
+        rows = compute_table(
             variants, dim, queries=_queries(queries), baseline=BASELINE, **({"trm_dim": trm_dim} if trm_dim else {})
         )
     except ValueError as err:

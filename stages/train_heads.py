@@ -25,7 +25,7 @@ from pipeline.runtime.distributed import (
 from pipeline.training.config import TrainError
 from pipeline.training.runs import RunError, saved_settings
 from pipeline.training.train import PRESETS, make_config, train
-from stages.common import Loading, Optimizer, fail, training_progress
+from stages.common import OVERWRITE_HELP, Loading, Optimizer, fail, one_of_resume_overwrite, training_progress
 
 console = Console(stderr=True)
 
@@ -49,7 +49,7 @@ def _heads_options(pairs: list[str]) -> dict:
     return options
 
 
-# Over 80 lines for its 25 option declarations; the body is under 80.
+# Over 80 lines for its 26 option declarations; the body is under 80.
 def train_heads(
     cache: Path = typer.Option(..., "--cache", help="Feature cache folder (from `strm extract`)."),
     variant: str | None = typer.Option(None, help="Heads variant: strm, trm, trx, ple-trm, ... (default: strm)"),
@@ -91,6 +91,7 @@ def train_heads(
     checkpoint_every: int | None = typer.Option(None, help="Write last.pt every N tasks. (default: 250)"),
     out: Path | None = typer.Option(None, help="Run folder. (default: runs/<variant>-<preset>-seed<seed>)"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)"),
     loading: Loading | None = typer.Option(
         None, help="Keep the training split on the GPU, in RAM or stream it from disk. (default: auto)"
@@ -100,6 +101,7 @@ def train_heads(
     ),
 ) -> None:
     """Train the heads on the cache's training split; write config.json, metrics.jsonl, last.pt, best.pt and curve.png."""
+    one_of_resume_overwrite(resume, overwrite)
     given = dict(
         variant=variant,
         heads_options=_heads_options(heads_option) or None,
@@ -148,7 +150,7 @@ def train_heads(
                 f"on {cache} -> {out}" + (f" on {world} processes" if world > 1 else "")
             )
         with training_progress(console, "train-heads", disable=rank != 0) as show:
-            result = train(config, features, out, resume=resume, progress=show)
+            result = train(config, features, out, resume=resume, overwrite=overwrite, progress=show)
     except (TrainError, CacheError, RunError, DeviceError) as err:
         fail(str(err), 2)
     finally:

@@ -93,5 +93,7 @@ def kills_from_env(default: int) -> int:
     return int(os.environ.get("STRM_FAULT_KILLS", default))
 
 
-def seed_from_env(default: int = 0) -> int:
-    return int(os.environ.get("STRM_FAULT_SEED", default))
+def seed_from_env(stage: int) -> int:
+    """The campaign's seed (STRM_FAULT_SEED, 0 by default) plus a number of the stage's own, so the
+    stages of one campaign draw different moments."""
+    return int(os.environ.get("STRM_FAULT_SEED", 0)) + stage

@@ -18,9 +18,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from pipeline.data.video import SAMPLING_RULE_VERSION, ViewSpec, resize_short_side
 from pipeline.features.backbones import get_backbone
-from pipeline.features.cache import cache_key, open_cache
+from pipeline.features.cache import open_cache
 from pipeline.features.extract import ExtractSettings, fingerprint, recipe
 from pipeline.features.presets import PRESETS, preset_lines
+from pipeline.features.recipe import cache_key
 from pipeline.features.weights import WeightsUnavailable, file_sha256, state_dict_sha256
 
 DINO = "vit_small_patch14_dinov2"

@@ -11,9 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 import pipeline.features.readers as readers_module
-from pipeline.features.cache import CacheWriter, SplitLayout, cache_key, open_cache
+from pipeline.features.cache import CacheWriter, SplitLayout, open_cache
 from pipeline.features.copies import write_random_cache
 from pipeline.features.readers import CacheError, available_ram, choose_loading
+from pipeline.features.recipe import cache_key
 from stages.app import app
 
 FP = {"dataset": "toy", "backbone": "tiny", "views": 2}

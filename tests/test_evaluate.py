@@ -427,3 +427,42 @@ def test_the_untrained_baseline_is_where_train_heads_starts(tmp_path):
         torch.testing.assert_close(a, b, msg=name)
     other = choose_model(cache, baseline="untrained", seed=4).model
     assert not torch.equal(other.ple.psi[0].weight, baseline.ple.psi[0].weight)
+
+
+def test_two_runs_evaluated_keep_two_records_and_another_models_record_is_never_replaced(tmp_path, monkeypatch):
+    """runs/a/best.pt and runs/b/best.pt used to write one runs/evaluate/best_test_5way_seed0.json:
+    records are named after the run, and a record of another model is replaced only when asked."""
+    monkeypatch.chdir(tmp_path)
+    cache = write_random_cache(tmp_path / "cache", splits={"test": (6, 7, 1)}, dim=DIM)
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        save_heads(tmp_path / "runs" / name / "best.pt", build_heads("strm", dim=DIM, trm_dim=TRM_DIM))
+    runner = CliRunner()
+    common = ["evaluate", "--cache", str(cache), "--episodes", "20", "--device", "cpu"]
+    outputs = [runner.invoke(app, [*common, "--checkpoint", f"runs/{n}/best.pt"]) for n in ("a", "b")]
+    assert all(o.exit_code == 0 for o in outputs), [o.output for o in outputs]
+    records = sorted(p.name for p in (tmp_path / "runs" / "evaluate").glob("*.json"))
+    assert records == ["a-best_test_5way_seed0.json", "b-best_test_5way_seed0.json"]
+    assert "a-best: 5-way 5-shot" in outputs[0].output and "b-best: 5-way 5-shot" in outputs[1].output
+
+    target = "runs/evaluate/a-best_test_5way_seed0.json"
+    before = Path(target).read_bytes()
+    refused = runner.invoke(app, [*common, "--checkpoint", "runs/b/best.pt", "--json", target])
+    assert refused.exit_code == 1 and "holds the results of another model" in refused.output
+    assert "--overwrite" in refused.output and Path(target).read_bytes() == before
+    again = runner.invoke(app, [*common, "--checkpoint", "runs/a/best.pt"])  # the same model: a rerun replaces
+    assert again.exit_code == 0, again.output
+    sweep = runner.invoke(
+        app, [*common, "--checkpoint", "runs/b/best.pt", "--json", target, "--overwrite", "--shot", "1,2"]
+    )
+    assert sweep.exit_code == 0 and Path(target).with_suffix(".png").exists()
+    single = runner.invoke(app, [*common, "--checkpoint", "runs/b/best.pt", "--json", target])
+    assert single.exit_code == 0 and not Path(target).with_suffix(".png").exists()  # no stale sweep beside it
+
+
+def test_non_finite_logits_are_refused_with_their_cause(split):
+    heads = build_heads("strm", dim=DIM, trm_dim=TRM_DIM)
+    with torch.no_grad():
+        next(heads.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="not finite.*heads' weights or the split's features"):
+        ev.evaluate(heads, split, episodes=4, way=5, shot=2, queries=1)

@@ -24,7 +24,7 @@ from video_factory import write_test_video
 from pipeline.data.video import ViewSpec, load_view
 from pipeline.features.backbones import Backbone, get_backbone, patch_features
 from pipeline.features.cache import open_cache
-from pipeline.features.extract import ExtractSettings, RunOptions, extract
+from pipeline.features.extract import ExtractSettings, RunOptions, decode_job, extract
 from pipeline.runtime.distributed import resolve_precision
 from stages.app import app
 
@@ -409,3 +409,95 @@ def test_cli_reports_failures_and_clear_errors(dataset, tmp_path):
     manifest.iloc[-1:].to_csv(tmp_path / "manifest.csv", index=False)  # only the broken video
     result = runner.invoke(app, args("tiny"))
     assert result.exit_code == 1 and "no video could be extracted" in result.output
+
+
+class _OverflowOnCall(torch.nn.Module):
+    """The tiny trunk, whose output on its `bad`-th call is beyond float16's range (1e6)."""
+
+    def __init__(self, trunk: torch.nn.Module, bad: int) -> None:
+        super().__init__()
+        self.trunk, self.bad, self.calls = trunk, bad, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = self.trunk(x)
+        return out * 1e6 if self.calls == self.bad else out
+
+
+def test_a_backbone_that_overflows_on_one_video_fails_that_video_only(tmp_path):
+    manifest = _videos(tmp_path / "videos", n_train=3, n_test=1)
+    tiny = get_backbone("tiny")
+    backbone = Backbone(
+        _OverflowOnCall(tiny.trunk, bad=2),
+        name=tiny.name,
+        dim=tiny.dim,
+        layer=tiny.layer,
+        weights_id=tiny.weights_id,
+        mean=tiny.mean,
+        std=tiny.std,
+    )
+    # One view of 8 frames a video and batches of 8 frames: each backbone call is one video's.
+    result = extract(
+        "toy",
+        manifest,
+        backbone,
+        tmp_path / "cache",
+        ExtractSettings(views=1, spec=SPEC),
+        RunOptions(batch_size=8, workers=0),
+        videos_root=tmp_path / "videos",
+    )
+    assert len(result.failures) == 1 and "not finite" in result.failures[0][1]
+    cache = open_cache(result.path)
+    done = {v: d for s in ("train", "test") for v, d in zip(cache.video_ids(s), cache.done(s), strict=True)}
+    assert sum(done.values()) == 3 and not done[result.failures[0][0]]
+    for s in ("train", "test"):
+        features = cache.features_array(s)[:]
+        assert np.isfinite(features[cache.done(s)]).all()
+
+
+def _stalling_decode(job):
+    """decode_job, except that the video named `stalled` never returns (a read on a stalled mount)."""
+    if job.video_id.endswith("stalled"):
+        time.sleep(3600)
+    return decode_job(job)
+
+
+def test_a_stalled_decoder_fails_its_video_after_the_time_limit(tmp_path, monkeypatch):
+    """A video whose decoding never returns fails after the decode time limit (its worker is stopped
+    and replaced); the other videos are extracted."""
+    import pipeline.features.extract as extract_module
+
+    monkeypatch.setattr(extract_module, "decode_job", _stalling_decode)  # pickled by name: workers import it
+    manifest = _videos(tmp_path / "videos", n_train=3, n_test=1)
+    manifest.loc[1, "video_id"] = "train_1/stalled"
+    start = time.monotonic()
+    result = extract(
+        "toy",
+        manifest,
+        get_backbone("tiny"),
+        tmp_path / "cache",
+        ExtractSettings(views=1, spec=SPEC),
+        RunOptions(batch_size=8, workers=1, decode_time_limit_s=20),
+        videos_root=tmp_path / "videos",
+    )
+    assert time.monotonic() - start < 240
+    assert result.failures == [("train_1/stalled", "timed out after 20 s; worker process stopped")]
+    assert result.progress.done == 3
+
+
+def test_a_second_extraction_into_a_cache_in_use_is_refused_naming_the_first(tmp_path):
+    from pipeline.features.cache import CacheWriter
+    from pipeline.features.readers import CacheBusy
+
+    manifest = _videos(tmp_path / "videos", n_train=2, n_test=1)
+    run = {"videos_root": tmp_path / "videos"}
+    settings, options = ExtractSettings(views=1, spec=SPEC), RunOptions(batch_size=8, workers=0)
+    path = extract("toy", manifest, get_backbone("tiny"), tmp_path / "cache", settings, options, **run).path
+    holder = CacheWriter(path)
+    holder.hold()  # as a first extraction still running would
+    try:
+        with pytest.raises(CacheBusy, match=rf"another extraction is writing this cache \(pid {os.getpid()}"):
+            extract("toy", manifest, get_backbone("tiny"), tmp_path / "cache", settings, options, **run)
+    finally:
+        holder.release()
+    extract("toy", manifest, get_backbone("tiny"), tmp_path / "cache", settings, options, **run)  # free again

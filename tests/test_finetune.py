@@ -442,6 +442,38 @@ def test_cpu_run_of_a_real_backbone_is_timed_and_refused_past_an_hour(world, tmp
     assert result.exit_code == 2 and "D=1280" in result.output and "D=64" in result.output
 
 
+def test_finetune_into_a_finished_folder_needs_resume_or_overwrite(world, tmp_path):
+    """A rerun without flags is one error line naming --resume and --overwrite, and leaves every file as
+    it was; both flags at once are a usage error; --overwrite fine-tunes anew."""
+    root, _, _, heads = world
+    out = tmp_path / "ft"
+    args = _args(root, heads, out, "--episodes", "2", "--val-every", "0", "--log-every", "2", "--workers", "0")
+    runner = CliRunner()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+    def files() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+    before, written = files(), (out / "last.pt").stat().st_mtime_ns
+    assert {"config.json", "metrics.jsonl", "last.pt", "best.pt"} <= set(before)
+
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: {out} holds an earlier run") and "--resume" in last and "--overwrite" in last
+    assert files() == before
+    result = runner.invoke(app, [*args, "--overwrite", "--resume"])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "error: --resume and --overwrite exclude each other: continue the run in --out or replace it"
+    ]
+    assert files() == before
+
+    result = runner.invoke(app, [*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert (out / "last.pt").stat().st_mtime_ns > written and read_metrics(out)[-1]["task"] == 2
+
+
 def test_two_gloo_ranks_under_torchrun_match_one_process(world, tmp_path):
     root, manifest, _, heads = world
     # 4 tasks a step on 2 ranks: each rank accumulates 2, the first under DDP's no_sync.

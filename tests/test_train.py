@@ -466,6 +466,49 @@ def test_a_finished_run_folder_is_never_overwritten_unless_asked(tmp_path):
     assert (out / "last.pt").exists() and read_metrics(out)[-1]["task"] == 4
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_train_heads_into_a_finished_folder_needs_resume_or_overwrite(tmp_path):
+    """The CLI side of the rule above: a rerun without flags is one error line naming both ways on, and
+    leaves every file as it was; --resume with --overwrite is a usage error; --overwrite trains anew."""
+    from stages.app import app
+
+    cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2), "val": (5, 3, 1)}, dim=32)
+    out = tmp_path / "run"
+    args = ["train-heads", "--cache", str(cache), "--episodes", "4", "--shot", "2", "--queries", "2"]
+    args += ["--heads-option", "trm_dim=32", "--val-every", "2", "--val-episodes", "5", "--tensorboard"]
+    args += ["--out", str(out)]
+    runner = CliRunner()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    before, written = _files(out), (out / "last.pt").stat().st_mtime_ns
+    assert {"config.json", "metrics.jsonl", "last.pt", "best.pt"} <= set(before)
+    assert len([name for name in before if name.startswith("tb/")]) == 1
+
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "holds an earlier run" in errors[0], result.output
+    assert "--resume" in errors[0] and "--overwrite" in errors[0]
+    assert result.output.rstrip().endswith(errors[0])  # the last line: nothing after it
+    assert _files(out) == before  # every file byte-identical
+
+    result = runner.invoke(app, [*args, "--resume", "--overwrite"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: --resume and --overwrite exclude each other: continue the run in --out or replace it"
+    ]
+    assert _files(out) == before
+
+    result = runner.invoke(app, [*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert read_metrics(out)[-1]["task"] == 4 and (out / "last.pt").exists() and (out / "best.pt").exists()
+    assert (out / "last.pt").stat().st_mtime_ns > written
+    assert len([n for n in _files(out) if n.startswith("tb/")]) == 1  # the earlier run's events were removed
+
+
 def test_best_pt_written_after_last_pt_is_not_replaced_by_a_worse_replay(tmp_path):
     """A run killed between best.pt and last.pt resumes from an older last.pt; the best.pt on disk is
     newer. A replayed validation that is worse (on a GPU a replay is not bit-identical) keeps it."""

@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 from video_factory import write_test_video
 
 from pipeline.data.video import ViewSpec, load_view
-from pipeline.features.cache import FeatureRecipe, open_cache
+from pipeline.features.cache import open_cache
 from pipeline.features.copies import write_random_cache
+from pipeline.features.recipe import FeatureRecipe
 from pipeline.heads import build_heads, save_heads
 from pipeline.studies.visualize import (
     FrameSource,

@@ -296,6 +296,11 @@ def evaluate(
     def predict(start: int) -> tuple[int, np.ndarray]:
         batch = slice_tasks(tasks, slice(start, start + batch_tasks))
         logits = relate_tasks(heads, embedding, batch, device, autocast=autocast, qc_tables=qc_tables).logits
+        if not torch.isfinite(logits).all():  # an argmax over NaN would score silently
+            raise ValueError(
+                f"the logits of tasks {start}-{start + len(logits) - 1} are not finite (NaN or inf): the heads' "
+                "weights or the split's features hold NaN or inf (a diverged checkpoint? `strm cache info` the cache)"
+            )
         return start, logits.argmax(-1).cpu().numpy()
 
     starts = range(0, len(tasks), batch_tasks)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
+from typing import Any
 
 import torch
 from torch import nn
@@ -152,11 +153,11 @@ def compute_table(
     queries: Sequence[int] = (1, 4),
     baseline: str = "trm",
     **kwargs,
-) -> list[dict[str, object]]:
+) -> list[dict[str, Any]]:
     """One row per (variant, queries a class): task_compute's fields, total_flops, and each of params,
     heads FLOPs and heads + trunk FLOPs over the `baseline` variant's on the same task (the paper
     states its costs relative to the TRM baseline). kwargs go to task_compute."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for q in queries:
         base = task_compute(baseline, dim, queries=q, **kwargs)
         for variant in variants:

@@ -16,7 +16,7 @@ import torch
 from pipeline.data.episodes import EpisodeSampler, TaskBatch
 
 if TYPE_CHECKING:
-    from pipeline.features.readers import SplitFeatures
+    from pipeline.features.readers import SplitReader
 
 
 EPISODES_FORMAT = "strm-episodes/1"
@@ -66,7 +66,7 @@ def episodes_digest(tasks: TaskBatch, video_ids: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def save_episodes(path: Path | str, tasks: TaskBatch, split: SplitFeatures, *, seed: int, split_name: str) -> Path:
+def save_episodes(path: Path | str, tasks: TaskBatch, split: SplitReader, *, seed: int, split_name: str) -> Path:
     """Write the tasks as class names and video ids (JSON), so any tool can rerun exactly those."""
     path = Path(path)
     ids = np.asarray(split.video_ids, dtype=object)
@@ -93,7 +93,7 @@ def save_episodes(path: Path | str, tasks: TaskBatch, split: SplitFeatures, *, s
     return path
 
 
-def load_episodes(path: Path | str, split: SplitFeatures) -> tuple[TaskBatch, dict[str, Any]]:
+def load_episodes(path: Path | str, split: SplitReader) -> tuple[TaskBatch, dict[str, Any]]:
     """Read tasks written by `save_episodes` back as indices into `split`; returns (tasks, settings).
 
     Raises ValueError naming the file when a video or class is not in the split, or a video is

@@ -31,14 +31,9 @@ from pipeline.data.video import (
     load_window,
 )
 from pipeline.features.backbones import Backbone, patch_features
-from pipeline.features.cache import (
-    CacheWriter,
-    FeatureRecipe,
-    SplitLayout,
-    cache_key,
-    manifest_digest,
-)
+from pipeline.features.cache import CacheWriter, SplitLayout
 from pipeline.features.readers import CacheError
+from pipeline.features.recipe import FeatureRecipe, cache_key, manifest_digest
 from pipeline.runtime import distributed
 from pipeline.runtime.workers import TIME_LIMIT_S, imap_isolated
 
@@ -65,6 +60,7 @@ class RunOptions:
     device: str = "auto"
     precision: str = "auto"  # auto: fp32 on CPU, bf16 (or fp16) autocast on CUDA; or fp32/bf16/fp16
     decode_time_limit_s: float | None = TIME_LIMIT_S  # per video, in a worker (workers >= 1): then it fails
+    durable: bool = True  # fsync each video's chunk before its done flag; off only to measure what it costs
 
 
 @dataclass(frozen=True)
@@ -384,6 +380,7 @@ def extract(
     fp = fingerprint(dataset, manifest, recipe(backbone, settings, precision))
     path = cache_path(cache_root, dataset, fp)
     writer = _open_writer(path, fp, split_layouts(manifest, settings.views), backbone.dim, settings.patches, device)
+    writer.durable = options.durable
     rank, world = distributed.rank_world()
     writer.hold(rank)  # one writer per cache (and rank): a second extraction is refused, naming this one
     try:

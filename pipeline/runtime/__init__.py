@@ -1,8 +1,9 @@
-"""Where work runs: the device and precision chosen once ("auto"), torch.distributed ranks and
-collectives, and crash-isolated worker processes with their time limit.
+"""Where work runs and what survives it: the device and precision chosen once ("auto"), ranks and
+collectives with their timeout, crash-isolated workers with their time limit, files fsynced to disk.
 """
 
 from pipeline.runtime.distributed import (
+    COLLECTIVE_TIMEOUT,
     DeviceError,
     autocast_dtype,
     init_distributed,
@@ -10,14 +11,20 @@ from pipeline.runtime.distributed import (
     resolve_precision,
     teardown,
 )
-from pipeline.runtime.workers import imap_isolated
+from pipeline.runtime.files import replace_durably, sync_dir, sync_file
+from pipeline.runtime.workers import TIME_LIMIT_S, imap_isolated
 
 __all__ = [
+    "COLLECTIVE_TIMEOUT",
+    "TIME_LIMIT_S",
     "DeviceError",
     "autocast_dtype",
     "imap_isolated",
     "init_distributed",
+    "replace_durably",
     "resolve_device",
     "resolve_precision",
+    "sync_dir",
+    "sync_file",
     "teardown",
 ]

@@ -21,6 +21,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AMP_MODES = ("bf16", "fp16", "off")  # training autocast (finetune's --amp)
 
 
+# How long a collective waits for the slowest rank before the run fails instead of hanging: long
+# enough for rank 0 to extract its share or validate alone, and still finite.
+COLLECTIVE_TIMEOUT = timedelta(hours=12)
+
+
 class DeviceError(ValueError):
     """A device that is not a torch device, or one this machine does not have; the message says which."""
 
@@ -96,8 +101,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device: str = "auto", timeout: timedelta | None = None) -> tuple[int, int]:
-    """Join torchrun's process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU); -> (rank, world)."""
+def init_distributed(device: str = "auto", timeout: timedelta = COLLECTIVE_TIMEOUT) -> tuple[int, int]:
+    """Join torchrun's process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU); -> (rank, world).
+
+    Every collective then waits at most `timeout` for the slowest rank (NCCL's default is minutes:
+    too short for rank 0 validating a large split alone while the others wait in a broadcast)."""
     if dist.is_initialized():
         return rank_world()
     if world_size() <= 1:
@@ -105,8 +113,7 @@ def init_distributed(device: str = "auto", timeout: timedelta | None = None) -> 
     cuda = resolve_device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    options: dict[str, Any] = {"timeout": timeout} if timeout else {}
-    dist.init_process_group("nccl" if cuda else "gloo", **options)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return rank_world()
 
 

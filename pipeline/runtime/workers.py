@@ -29,6 +29,11 @@ _STOP = b""  # a message with no payload asks a worker to exit
 # not finished its item in this time (a decoder blocked on a stalled mount, a stream that never ends)
 # is stopped and only that item fails. Ten minutes is far beyond any real video's decode here.
 TIME_LIMIT_S = 600.0
+# A worker's own start (a fresh process importing torch and the decoders) is not its item's time: the
+# limit counts from the worker's word that it has the item, and a worker that never says so gets this
+# much longer.
+START_ALLOWANCE_S = 120.0
+_STARTED = b"s"  # the worker has unpickled its item and starts on it (a reply is a pickle: never b"s")
 
 
 def _context() -> _Context:
@@ -51,6 +56,7 @@ def _worker_main(fn: Callable[[Any], Any], conn: Connection, threads: int | None
         if message == _STOP:
             return
         item = pickle.loads(message)
+        conn.send_bytes(_STARTED)
         try:
             reply = pickle.dumps(("ok", fn(item)), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # fn's failure (or an unpicklable result) fails this item only
@@ -64,7 +70,11 @@ class _Worker:
     conn: Connection
     item: Any = None
     busy: bool = False
-    since: float = 0.0  # when it got its item (for timeout_s)
+    since: float = 0.0  # when it was sent its item, then when it said it started on it (for timeout_s)
+    started: bool = False
+
+    def deadline(self, timeout_s: float) -> float:
+        return self.since + timeout_s + (0.0 if self.started else START_ALLOWANCE_S)
 
 
 def _death_reason(exitcode: int | None) -> str:
@@ -104,15 +114,24 @@ def _outcome(worker: _Worker, ready: Container[object], timeout_s: float | None)
     """
     if worker.conn in ready or (worker.process.sentinel in ready and worker.conn.poll()):
         try:
-            status, payload = pickle.loads(worker.conn.recv_bytes())
+            message = worker.conn.recv_bytes()
         except (EOFError, OSError):  # the pipe closed: the process is dying
             worker.process.join(timeout=10)
-            status, payload = "died", _death_reason(worker.process.exitcode)
+            return "died", _death_reason(worker.process.exitcode)
+        if message == _STARTED:
+            worker.since, worker.started = time.monotonic(), True
+            return _outcome(worker, (), timeout_s) if worker.conn.poll() else None
+        status, payload = pickle.loads(message)
         return status, payload
     if worker.process.sentinel in ready:
         worker.process.join()
         return "died", _death_reason(worker.process.exitcode)
-    if timeout_s is not None and time.monotonic() - worker.since >= timeout_s:
+    if timeout_s is not None and time.monotonic() >= worker.deadline(timeout_s):
+        if not worker.started:
+            return (
+                "died",
+                f"the worker did not start within {timeout_s + START_ALLOWANCE_S:g} s; worker process stopped",
+            )
         return "died", f"timed out after {timeout_s:g} s; worker process stopped"
     return None
 
@@ -170,11 +189,12 @@ def imap_isolated(
             while waiting and (idle or len(pool) < workers):
                 worker = idle.pop() if idle else _start(ctx, pool, fn, threads_per_worker)
                 worker.item, worker.busy, worker.since = waiting.popleft(), True, time.monotonic()
+                worker.started = False
                 worker.conn.send_bytes(pickle.dumps(worker.item, protocol=pickle.HIGHEST_PROTOCOL))
             busy = [w for w in pool if w.busy]
             wait_s = None
             if timeout_s is not None:
-                wait_s = max(0.0, min(w.since for w in busy) + timeout_s - time.monotonic())
+                wait_s = max(0.0, min(w.deadline(timeout_s) for w in busy) - time.monotonic())
             ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=wait_s))
             for worker in busy:
                 outcome = _outcome(worker, ready, timeout_s)

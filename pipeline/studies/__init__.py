@@ -3,7 +3,8 @@ grids, activation maps, the figures and words of a report, and the demo that run
 """
 
 from pipeline.studies.ablation import GridPoint, TrainSettings, run_grid
-from pipeline.studies.demo import DemoError, run_demo
+from pipeline.studies.demo import run_demo
+from pipeline.studies.demo_plan import DemoError
 from pipeline.studies.demo_report import DemoFacts
 from pipeline.studies.eval_run import EvalError
 from pipeline.studies.report import save_figure

@@ -45,7 +45,7 @@ class DemoFacts:
     notes: Sequence[str] = ()  # anything else a reader must know (the flip, the machine, ...)
     subsets: Sequence[tuple[str, pd.DataFrame]] = ()  # (what the subset is, subset_table of the main models)
     command: str = "strm demo"
-    prediction: Mapping[str, Any] | None = None  # the demo's `strm predict` step (pipeline/studies/demo.py _predict)
+    prediction: Mapping[str, Any] | None = None  # the demo's `strm predict` step (pipeline/studies/demo_predict.py)
 
 
 def _figure(facts: DemoFacts, key: str, caption: str) -> str:

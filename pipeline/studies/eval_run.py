@@ -10,15 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline import evaluation as ev
 from pipeline.data.episodes import TaskBatch
-from pipeline.features.cache import FeatureCache, FeatureRecipe
-from pipeline.features.readers import CacheError, SplitFeatures, SplitReader
+from pipeline.features.cache import FeatureCache
+from pipeline.features.readers import CacheError, SplitReader
+from pipeline.features.recipe import FeatureRecipe
 from pipeline.heads import VARIANTS
 from pipeline.training.checkpoints import load_checkpoint
 from pipeline.training.train import TrainError, make_config, starting_heads
@@ -29,6 +30,32 @@ Progress = Callable[[str, int, int, int | None], None]  # (phase, done, total, s
 
 class EvalError(ValueError):
     """A model, cache split or task file that cannot be evaluated together; the message says why."""
+
+
+class RequestError(EvalError):
+    """Options that do not make one evaluation (the stage exits 2 for these, as for a usage error)."""
+
+
+def check_request(
+    checkpoint: Path | None, baseline: str | None, variant: str | None, episodes_file: Path | None
+) -> None:
+    """One model per run, a known variant, files that exist: checked before anything loads."""
+    if checkpoint is None and baseline is None:
+        raise RequestError("give --checkpoint PATH, or --baseline proto|untrained")
+    if checkpoint is not None and baseline is not None:
+        raise RequestError("--checkpoint and --baseline exclude each other: evaluate one model per run")
+    if variant is not None and variant not in VARIANTS:
+        raise RequestError(f"--variant {variant!r} is not one of {', '.join(VARIANTS)}")
+    for path in (checkpoint, episodes_file):
+        if path is not None and not path.is_file():
+            raise RequestError(f"{path}: no such file")
+
+
+def checkpoint_label(path: Path) -> str:
+    """What a checkpoint's results are named after: a run's `best.pt` / `last.pt` by its run folder
+    too (runs/my-strm/best.pt -> my-strm-best), so two runs never write one file."""
+    path = Path(path)
+    return f"{path.parent.name}-{path.stem}" if path.stem in ("best", "last") and path.parent.name else path.stem
 
 
 @dataclass
@@ -44,7 +71,7 @@ def fit_note(trained: FeatureRecipe | None, features: FeatureRecipe | None) -> s
     """A note when heads meet features of another backbone, weights or input than they were trained on."""
     if trained is None or features is None:
         return ""
-    differ = trained.differences(features)  # the fields that change a test view's feature (cache.FEATURE_FIELDS)
+    differ = trained.differences(features)  # the fields that change a test view's feature (recipe.FEATURE_FIELDS)
     if not differ:
         return ""
     return f"the heads were trained on other features than this cache's ({'; '.join(differ)}: trained vs cache)"
@@ -93,7 +120,7 @@ def choose_model(
     note = "; ".join(n for n in (about.get("note", ""), fit_note(loaded.recipe, cache.recipe)) if n)
     if note:
         about["note"] = note
-    return ModelChoice(heads, about, Path(checkpoint).stem)
+    return ModelChoice(heads, about, checkpoint_label(Path(checkpoint)))
 
 
 @dataclass
@@ -123,9 +150,7 @@ def plan_tasks(
         if len(shots) > 1:
             raise EvalError("an episodes file fixes the shot: it cannot be combined with a shot sweep")
         try:
-            # It reads only video_ids, class_names and labels, which a StreamedSplit has too; the cast
-            # stands in for pipeline/evaluation/tasks.py's narrower SplitFeatures annotation.
-            loaded, saved = ev.load_episodes(episodes_file, cast(SplitFeatures, split))
+            loaded, saved = ev.load_episodes(episodes_file, split)
         except ValueError as err:
             raise EvalError(str(err)) from None
         notes = []
@@ -147,10 +172,7 @@ def save_planned(plan: TaskPlan, split: SplitReader, split_name: str, path: Path
     written = []
     for k, tasks in plan.tasks.items():
         target = path if len(plan.tasks) == 1 else path.with_name(f"{path.stem}_shot{k}{path.suffix}")
-        # cast: save_episodes reads only video_ids and class_names (see plan_tasks on its annotation)
-        written.append(
-            ev.save_episodes(target, tasks, cast(SplitFeatures, split), seed=plan.seed, split_name=split_name)
-        )
+        written.append(ev.save_episodes(target, tasks, split, seed=plan.seed, split_name=split_name))
     return written
 
 
@@ -204,12 +226,55 @@ def default_record(label: str, split: str, way: int, seed: int) -> Path:
     return Path("runs") / "evaluate" / f"{label}_{split}_{way}way_seed{seed}.json"
 
 
+def _same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two records are of one model when they name the same checkpoint file and contents, or baseline."""
+    keys = ("checkpoint", "checkpoint_sha256", "baseline", "variant", "init_seed")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
 def write_results(
-    results: list[ev.EvalResult], about: dict, json_path: Path, csv_path: Path | None, label: str, split: str
+    results: list[ev.EvalResult],
+    about: dict,
+    json_path: Path,
+    csv_path: Path | None,
+    label: str,
+    split: str,
+    overwrite: bool = False,
 ) -> list[Path]:
-    """The run record (JSON), the summary (CSV, next to it by default) and, for a sweep, accuracy against shots."""
+    """The run record (JSON), the summary (CSV, next to it by default) and, for a sweep, accuracy against shots.
+
+    A record of another model at that path is refused unless `overwrite`: results are never replaced
+    silently. A sweep's PNG left beside the record by an earlier run of the same name is removed, so
+    every file beside the JSON belongs to it.
+    """
+    if json_path.exists() and not overwrite:
+        try:
+            earlier = ev.read_run(json_path)
+        except (ValueError, KeyError, OSError):
+            earlier = {}
+        if not _same_model(earlier, about):
+            raise EvalError(
+                f"{json_path} holds the results of another model ({earlier.get('checkpoint') or earlier.get('baseline')}); "
+                "write elsewhere with --json PATH, or replace it with --overwrite"
+            )
     written = [ev.write_run(json_path, results, about)]
     written.append(ev.write_csv(csv_path or json_path.with_suffix(".csv"), results))
+    sweep = json_path.with_suffix(".png")
     if len(results) > 1:
-        written.append(ev.plot_shot_sweep(results, json_path.with_suffix(".png"), title=f"{label} on {split}"))
+        written.append(ev.plot_shot_sweep(results, sweep, title=f"{label} on {split}"))
+    else:
+        sweep.unlink(missing_ok=True)
     return written
+
+
+def summary_lines(results: Sequence[ev.EvalResult], label: str, split: str) -> list[str]:
+    """One line per setting: the model's name, the task setting and the mean with its interval."""
+    lines = []
+    for r in results:
+        s = r.settings
+        queries = f"{s['queries']} quer{'y' if s['queries'] == 1 else 'ies'}/class"
+        lines.append(
+            f"{label}: {s['way']}-way {s['shot']}-shot, {queries}, {s['episodes']} tasks on {split}, "
+            f"seed {s['seed']}: {r.mean:.2f} ± {r.ci95:.2f} %"
+        )
+    return lines

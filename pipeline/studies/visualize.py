@@ -25,7 +25,7 @@ matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.data.video import VideoError, ViewSpec, count_frames, load_view
-from pipeline.features.cache import FeatureRecipe
+from pipeline.features.recipe import FeatureRecipe
 from pipeline.heads import STRMHeads
 
 Frames = Callable[[str], "torch.Tensor | None"]  # video id -> uint8 [L, 3, H, W] (view 0), or None

@@ -22,8 +22,8 @@ import torch
 
 from pipeline.data.video import FRAMES, SAMPLING_RULE_VERSION
 from pipeline.features.backbones import Backbone
-from pipeline.features.cache import FeatureRecipe
 from pipeline.features.readers import CacheError
+from pipeline.features.recipe import FeatureRecipe
 from pipeline.features.weights import file_sha256
 from pipeline.heads import (
     VARIANTS,
@@ -61,6 +61,7 @@ class Checkpoint:
     def about(self) -> dict:
         """A JSON-able record of which checkpoint this is, for run records."""
         about: dict[str, Any] = {"checkpoint": str(self.path), "checkpoint_kind": self.kind, "variant": self.variant}
+        about["checkpoint_sha256"] = self.sha256
         if self.recipe is not None:
             about["recipe"] = self.recipe.to_dict()
         if self.notes:

@@ -44,7 +44,7 @@ from pipeline.features.backbones import (
     get_backbone,
     patch_features,
 )
-from pipeline.features.cache import FeatureRecipe, manifest_digest
+from pipeline.features.recipe import FeatureRecipe, manifest_digest
 from pipeline.heads import STRMHeads, load_heads
 from pipeline.runtime import distributed
 from pipeline.training.checkpoints import Checkpoint

@@ -117,6 +117,11 @@ class EpisodicLoop:
         self.heads, self.module, self.device, self.amp = heads, module, device, amp
         self.record, self.extra, self.notes, self.hint = record, checkpoint_extra, list(notes or []), divergence_hint
         distributed.enable_tf32(device)
+        if self.world > 1:
+            self.notes.append(
+                f"rank 0 validates alone; the other ranks wait for it at most {distributed.COLLECTIVE_TIMEOUT} "
+                "(the collectives' timeout)"
+            )
         module.train()
         for p in _unreached_parameters(heads):
             p.requires_grad_(False)
@@ -140,22 +145,7 @@ class EpisodicLoop:
         self.done = self.saved = 0  # tasks trained; tasks in last.pt
         self.skipped = 0  # optimiser steps in a row whose gradient was not finite (fp16 loss scaling)
         if resumed is not None:
-            try:
-                self.optimizer.load_state_dict(resumed["optimizer"])
-            except ValueError as err:  # another set of trained parameters (e.g. QC, frozen at lambda_qc 0 since)
-                raise TrainError(
-                    f"{out / LAST}: its optimiser state does not fit these heads' trained parameters "
-                    f"({err}); start a new run folder"
-                ) from None
-            if resumed.get("scheduler"):
-                self.scheduler.load_state_dict(resumed["scheduler"])
-            if resumed.get("scaler"):
-                self.scaler.load_state_dict(resumed["scaler"])
-            set_rng_state(resumed["rng"])
-            self.state = RunState.from_dict(resumed["state"])
-            if self.rank != 0:  # the saved window is every rank's sum: rank 0 carries it, or _log counts it twice
-                self.state.window = MetricWindow()
-            self.done = self.saved = int(resumed["task_index"])
+            self._restore(resumed)
         self.log = None
         self.newer_best: tuple[int, float] | None = None  # best.pt written after the last.pt resumed from
         if self.rank == 0:
@@ -181,6 +171,26 @@ class EpisodicLoop:
                 },
                 None if resumed is None else self.done,
             )
+
+    def _restore(self, resumed: dict) -> None:
+        """Optimiser, schedule, scaler, RNG and run state from the last.pt this run resumes."""
+        out = self.out
+        try:
+            self.optimizer.load_state_dict(resumed["optimizer"])
+        except ValueError as err:  # another set of trained parameters (e.g. QC, frozen at lambda_qc 0 since)
+            raise TrainError(
+                f"{out / LAST}: its optimiser state does not fit these heads' trained parameters "
+                f"({err}); start a new run folder"
+            ) from None
+        if resumed.get("scheduler"):
+            self.scheduler.load_state_dict(resumed["scheduler"])
+        if resumed.get("scaler"):
+            self.scaler.load_state_dict(resumed["scaler"])
+        set_rng_state(resumed["rng"])
+        self.state = RunState.from_dict(resumed["state"])
+        if self.rank != 0:  # the saved window is every rank's sum: rank 0 carries it, or _log counts it twice
+            self.state.window = MetricWindow()
+        self.done = self.saved = int(resumed["task_index"])
 
     # ------------------------------------------------------------------ one task, one step
 

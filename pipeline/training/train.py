@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.data.episodes import EpisodeSampler, Task
-from pipeline.features.cache import FeatureCache, fingerprint_diff, open_cache
+from pipeline.features.cache import FeatureCache, open_cache
 from pipeline.features.readers import (
     LOADINGS,
     CacheError,
@@ -30,6 +30,7 @@ from pipeline.features.readers import (
     SplitReader,
     channel_stats,
 )
+from pipeline.features.recipe import fingerprint_diff
 from pipeline.heads import STRMHeads, build_heads, load_heads
 from pipeline.heads.model import DEFAULT_OPTIONS
 from pipeline.runtime import distributed

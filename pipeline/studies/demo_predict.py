@@ -1,0 +1,107 @@
+"""The demo's predict step: `strm predict` on held-out clips of the test split (a support folder, known and
+unseen queries, one recording of three actions joined) and the unknown-score protocol, its facts kept
+in OUT/predict/facts.json and reused while the checkpoint is the same.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import evaluation as ev
+from pipeline.data import synth
+from pipeline.data.video import decode_frames
+from pipeline.evaluation.unknown import unknown_protocol
+from pipeline.predict.outputs import timeline_figure
+from pipeline.predict.recognizer import FewShotRecognizer, UnknownRule
+from pipeline.studies.demo_plan import DemoEvents, DemoSizes
+
+PREDICT_FACTS = 2  # the predict step's facts.json layout: older ones are computed again
+
+
+def predict_stage(
+    out: Path, manifest, checkpoint: Path, test, sizes: DemoSizes, workers: int, events: DemoEvents, state: dict
+) -> dict:
+    """The predict step's facts: reused from OUT/predict/facts.json when made with this checkpoint, else computed."""
+    facts_path, stamp = out / "predict" / "facts.json", checkpoint.stat().st_mtime
+    saved = json.loads(facts_path.read_text()) if facts_path.exists() else {}
+    state["reused"] = saved.get("checkpoint_mtime") == stamp and saved.get("version") == PREDICT_FACTS
+    prediction = (
+        saved["facts"] if state["reused"] else _predict(out, manifest, checkpoint, test, sizes, workers, events)
+    )
+    facts_path.write_text(json.dumps({"checkpoint_mtime": stamp, "version": PREDICT_FACTS, "facts": prediction}) + "\n")
+    return prediction
+
+
+def _predict(out: Path, manifest, checkpoint: Path, test, sizes: DemoSizes, workers: int, events: DemoEvents) -> dict:
+    """`strm predict` on held-out clips: a support folder of 5 test actions x 5 clips, queries of those actions
+    and of 2 actions not in the support, and one recording of 3 actions joined; then the unknown-score protocol."""
+    rows = manifest[manifest["split"] == "test"].sort_values("video_id")
+    actions = sorted(rows["class"].unique())
+    rng = np.random.default_rng(sizes.seed)
+    unseen = min(2, len(actions) - 2)  # 5 known and 2 unseen actions where the test split has them
+    chosen = [str(a) for a in rng.choice(actions, min(len(actions), 5 + unseen), replace=False)]
+    known, outsiders = chosen[: len(chosen) - unseen], chosen[len(chosen) - unseen :]
+    folder = out / "predict"
+    clips = {a: rows[rows["class"] == a]["path"].tolist() for a in chosen}
+    for action in known:
+        (folder / "support" / action).mkdir(parents=True, exist_ok=True)
+        for clip in clips[action][:5]:
+            link = folder / "support" / action / Path(clip).name
+            if not link.is_symlink():
+                link.symlink_to(Path(clip).absolute())
+    queries = [(Path(c), a) for a in known for c in clips[a][5:7]] + [
+        (Path(c), "unknown") for a in outsiders for c in clips[a][:2]
+    ]
+    recording = folder / "recording.mp4"
+    parts = [decode_frames(clips[a][7], range(_frames(manifest, clips[a][7]))) for a in known[:3]]
+    synth.write_mp4(torch.cat(parts).permute(0, 2, 3, 1).numpy(), recording)
+    events.message(
+        f"support: {folder / 'support'} ({len(known)} actions x 5 clips); {len(queries)} queries; "
+        f"recording of {', '.join(known[:3])}"
+    )
+    recognizer = FewShotRecognizer.from_checkpoint(checkpoint, device="cpu", workers=workers)
+    support = recognizer.add_support(folder / "support")
+    recognizer.save_support(folder / "support.safetensors")
+    records = recognizer.predict([q for q, _ in queries], unknown=UnknownRule())
+    windowed = recognizer.predict([recording], window=2.0, stride=0.5)[0]
+    (folder / "predictions.json").write_text(json.dumps(recognizer.report(records + [windowed]), indent=1) + "\n")
+    timeline = timeline_figure(windowed, support.actions, out / "figures" / "timeline.png")
+    table = [
+        {
+            "query": f"{q.parent.name}/{q.name}",
+            "truth": truth,
+            "predicted": r["prediction"],
+            "probability": r["probability"],
+            "runner-up": r["top_k"][1][0],
+            "score": r["score"],
+            "threshold": r["threshold"],
+        }
+        for (q, truth), r in zip(queries, records, strict=False)
+    ]
+    events.message("unknown-action scores on the test split (40 draws)")
+    n_actions = len(test.class_names)
+    draw = {"known": min(5, n_actions // 2), "shots": 5, "draws": 40}
+    draw["unknown"] = min(5, n_actions - draw["known"])
+    protocol = unknown_protocol(
+        recognizer.model, ev.embed_split(recognizer.model, test), test.labels.numpy(), seed=sizes.seed, **draw
+    )
+    return {
+        "queries": table,
+        "support_actions": len(known),
+        "unseen_actions": len(outsiders),
+        "protocol": draw,
+        "temperature": support.calibration.temperature,
+        "segments": windowed["segments"],
+        "recording": list(known[:3]),
+        "unknown": protocol,
+        "timeline": timeline.relative_to(out).as_posix(),
+        "files": str(folder),
+    }
+
+
+def _frames(manifest, path: str) -> int:
+    return int(manifest.loc[manifest["path"] == path, "n_frames"].iloc[0])
