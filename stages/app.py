@@ -38,8 +38,30 @@ STAGES = (
     "visualize",
     "ablate",
     "heads_info",
+    "backbones",
     "demo",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"strm {version('strm')}")
+        except PackageNotFoundError:
+            typer.echo("strm (not installed: run from a checkout)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_version, help="Print the version and exit."
+    ),
+) -> None:
+    """Few-shot action recognition with STRM on cached features."""
+
 
 for _name in STAGES:
     importlib.import_module(f"stages.{_name}").register(app)

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from pipeline import evaluation as ev
+from pipeline.studies.eval_run import model_name
 from stages.common import fail
 
 console = Console(stderr=True)
@@ -24,11 +25,15 @@ def compare_command(
     json_out: Path | None = typer.Option(None, "--json", help="Also write the comparison as JSON."),
 ) -> None:
     """Paired difference A - B on identical tasks, with its 95% interval; refuses runs of different seeds or settings."""
+    if run_a.resolve() == run_b.resolve():
+        fail(f"{run_a} is compared with itself: give the records of two models", 2)
     try:
         a, b = ev.read_run(run_a), ev.read_run(run_b)
         pairs = ev.compare_runs(a, b)
     except ValueError as err:
         fail(f"{run_a} vs {run_b}: {err}")
+    name_a, name_b = model_name(a), model_name(b)
+    typer.echo(f"A = {name_a} ({run_a}), B = {name_b} ({run_b})")
     setting = ("way", "shot", "queries")
     paired = {tuple(p.settings[k] for k in setting) for p in pairs}
     unpaired = sorted({tuple(r[k] for k in setting) for r in a["results"] + b["results"]} - paired)
@@ -47,7 +52,8 @@ def compare_command(
         )
         typer.echo(
             f"{s['way']}-way {s['shot']}-shot, {s['episodes']} tasks, seed {s['seed']}: "
-            f"A {p.mean_a:.2f} %, B {p.mean_b:.2f} %, A - B = {p.difference:+.2f} ± {p.ci95:.2f} points ({verdict}; "
+            f"A {name_a} {p.mean_a:.2f} %, B {name_b} {p.mean_b:.2f} %, "
+            f"A - B = {p.difference:+.2f} ± {p.ci95:.2f} points ({verdict}; "
             f"A ahead on {p.a_better} tasks, B on {p.b_better}, tied on {p.ties})"
         )
     if json_out is not None:

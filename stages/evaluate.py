@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import TaskID
 
+from pipeline import evaluation as ev
 from pipeline.features.cache import open_cache
 from pipeline.features.readers import CacheError
 from pipeline.runtime.distributed import DeviceError, resolve_device
@@ -171,6 +172,8 @@ def evaluate_command(
     if about.get("note"):
         console.print(f"note: {about['note']}", highlight=False)
     for line in summary_lines(results, choice.label, split):
+        typer.echo(line)
+    for line in ev.class_lines(results[-1]):  # the last (largest) shot of a sweep
         typer.echo(line)
     typer.echo(f"took {elapsed:.1f} s on {dev}; " + ", ".join(map(str, written)))
     for path in saved_paths:

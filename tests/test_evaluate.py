@@ -291,6 +291,10 @@ def test_cli_evaluate_sweep_files_and_compare(tmp_path):
     out = runner.invoke(app, ["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     assert out.exit_code == 0, out.output
     assert "5-way 3-shot, 40 tasks, seed 0" in out.output and "A - B" in out.output
+    assert f"A = heads ({tmp_path / 'a.json'}), B = proto ({tmp_path / 'b.json'})" in out.output
+    assert "A heads " in out.output and "B proto " in out.output  # each mean named after its model
+    itself = runner.invoke(app, ["compare", str(tmp_path / "a.json"), str(tmp_path / "." / "a.json")])
+    assert itself.exit_code == 2 and "compared with itself" in itself.output
 
     out = runner.invoke(app, common[:7] + ["--baseline", "proto", "--seed", "1", "--json", str(tmp_path / "c.json")])
     assert out.exit_code == 0, out.output
@@ -466,3 +470,23 @@ def test_non_finite_logits_are_refused_with_their_cause(split):
         next(heads.parameters()).fill_(float("nan"))
     with pytest.raises(ValueError, match="not finite.*heads' weights or the split's features"):
         ev.evaluate(heads, split, episodes=4, way=5, shot=2, queries=1)
+
+
+def test_evaluate_prints_classes_confusions_and_says_when_every_task_holds_the_same_classes(tmp_path):
+    cache = write_random_cache(tmp_path / "cache", splits={"test": (4, 6, 1)}, dim=DIM, signal=0.05)  # 4 classes
+    torch.manual_seed(0)
+    save_heads(tmp_path / "heads.pt", build_heads("strm", dim=DIM, trm_dim=TRM_DIM))
+    args = ["evaluate", "--cache", str(cache), "--checkpoint", str(tmp_path / "heads.pt"), "--episodes", "30"]
+    out = CliRunner().invoke(
+        app, [*args, "--way", "4", "--shot", "2", "--device", "cpu", "--json", str(tmp_path / "r.json")]
+    )
+    assert out.exit_code == 0, out.output
+    record = json.loads((tmp_path / "r.json").read_text())["results"][0]
+    worst = min(record["per_class"], key=record["per_class"].get)
+    lines = out.output.splitlines()
+    first = lines.index("per class (% of its queries right, worst first):")
+    assert lines[first + 1].split()[-1] == worst and len(lines[first + 1 : first + 5]) == 4
+    assert any(line.startswith("most confused (true -> predicted") for line in lines)
+    assert "the split has 4 classes and tasks are 4-way, so every task holds the same classes" in out.output
+    csv = (tmp_path / "r.csv").read_text().splitlines()
+    assert all(len(cell.split(".")[-1]) <= 2 for row in csv[1:] for cell in row.split(",")[-2:] if "." in cell)

