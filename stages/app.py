@@ -29,6 +29,7 @@ STAGES = (
     "manifest",
     "extract",
     "cache_cmd",
+    "info",
     "train_heads",
     "evaluate",
     "compare",

@@ -189,3 +189,22 @@ def test_version_and_the_backbone_list():
     rows = {line.split("│")[1].strip(): line for line in out.output.splitlines() if line.count("│") >= 5}
     assert "2048" in rows["resnet50"] and "layer4" in rows["resnet50"]
     assert "1280" in rows["tf_efficientnet_lite0"] and "384" in rows["dinov2_vits14"]
+
+
+def test_info_tells_what_a_checkpoint_and_a_cache_hold(tmp_path):
+    from stages.app import app
+
+    cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2), "val": (5, 3, 1)}, dim=32)
+    runner = CliRunner()
+    args = ["train-heads", "--cache", str(cache), "--episodes", "4", "--shot", "2", "--queries", "2"]
+    args += ["--heads-option", "trm_dim=32", "--val-every", "2", "--val-episodes", "5", "--out", str(tmp_path / "run")]
+    assert runner.invoke(app, args).exit_code == 0
+    out = runner.invoke(app, ["info", str(tmp_path / "run" / "best.pt")])
+    assert out.exit_code == 0, out.output
+    assert "kind: heads" in out.output and "variant: strm" in out.output and "dim: 32" in out.output
+    assert "class_names: train_class_000, train_class_001" in out.output and "tasks_trained: " in out.output
+    assert "best_validation: " in out.output and "recipe:" in out.output
+    out = runner.invoke(app, ["info", str(cache)])
+    assert out.exit_code == 0 and "val_class_004" in out.output and "done: 15" in out.output
+    out = runner.invoke(app, ["info", str(tmp_path / "nothing.pt")])
+    assert out.exit_code == 2 and "no such checkpoint or cache" in out.output

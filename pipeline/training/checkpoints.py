@@ -58,6 +58,27 @@ class Checkpoint:
         """The file's sha256 (read once): the weights id of the backbone it holds."""
         return file_sha256(self.path)
 
+    def summary(self) -> dict[str, Any]:
+        """What `strm info` tells of a checkpoint: kind, variant and sizes, the features it was trained
+        on, the training split's class names, tasks trained and the best validation (what the file has)."""
+        c = self.contents
+        state = c.get("state") if isinstance(c.get("state"), dict) else {}
+        val = c.get("val") if isinstance(c.get("val"), dict) else {}
+        return {
+            "path": str(self.path),
+            "kind": self.kind,
+            "variant": self.variant,
+            "dim": self.heads.dim,
+            "options": dict(self.heads.options),
+            "parameters": sum(p.numel() for p in self.heads.parameters()),
+            "recipe": self.recipe.to_dict() if self.recipe is not None else None,
+            "class_names": c.get("class_names"),
+            "tasks_trained": c.get("task_index"),
+            "best_validation": val.get("accuracy", state.get("best_val")),
+            "open_set": c.get("open_set"),
+            "notes": list(self.notes),
+        }
+
     def about(self) -> dict:
         """A JSON-able record of which checkpoint this is, for run records."""
         about: dict[str, Any] = {"checkpoint": str(self.path), "checkpoint_kind": self.kind, "variant": self.variant}

@@ -410,6 +410,7 @@ def finetune(
             "backbone": model.backbone.state_dict(),
             "manifest": digest,
             "recipe": recipe.to_dict(),
+            "class_names": list(train_videos.class_names),
         },
         divergence_hint="; heads trained with feature standardisation amplify the backbone's gradients in "
         "low-variance channels",

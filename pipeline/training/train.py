@@ -377,7 +377,7 @@ def train(
         record=record,
         resumed=resumed,
         describe=describe,
-        checkpoint_extra=lambda: {"cache_fingerprint": cache.fingerprint},
+        checkpoint_extra=lambda: {"cache_fingerprint": cache.fingerprint, "class_names": list(source.class_names)},
         notes=notes,
     )
     return replace(loop.fit(progress), config=config)
