@@ -16,7 +16,7 @@ from rich.table import Table
 
 from pipeline.features.weights import WeightsUnavailable
 from pipeline.predict.clips import PredictError
-from pipeline.predict.outputs import timeline_figure, write_csv
+from pipeline.predict.outputs import table_rows, timeline_figure, unused_path, windowed, write_csv
 from pipeline.predict.recognizer import FewShotRecognizer, parse_unknown
 from pipeline.runtime.distributed import DeviceError
 from stages.common import fail, progress_bar
@@ -24,7 +24,7 @@ from stages.common import fail, progress_bar
 console = Console(stderr=True)
 
 
-# Over 80 lines for its 17 option declarations; the body is under 80.
+# Over 80 lines for its 18 option declarations; the body is under 80.
 def predict_command(
     queries: list[Path] = typer.Argument(None, help="Query videos, or folders searched recursively for videos."),
     checkpoint: str = typer.Option(
@@ -65,7 +65,13 @@ def predict_command(
         None, "--window", min=0.1, help="Long recordings: classify windows of this many seconds."
     ),
     stride: float | None = typer.Option(
-        None, "--stride", min=0.1, help="Seconds between window starts. (default: --window)"
+        None, "--stride", min=0.1, help="Seconds between window starts, at most --window. (default: --window)"
+    ),
+    min_segment: float | None = typer.Option(
+        None,
+        "--min-segment",
+        min=0.0,
+        help="Segments shorter than this (s) join a neighbour. (default: half the window)",
     ),
     unknown: str = typer.Option(
         "off",
@@ -92,14 +98,12 @@ def predict_command(
             batch_size=batch_size,
             workers=workers,
         )
-        for note in recognizer.notes:
-            console.print(f"note: {note}", highlight=False)
+        _notes(recognizer.notes, 0)
         with progress_bar(console, transient=True) as bar:
             row = bar.add_task("support clips", total=None)
             shown = len(recognizer.notes)
             chosen = recognizer.add_support(support, lambda done, total: bar.update(row, completed=done, total=total))
-            for note in recognizer.notes[shown:]:  # what the support set taught (e.g. nothing to calibrate on)
-                console.print(f"note: {note}", highlight=False)
+            shown = _notes(recognizer.notes, shown)  # what the support set taught (e.g. nothing to calibrate on)
             if save_support is not None:
                 recognizer.save_support(save_support)
             row = bar.add_task("queries", total=None)
@@ -109,6 +113,7 @@ def predict_command(
                 window=window,
                 stride=stride,
                 unknown=rule,
+                min_segment=min_segment,
                 progress=lambda done, total: bar.update(row, completed=done, total=total),
             )
     except DeviceError as err:
@@ -117,37 +122,50 @@ def predict_command(
         fail(str(err))
     for path, reason in chosen.failed:
         console.print(f"support clip skipped: {path}: {reason}", highlight=False, soft_wrap=True)
+    for path in chosen.ignored + recognizer.ignored:
+        console.print(f"ignored (hidden or tool folder): {path}", highlight=False, soft_wrap=True)
     console.print(
         f"{len(chosen.used)} support clips of {len(chosen.actions)} actions; temperature "
         f"{chosen.calibration.temperature:.3g}" + (f"; saved to {save_support}" if save_support else ""),
         highlight=False,
     )
-    table = Table(title="predictions", title_justify="left")
-    for column in ("query", "action", "probability", "runner-up"):
-        table.add_column(column)
-    for r in records:
-        second = f"{r['top_k'][1][0]} ({r['top_k'][1][1]:.3f})" if len(r["top_k"]) > 1 else ""
-        table.add_row(
-            r["path"],
-            r["prediction"] or f"failed: {r['reason']}",
-            f"{r['probability']:.3f}" if r["probability"] is not None else "",
-            second,
-        )
-    Console().print(table)
-    report = recognizer.report(records)
+    if chosen.held_out is not None:
+        console.print(chosen.held_out.sentence(), highlight=False, soft_wrap=True)
+    _table(records)
     try:
-        for k, r in enumerate(records):
-            if r.get("windows"):  # numbered: recordings of one name in two folders keep a figure each
-                name = f"{k:03d}_{Path(r['path']).stem}_timeline.png"
-                r["timeline"] = str(timeline_figure(r, chosen.actions, figures / name))
+        for r in records:
+            if windowed(r):  # a free name: a second run, or a recording of one name in two folders, keeps its own
+                figure = unused_path(figures, f"{Path(r['path']).stem}_timeline", ".png")
+                r["timeline"] = str(timeline_figure(r, chosen.actions, figure))
                 console.print(f"timeline: {r['timeline']}", highlight=False)
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(report, indent=1) + "\n")
+            json_out.write_text(json.dumps(recognizer.report(records), indent=1) + "\n")
         if csv_out is not None:
             write_csv(csv_out, records)
     except OSError as err:
         fail(f"{err.filename}: cannot write ({err.strerror})")
+    if not any(r["status"] == "ok" for r in records):
+        fail(f"nothing could be labelled: all {len(records)} queries failed (reasons above)")
+
+
+def _notes(notes: list[str], shown: int) -> int:
+    """Print the notes from `shown` on; the number printed so far."""
+    for note in notes[shown:]:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    return len(notes)
+
+
+def _table(records: list[dict]) -> None:
+    """One row per clip, and per segment of a windowed recording; names relative to the folder they share, never cut."""
+    rows, common = table_rows(records)
+    table = Table(title="predictions", title_justify="left", caption=f"under {common}" if common else None)
+    table.add_column("query", overflow="fold")
+    for column in ("action", "probability", "runner-up"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
 
 
 def register(app: typer.Typer) -> None:

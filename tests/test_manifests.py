@@ -291,5 +291,17 @@ def test_manifest_command_writes_manifest_report_and_counts(tmp_path, hmdb_tree)
     assert set(pd.read_csv(report)["video_id"]) == {"brush_hair/short", "fencing/bad", "fencing/zero", "fencing/cut"}
     assert "train" in result.output and "listed" in result.output
 
+    # --min-frames: the authors' rule (8) by default; lowered, one's own short clips are kept.
+    lowered = tmp_path / "out" / "short.csv"
+    args = ["manifest", "folder", "--videos", str(hmdb_tree), "--classes", str(classes), "--workers", "1"]
+    result = CliRunner().invoke(app, [*args, "--out", str(lowered), "--min-frames", "5"])
+    assert result.exit_code == 0, result.output
+    rows = read_manifest(lowered).set_index("video_id")
+    assert rows.loc["brush_hair/short", "status"] == "ok" and rows.loc["brush_hair/short", "n_frames"] == 5
+    result = CliRunner().invoke(app, [*args, "--out", str(lowered), "--min-frames", "21"])
+    rows = read_manifest(lowered).set_index("video_id")
+    assert rows.loc["brush_hair/ok one", "status"] == "too short: 20 frames (< 21)"
+    assert CliRunner().invoke(app, [*args, "--out", str(lowered), "--min-frames", "0"]).exit_code == 2
+
     result = CliRunner().invoke(app, ["manifest", "kinetics100", "--videos", str(hmdb_tree)])
     assert result.exit_code == 2 and "needs --split-dir" in result.output

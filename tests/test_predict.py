@@ -20,9 +20,10 @@ from pipeline.evaluation.unknown import fit_temperature
 from pipeline.features.backbones import get_backbone
 from pipeline.features.cache import open_cache
 from pipeline.features.extract import ExtractSettings, RunOptions, extract
-from pipeline.predict.clips import PredictError, window_starts
+from pipeline.predict.clips import PredictError
 from pipeline.predict.outputs import merge_segments
 from pipeline.predict.recognizer import FewShotRecognizer, UnknownRule
+from pipeline.predict.windows import window_spans
 from pipeline.training.train import make_config, train
 from stages.app import app
 
@@ -141,11 +142,12 @@ def test_uneven_support_bad_clips_and_odd_names(world, tmp_path):
     ]
     short = tmp_path / "quer ies" / "short ö.mp4"
     short.parent.mkdir()
-    write_mp4(_clip(4, 9, 5), short)  # 5 frames: fewer than the 8 a view needs
+    write_mp4(_clip(4, 9, 5), short)  # 5 frames: fewer than the 8 a view takes, so frames repeat
     good = root / "videos" / "test" / "c5" / "v4.mp4"
     records = recognizer.predict([good, short, tmp_path / "missing.mp4", short.parent])
-    assert [r["status"] for r in records] == ["ok", "failed", "failed", "failed"]
-    assert "8 frames" in records[1]["reason"] and "no such file" in records[2]["reason"]
+    assert [r["status"] for r in records] == ["ok", "ok", "failed", "ok"]
+    assert "5 frames" in records[1]["note"] and "repeated" in records[1]["note"] and "note" not in records[0]
+    assert "no such file" in records[2]["reason"]
     assert records[0]["probability"] == pytest.approx(max(records[0]["probabilities"].values()))
     assert abs(sum(records[0]["probabilities"].values()) - 1) < 1e-6
     # An action left with no clip, and fewer than two actions, are errors that name them.
@@ -295,14 +297,23 @@ def test_long_recording_windows_segments_timeline_and_cli_json(world, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert {"checkpoint", "recipe", "actions", "support", "queries"} <= set(report)
-    assert set(report["support"]) == {"used", "failed"} and len(report["support"]["used"]) == 9
+    assert {"used", "failed", "ignored", "leave_one_out"} <= set(report["support"])
+    assert len(report["support"]["used"]) == 9
     first = report["queries"][0]
     assert {"path", "status", "reason", "prediction", "probability", "probabilities", "top_k", "logits"} <= set(first)
     assert [(w["start"], w["end"]) for w in first["windows"]][:3] == [(0.0, 1.0), (0.5, 1.5), (1.0, 2.0)]
     assert len(first["windows"]) == 7 and first["segments"] and first["timeline"].endswith("_timeline.png")
     assert Path(first["timeline"]).stat().st_size > 5000
     assert first["threshold"] is not None and "score" in first
-    assert len(pd.read_csv(tmp_path / "out.csv")) == len(report["queries"]) == 1 + 5
+    # Windows keep the underlying action, score and threshold (an unknown one too), in the JSON and the CSV.
+    assert all({"action", "score", "threshold"} <= set(w) for w in first["windows"])
+    table = pd.read_csv(tmp_path / "out.csv")
+    assert len(report["queries"]) == 1 + 5
+    cut = [q for q in report["queries"] if len(q["windows"]) > 1]  # a clip within one window reads as a clip
+    assert (table["kind"] == "clip").sum() == len(report["queries"]) - len(cut)
+    assert (table["kind"] == "window").sum() == sum(len(q["windows"]) for q in cut)
+    assert (table["kind"] == "segment").sum() == sum(len(q["segments"]) for q in cut)
+    assert table.loc[table["kind"] == "window", ["action", "score", "threshold"]].notna().all().all()
 
 
 def test_proto_needs_no_training_but_a_backbone(world, tmp_path):
@@ -318,20 +329,11 @@ def test_proto_needs_no_training_but_a_backbone(world, tmp_path):
 
 
 def test_windows_and_segments_and_temperature():
-    assert window_starts(100, 10.0, 2.0, 1.0) == [
-        (0, 20),
-        (10, 20),
-        (20, 20),
-        (30, 20),
-        (40, 20),
-        (50, 20),
-        (60, 20),
-        (70, 20),
-        (80, 20),
-    ]
-    assert window_starts(12, 10.0, 2.0, 1.0) == [(0, 12)]
+    at = lambda n, fps: [k / fps for k in range(n)]  # noqa: E731 - a constant frame rate's timestamps
+    assert [(f, c) for f, c, _, _ in window_spans(at(100, 10.0), 2.0, 1.0)] == [(10 * k, 20) for k in range(9)]
+    assert window_spans(at(12, 10.0), 2.0, 1.0) == [(0, 12, 0.0, 1.2)]
     # A stride that does not reach the end adds one window ending at the last frame: nothing goes unclassified.
-    assert window_starts(59, 10.0, 2.0, 2.0) == [(0, 20), (20, 20), (39, 20)]
+    assert window_spans(at(59, 10.0), 2.0, 2.0) == [(0, 20, 0.0, 2.0), (20, 20, 2.0, 4.0), (39, 20, 3.9, 5.9)]
     windows = [
         {"start": 0, "end": 1, "prediction": "a", "probability": 0.8},
         {"start": 0.5, "end": 1.5, "prediction": "a", "probability": 0.6},
@@ -339,7 +341,7 @@ def test_windows_and_segments_and_temperature():
         {"start": 1.5, "end": 2.5, "prediction": "b", "probability": 0.9},
     ]
     # Each window owns the time up to halfway to its neighbours' centres; a window that failed owns a gap.
-    assert merge_segments(windows) == [
+    assert [{k: s[k] for k in ("start", "end", "prediction", "probability")} for s in merge_segments(windows)] == [
         {"start": 0, "end": 1.25, "prediction": "a", "probability": 0.7},
         {"start": 1.75, "end": 2.5, "prediction": "b", "probability": 0.9},
     ]

@@ -9,18 +9,23 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from vfr_video import VFR_TIMES, write_vfr_video
 from video_factory import read_index, write_test_video
 
 from pipeline.data import video
 from pipeline.data.video import (
     SAMPLING_RULE_VERSION,
+    ShortVideo,
     VideoError,
     ViewSpec,
     count_frames,
     crop_view,
     decode_frames,
+    frame_rate,
+    frame_times,
     load_view,
     load_views,
+    load_window,
     sample_indices,
     transform_view,
     view_rng,
@@ -108,13 +113,31 @@ def test_train_jitter_covers_its_range():
 
 
 def test_short_videos_are_refused_unless_repeated():
-    with pytest.raises(ValueError, match="at least 8 frames"):
+    with pytest.raises(ShortVideo, match="at least 8 frames"):
         sample_indices(7)
     assert sample_indices(5, repeat_short=True) == [0, 0, 1, 1, 2, 2, 3, 4]  # int(linspace(0, 4, 8))
-    with pytest.raises(ValueError):
+    assert sample_indices(7, repeat_short=True) == [0, 0, 1, 2, 3, 4, 5, 6]
+    assert sample_indices(1, repeat_short=True) == [0] * 8
+    with pytest.raises(ValueError, match="no decodable frame"):
         sample_indices(0, repeat_short=True)
     with pytest.raises(ValueError, match="rng"):
         sample_indices(40, train=True)
+    # A worker's reason text gives the count back (the class name is its prefix there); nothing else does.
+    assert ShortVideo.frames_in(f"ShortVideo: {ShortVideo(7)}") == 7
+    assert ShortVideo.frames_in("VideoError: x.mp4: no such file") is None
+
+
+def test_repeats_leave_videos_of_8_frames_or_more_exactly_as_they_were():
+    """The benchmarks and every cache depend on it: repeat_short changes nothing from 8 frames on, for the
+    test view and for every training view (same draws from the same generator)."""
+    for n in range(8, 400):
+        assert sample_indices(n, repeat_short=True) == sample_indices(n)
+        for view in (1, 2):
+            a, b = view_rng(0, f"c/{n}", view), view_rng(0, f"c/{n}", view)
+            assert sample_indices(n, True, a, repeat_short=True) == sample_indices(n, True, b)
+    assert [sample_indices(n, repeat_short=True) for n in sorted(TEST_INDICES)] == [
+        TEST_INDICES[n] for n in sorted(TEST_INDICES)
+    ]
 
 
 def test_view_rng_separates_seed_video_and_view():
@@ -344,6 +367,32 @@ def test_load_views_decodes_once_and_equals_each_view_built_alone(tmp_path, monk
         alone = transform_view(real_decode(path, sample_indices(57, view > 0, rng)), view > 0, rng, spec)
         assert torch.equal(together[view], alone), view
         assert torch.equal(together[view], load_view(path, 57, "c/v", view, seed=5, spec=spec))
+
+
+@pytest.mark.parametrize("decoder", ["torchcodec", "pyav"], indirect=True)
+def test_a_window_is_the_clips_test_view_and_repeats_frames_of_a_short_one(tmp_path, decoder):
+    """load_window(path, 0, n), how predict takes a person's clip, is exactly load_view's view 0 from 8
+    frames on; below 8 the frames repeat (7: 0, 0, 1, ..., 6; 1: eight times frame 0)."""
+    spec = ViewSpec(48, 48)
+    for n in (8, 11, 40):
+        path = write_test_video(tmp_path / f"v{n}.mp4", n, size=(48, 48))
+        assert torch.equal(load_window(path, 0, n, spec), load_view(path, n, "c/v", 0, seed=0, spec=spec))
+    for n, want in ((7, [0, 0, 1, 2, 3, 4, 5, 6]), (1, [0] * 8)):
+        path = write_test_video(tmp_path / f"short{n}.mp4", n, size=(48, 48))
+        assert indices_of(load_window(path, 0, n, spec)) == want
+
+
+def test_frame_times_follow_the_container_not_the_average_rate(tmp_path):
+    """A variable frame rate (10 fps for 3 s, then 30 fps): each frame's time is its own timestamp, in
+    display order (B-frames), and frame i of the decoders is the frame at times[i]."""
+    path = write_vfr_video(tmp_path / "vfr.mp4", VFR_TIMES)
+    times = frame_times(path, count_frames(path))
+    assert np.allclose(times, VFR_TIMES, atol=1e-3)
+    assert indices_of(decode_frames(path, [29, 30, 119])) == [29, 30, 119]
+    assert frame_rate(path) == pytest.approx(120 / 6, rel=0.05)  # the average: no use for times
+    constant = write_test_video(tmp_path / "cfr.mp4", 20, fps=12)
+    assert np.allclose(frame_times(constant), [k / 12 for k in range(20)], atol=1e-3)
+    assert len(frame_times(constant, 25)) == 25  # asked for more than the timestamps: the rate's spacing
 
 
 def test_short_video_repeats_frames_when_asked(tmp_path):

@@ -9,6 +9,7 @@ row and the check goes on; nothing here stops at the first bad file.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections import Counter, defaultdict
@@ -224,8 +225,8 @@ def _typed(table: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 
 
-def _probe(item: tuple[int, str]) -> tuple[int, str]:
-    """Worker side: (row, path) -> (n_frames, status) for one video."""
+def _probe(item: tuple[int, str], min_frames: int = FRAMES) -> tuple[int, str]:
+    """Worker side: (row, path) -> (n_frames, status) for one video; under `min_frames` it is too short."""
     _, path = item
     if not Path(path).exists():
         return -1, "missing: no such file"
@@ -237,8 +238,8 @@ def _probe(item: tuple[int, str]) -> tuple[int, str]:
         return -1, f"unreadable: {exc.reason}"
     if n == 0:
         return 0, "empty: no decodable frames"
-    if n < FRAMES:
-        return n, f"too short: {n} frames (< {FRAMES})"
+    if n < min_frames:
+        return n, f"too short: {n} frames (< {min_frames})"
     return n, "ok"
 
 
@@ -248,14 +249,18 @@ def validate_manifest(
     progress: Callable[[int], None] | None = None,
     *,
     timeout_s: float | None = TIME_LIMIT_S,
+    min_frames: int = FRAMES,
 ) -> pd.DataFrame:
     """Open every video with a path and read its true frame count, in `workers` processes.
 
     Returns a copy with n_frames and status filled: "ok", or "missing: ...", "unreadable: ...",
-    "empty: ...", "too short: ..." (a decoder that crashes or runs past `timeout_s` makes its row
-    unreadable). Rows without a path keep their status. `progress(k)` is called as rows finish,
-    k rows at a time, len(df) in all.
+    "empty: ...", "too short: ..." (fewer than `min_frames`: by default L, the authors' rule for the
+    benchmarks; lower for one's own short clips, whose frames the sampling rule then repeats) (a
+    decoder that crashes or runs past `timeout_s` makes its row unreadable). Rows without a path keep
+    their status. `progress(k)` is called as rows finish, k rows at a time, len(df) in all.
     """
+    if min_frames < 1:
+        raise ValueError(f"min_frames must be at least 1 (a video needs a decodable frame), got {min_frames}")
     out = _typed(df.copy())
     rows = [(k, path) for k, path in enumerate(out["path"]) if path]
     if progress is not None and len(out) > len(rows):
@@ -265,7 +270,11 @@ def validate_manifest(
     n_frames = out["n_frames"].to_numpy().copy()
     status = out["status"].to_numpy().copy()
     results = imap_isolated(
-        _probe, rows, workers=min(workers, len(rows)), max_in_flight=2 * workers, timeout_s=timeout_s
+        functools.partial(_probe, min_frames=min_frames),
+        rows,
+        workers=min(workers, len(rows)),
+        max_in_flight=2 * workers,
+        timeout_s=timeout_s,
     )
     for (row, _), result, error in results:
         if error is None:

@@ -76,6 +76,24 @@ class ViewSpec:
 # ---------------------------------------------------------------------------------------------
 
 
+class ShortVideo(ValueError):
+    """A video with fewer frames than the sampling rule takes, where repeats were not asked for (the
+    authors' rule); the message carries the count, so a worker's reason text can be read back
+    (`ShortVideo.frames_in`)."""
+
+    PREFIX = f"a video needs at least {FRAMES} frames, this one has "
+
+    def __init__(self, n_frames: int) -> None:
+        super().__init__(f"{self.PREFIX}{n_frames}")
+        self.n_frames = n_frames
+
+    @classmethod
+    def frames_in(cls, reason: str) -> int | None:
+        """The frame count of a ShortVideo's message (as a worker reports it), or None for any other reason."""
+        match = re.search(re.escape(cls.PREFIX) + r"(\d+)$", reason.strip())
+        return int(match.group(1)) if match else None
+
+
 def sample_indices(
     n_frames: int,
     train: bool = False,
@@ -88,10 +106,14 @@ def sample_indices(
     Test: int(linspace(1, n-2, 8)), or linspace(0, n-1, 8) when (n-2) - 1 < 8. Train: the ends
     jitter by up to pad = int(min(5, (n-8)/2)) frames (start, end drawn from `rng`, inclusive),
     falling back to 0, n-1 when end - start < 8. n == 8 uses every frame. The authors drop videos
-    with n < 8; `repeat_short=True` instead spreads 8 indices over the frames there are (repeats).
+    with n < 8 (ShortVideo); `repeat_short=True` instead spreads 8 indices over the 1..7 frames there
+    are, int(linspace(0, n-1, 8)), so frames repeat (7 frames: 0, 0, 1, 2, 3, 4, 5, 6). A video of 8
+    frames or more gets the same indices either way.
     """
-    if n_frames < 1 or (n_frames < FRAMES and not repeat_short):
-        raise ValueError(f"a video needs at least {FRAMES} frames, this one has {n_frames}")
+    if n_frames < 1:
+        raise ValueError("no decodable frame")
+    if n_frames < FRAMES and not repeat_short:
+        raise ShortVideo(n_frames)
     if train and rng is None:
         raise ValueError("training indices are random: pass rng=view_rng(seed, video_id, view)")
     if n_frames == FRAMES:
@@ -228,10 +250,11 @@ def load_view(
 
 
 def load_window(path: Path | str, first: int, count: int, spec: ViewSpec = ViewSpec()) -> torch.Tensor:
-    """The test view of frames first .. first+count-1 of a video (a window of a long recording),
-    uint8 [8, 3, crop, crop]: the test rule (sample_indices) applied to the window as if it were a
-    video of `count` frames. load_window(path, 0, n) is load_view's view 0 of an n-frame video."""
-    indices = [first + i for i in sample_indices(count)]
+    """The test view of frames first .. first+count-1 of a video (a window of a long recording, or a
+    person's whole clip), uint8 [8, 3, crop, crop]: the test rule (sample_indices) applied to the
+    window as if it were a video of `count` frames, frames repeated when it has fewer than 8.
+    load_window(path, 0, n) is load_view's view 0 of an n-frame video (n >= 8)."""
+    indices = [first + i for i in sample_indices(count, repeat_short=True)]
     frames = resize_short_side(decode_frames(path, sorted(set(indices))), spec)
     position = {index: k for k, index in enumerate(sorted(set(indices)))}
     crop = draw_crop(frames.shape[-2], frames.shape[-1], False, None, spec)
@@ -310,7 +333,7 @@ def count_frames(path: Path | str) -> int:
 
 
 def frame_rate(path: Path | str) -> float:
-    """Frames per second of the video stream (the container's average rate), for times of windows."""
+    """Frames per second of the video stream (the container's average rate); times come from frame_times."""
     _check_file(path)
     if decoder_name() == "torchcodec":
         rate = _open_torchcodec(path).metadata.average_fps
@@ -327,6 +350,44 @@ def frame_rate(path: Path | str) -> float:
     if not rate or float(rate) <= 0:
         raise VideoError(path, "the container gives no frame rate")
     return float(rate)
+
+
+def frame_times(path: Path | str, n_frames: int | None = None) -> list[float]:
+    """Each frame's presentation time in seconds, in display order, from the first frame's (0.0).
+
+    The container's own timestamps (the pts both decoders give; a phone's variable frame rate
+    included), read from the packets without decoding. With `n_frames` (the decodable count,
+    count_frames) the list has exactly that length: frames past the last timestamp, or a file
+    without timestamps, get the average rate's spacing.
+    """
+    import av
+
+    _check_file(path)
+    stamps: list[float] = []
+    try:
+        with av.open(str(path), metadata_errors="ignore") as container:
+            if not container.streams.video:
+                raise VideoError(path, "no video stream")
+            stream = container.streams.video[0]
+            base, rate = stream.time_base, stream.average_rate
+            try:
+                for packet in container.demux(stream):
+                    if packet.size and packet.pts is not None and not packet.is_discard:
+                        stamps.append(float(packet.pts * base))
+            except av.FFmpegError:
+                pass  # a truncated tail: the timestamps before it are what exists
+    except av.FFmpegError as exc:
+        raise VideoError(path, f"cannot open: {_reason(exc, path)}") from None
+    stamps.sort()
+    times = [t - stamps[0] for t in stamps] if stamps else []
+    count = len(times) if n_frames is None else n_frames
+    if len(times) >= count:
+        return times[:count]
+    step = (
+        float(1 / rate) if rate and float(rate) > 0 else (float(np.median(np.diff(times))) if len(times) > 1 else 0.04)
+    )
+    start = times[-1] + step if times else 0.0
+    return times + [start + k * step for k in range(count - len(times))]
 
 
 def _check_file(path: Path | str) -> None:

@@ -2,20 +2,25 @@
 recordings in windows, probabilities calibrated on the support, and unknown below a threshold.
 """
 
-from pipeline.predict.clips import PROTO, PredictError, find_videos
-from pipeline.predict.outputs import merge_segments, timeline_figure, write_csv
+from pipeline.predict.clips import PROTO, PredictError, find_videos, scan_videos
+from pipeline.predict.outputs import csv_rows, merge_segments, table_rows, timeline_figure, unused_path, write_csv
 from pipeline.predict.recognizer import FewShotRecognizer, UnknownRule, parse_unknown
-from pipeline.predict.support import SupportSet
+from pipeline.predict.support import HeldOut, SupportSet
 
 __all__ = [
     "FewShotRecognizer",
+    "HeldOut",
     "PROTO",
     "PredictError",
     "SupportSet",
     "UnknownRule",
+    "csv_rows",
     "find_videos",
     "merge_segments",
     "parse_unknown",
+    "scan_videos",
+    "table_rows",
     "timeline_figure",
+    "unused_path",
     "write_csv",
 ]

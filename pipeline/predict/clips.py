@@ -4,6 +4,7 @@ into windows, and making features with exactly the recipe a checkpoint was train
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +16,14 @@ from pipeline.data.manifests import VIDEO_SUFFIXES
 from pipeline.data.video import (
     FRAMES,
     SAMPLING_RULE_VERSION,
+    ShortVideo,
     VideoError,
     ViewSpec,
-    count_frames,
-    frame_rate,
 )
 from pipeline.features.backbones import Backbone, get_backbone
-from pipeline.features.cache import FeatureRecipe
 from pipeline.features.extract import RunOptions, VideoJob, run_jobs
+from pipeline.features.recipe import FeatureRecipe
+from pipeline.predict.windows import EPS, probe_video, recording_end, window_spans
 from pipeline.runtime.workers import imap_isolated
 from pipeline.training.checkpoints import (
     CheckpointError,
@@ -30,6 +31,9 @@ from pipeline.training.checkpoints import (
 )
 
 PROTO = "proto"
+# Folders that tools leave beside a person's clips: never actions, never clips (any hidden name too:
+# .ipynb_checkpoints, .DS_Store, macOS's ._clip.mp4 resource forks).
+TOOL_FOLDERS = frozenset({"__MACOSX", "__pycache__"})
 
 
 class PredictError(ValueError):
@@ -39,51 +43,69 @@ class PredictError(ValueError):
 # ---------------------------------------------------------------------------------------------- files
 
 
-def find_videos(paths: Iterable[Path | str]) -> list[Path]:
-    """Files as given (any name), folders searched recursively for video files, in sorted order."""
+def ignored_name(name: str) -> bool:
+    """A hidden name or a tool's folder (TOOL_FOLDERS): skipped when searching for actions and clips."""
+    return name.startswith(".") or name in TOOL_FOLDERS
+
+
+def scan_videos(paths: Iterable[Path | str]) -> tuple[list[Path], list[Path]]:
+    """(videos, ignored): files as given (any name), folders searched recursively for video files in
+    sorted order, skipping hidden files and hidden or tool folders (each skipped folder listed once)."""
     found: list[Path] = []
+    ignored: list[Path] = []
     for path in map(Path, paths):
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
-        else:
+        if not path.is_dir():
             found.append(path)
-    return found
+            continue
+        for p in sorted(path.rglob("*")):
+            parts = p.relative_to(path).parts
+            hidden = next((k for k, part in enumerate(parts) if ignored_name(part)), None)
+            if hidden is not None:
+                skipped = path.joinpath(*parts[: hidden + 1])
+                if skipped not in ignored and (p.is_dir() or p.suffix.lower() in VIDEO_SUFFIXES):
+                    ignored.append(skipped)
+            elif p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES:
+                found.append(p)
+    return found, ignored
 
 
-def support_folder(folder: Path) -> list[tuple[Path, str]]:
-    """(clip, action) for every video under SUPPORT/<action>/, actions in sorted order."""
+def find_videos(paths: Iterable[Path | str]) -> list[Path]:
+    """Files as given (any name), folders searched recursively for video files, in sorted order (scan_videos)."""
+    return scan_videos(paths)[0]
+
+
+def support_folder(folder: Path) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """((clip, action) for every video under SUPPORT/<action>/, actions in sorted order; the hidden and
+    tool folders and files that were ignored)."""
     if not folder.is_dir():
         raise PredictError(f"{folder}: no such support folder (expected SUPPORT/<action>/<clip>) or support index")
-    actions = sorted(p for p in folder.iterdir() if p.is_dir())
-    clips = [(clip, action.name) for action in actions for clip in find_videos([action])]
+    folders = sorted(p for p in folder.iterdir() if p.is_dir())
+    ignored = [p for p in folders if ignored_name(p.name)]
+    actions = [p for p in folders if not ignored_name(p.name)]
+    clips = []
+    for action in actions:
+        videos, skipped = scan_videos([action])
+        clips += [(clip, action.name) for clip in videos]
+        ignored += skipped
     empty = [a.name for a in actions if not any(name == a.name for _, name in clips)]
     if empty:
         raise PredictError(f"{folder}: action folder(s) {', '.join(empty)} hold no video files")
     if len(actions) < 2:
         raise PredictError(f"{folder}: {len(actions)} action folder(s); a support set needs at least 2 actions")
-    return clips
+    return clips, ignored
 
 
 # ---------------------------------------------------------------------------------------------- features
 
 
-def probe_video(path: str) -> tuple[int, float]:
-    """(decodable frames, frames per second) of a video; runs in a worker process (a decoder may crash)."""
-    return count_frames(path), frame_rate(path)
+@dataclass
+class Planned:
+    """A recording's windows: their jobs, (start, end) times in seconds and frame counts, or the reason it has none."""
 
-
-def window_starts(frames: int, fps: float, window_s: float, stride_s: float) -> list[tuple[int, int]]:
-    """(first frame, frame count) of each window [t, t + window) for t = 0, stride, 2 stride, ..., plus one
-    window ending at the last frame when the stride leaves a tail, so every frame is classified; a video
-    shorter than one window is one window of all its frames."""
-    width = max(1, round(window_s * fps))
-    step = max(1, round(stride_s * fps))
-    if frames <= width:
-        return [(0, frames)]
-    firsts = list(range(0, frames - width + 1, step))
-    if firsts[-1] + width < frames:
-        firsts.append(frames - width)
-    return [(first, width) for first in firsts]
+    jobs: list[VideoJob]
+    times: list[tuple[float, float]]
+    frames: list[int]
+    reason: str | None = None
 
 
 @dataclass
@@ -100,8 +122,26 @@ class FeatureMaker:
     def spec(self) -> ViewSpec:
         return self.recipe.view_spec()
 
-    def run(self, jobs: list[VideoJob], progress: Callable[[int], None] | None = None) -> dict[int, torch.Tensor | str]:
-        """job index -> features [L, P*P, D] or the reason it failed (decoding in crash-isolated workers)."""
+    def run(
+        self, jobs: list[VideoJob], progress: Callable[[int], None] | None = None
+    ) -> tuple[dict[int, torch.Tensor | str], dict[int, int]]:
+        """(job index -> features [L, P*P, D] or the reason it failed; job index -> frame count of each clip
+        with fewer than L frames, whose frames were repeated). Decoding runs in crash-isolated workers; a
+        clip refused by the authors' rule for being short is taken again with repeats (the sampling rule's
+        indices over the frames there are), so only a clip with no decodable frame fails for its length."""
+        results = self._run(jobs, progress)
+        short: dict[int, int] = {}
+        again = []
+        for job in jobs:
+            frames = ShortVideo.frames_in(r) if isinstance(r := results[job.index], str) else None
+            if job.window is None and frames is not None:
+                short[job.index] = frames
+                again.append(dataclasses.replace(job, n_frames=frames, window=(0, frames)))
+        if again:
+            results.update(self._run(again, None))
+        return results, {k: n for k, n in short.items() if isinstance(results[k], torch.Tensor)}
+
+    def _run(self, jobs: list[VideoJob], progress: Callable[[int], None] | None) -> dict[int, torch.Tensor | str]:
         results: dict[int, torch.Tensor | str] = {}
 
         def done(job: VideoJob, features: torch.Tensor, _frames: int) -> None:
@@ -132,55 +172,54 @@ class FeatureMaker:
         """One job per clip: its test view (view 0 of the sampling rule), whole."""
         return [VideoJob(kind, k, str(p), str(p), -1, 1, 0, self.spec) for k, p in enumerate(paths)]
 
-    def window_jobs(
-        self, paths: Sequence[Path], window_s: float, stride_s: float, first_index: int
-    ) -> list[tuple[list[VideoJob], list[tuple[float, float]], str | None]]:
-        """Per recording: the jobs of its windows and their (start, end) times in seconds, or the reason it
-        has none. The recordings are probed in one pool of crash-isolated workers."""
-        out: list[tuple[list[VideoJob], list[tuple[float, float]], str | None]] = []
+    def window_jobs(self, paths: Sequence[Path], window_s: float, stride_s: float, first_index: int) -> list[Planned]:
+        """Per recording, its windows cut by the frames' own timestamps (window_spans). The recordings are
+        probed in one pool of crash-isolated workers."""
+        out: list[Planned] = []
         for path, probed in zip(paths, _probe([str(p) for p in paths], self.workers), strict=False):
             if isinstance(probed, str):
-                out.append(([], [], probed))
+                out.append(Planned([], [], [], probed))
                 continue
-            frames, fps = probed
-            starts = window_starts(frames, fps, window_s, stride_s)
-            if frames > starts[0][1] and starts[0][1] < FRAMES:
-                out.append(
-                    (
-                        [],
-                        [],
-                        f"a window of {window_s:g} s is {starts[0][1]} frames at {fps:g} fps; "
-                        f"a window needs at least {FRAMES} (--window)",
-                    )
+            times = probed
+            if not times:
+                out.append(Planned([], [], [], "no decodable frame"))
+                continue
+            spans = window_spans(times, window_s, stride_s)
+            rate = len(times) / recording_end(times)
+            if recording_end(times) > window_s + EPS and round(window_s * rate) < FRAMES:
+                reason = (
+                    f"a window of {window_s:g} s is about {round(window_s * rate)} frames at {rate:.3g} fps; "
+                    f"a window needs at least {FRAMES} (--window)"
                 )
+                out.append(Planned([], [], [], reason))
                 continue
             jobs = [
-                VideoJob("window", first_index + k, str(path), str(path), frames, 1, 0, self.spec, window=w)
-                for k, w in enumerate(starts)
+                VideoJob("window", first_index + k, str(path), str(path), len(times), 1, 0, self.spec, window=(f, n))
+                for k, (f, n, _, _) in enumerate(spans)
             ]
             first_index += len(jobs)
-            out.append((jobs, [(first / fps, (first + count) / fps) for first, count in starts], None))
+            out.append(Planned(jobs, [(t0, t1) for _, _, t0, t1 in spans], [n for _, n, _, _ in spans]))
         return out
 
 
 def _short_reason(reason: str) -> str:
     """A decoder's reason without the exception's class name."""
-    for prefix in ("VideoError: ", "ValueError: "):
+    for prefix in ("VideoError: ", "ShortVideo: ", "ValueError: "):
         reason = reason.removeprefix(prefix)
     return reason
 
 
-def _probe(paths: list[str], workers: int) -> list[tuple[int, float] | str]:
+def _probe(paths: list[str], workers: int) -> list[list[float] | str]:
     if workers == 0:
-        out: list[tuple[int, float] | str] = []
+        out: list[list[float] | str] = []
         for p in paths:
             try:
                 out.append(probe_video(p))
             except (VideoError, ValueError, OSError) as err:
                 out.append(str(err))
         return out
-    results: dict[str, tuple[int, float] | str] = {
-        item: (cast(tuple[int, float], value) if error is None else _short_reason(error))  # no error: a result
+    results: dict[str, list[float] | str] = {
+        item: (cast(list[float], value) if error is None else _short_reason(error))  # no error: a result
         for item, value, error in imap_isolated(probe_video, paths, workers=workers)
     }
     return [results[p] for p in paths]

@@ -11,11 +11,14 @@ long recording is cut into sliding windows, each classified like a clip.
 `FewShotRecognizer` is the API: from_checkpoint(...), add_support(folder or saved index),
 save_support(file), predict(paths). The support index is a safetensors file (loading it never
 executes code) with the per-video embeddings, action names, paths, the checkpoint's sha256 and
-the recipe; an index made with another checkpoint or recipe is refused with the difference named.
+the recipe; an index made with another checkpoint or recipe is refused with the difference named,
+and one with a bad field names the field (pipeline/predict/index.py). Decoding workers start without
+re-importing the caller's script, so a plain script needs no `if __name__ == "__main__":` guard.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +28,12 @@ import torch
 from torch import nn
 
 from pipeline.data.manifests import VIDEO_SUFFIXES
-from pipeline.data.video import (
-    ViewSpec,
-)
+from pipeline.data.video import FRAMES, ViewSpec
 from pipeline.evaluation.batched import ProtoBaseline
 from pipeline.evaluation.unknown import (
     DEFAULT_SCORE,
     calibrate,
+    leave_one_out,
     relate,
     scores,
     threshold,
@@ -44,11 +46,12 @@ from pipeline.predict.clips import (
     FeatureMaker,
     PredictError,
     feature_maker,
-    find_videos,
+    scan_videos,
     support_folder,
 )
 from pipeline.predict.outputs import merge_segments
-from pipeline.predict.support import SupportSet
+from pipeline.predict.records import clip_record, window_record
+from pipeline.predict.support import HeldOut, SupportSet
 from pipeline.runtime import distributed
 from pipeline.training.checkpoints import (
     CheckpointError,
@@ -56,6 +59,10 @@ from pipeline.training.checkpoints import (
 )
 
 QUERY_CHUNK = 64  # query videos related to the support at a time
+# Segments shorter than this share of the window are absorbed by a neighbour: one window's own time is
+# kept when windows do not overlap, and two windows must agree at stride = window / 4. Measured on the
+# demo's recordings (README, "Use a trained model on your own clips"): 0.5 beat 0.25, 0.75 and 1.
+MIN_SEGMENT_OF_WINDOW = 0.5
 
 
 # ---------------------------------------------------------------------------------------------- predictions
@@ -95,6 +102,7 @@ class FewShotRecognizer:
         self.model, self.checkpoint, self.checkpoint_sha256 = model.eval(), checkpoint, checkpoint_sha256
         self.maker, self.notes = maker, notes
         self.support: SupportSet | None = None
+        self.ignored: list[str] = []  # hidden and tool folders skipped among the queries
 
     @classmethod
     def from_checkpoint(
@@ -150,19 +158,27 @@ class FewShotRecognizer:
             return cast(Any, self.model).encode(x)  # STRMHeads or ProtoBaseline: both have encode
 
     def add_support(self, source: Path | str, progress: Callable[[int, int], None] | None = None) -> SupportSet:
-        """A support folder (decoded and encoded once) or a saved index; PredictError names what is wrong."""
+        """A support folder (decoded and encoded once) or a saved index; PredictError names what is wrong.
+        Either way the support's own leave-one-out accuracy is measured (`held_out`), and a note warns when
+        it is near chance."""
         source = Path(source)
         if source.is_file():
-            self.support = SupportSet.load(
-                source, self.checkpoint_sha256, self.maker.recipe, self.maker.backbone.weights_id
-            )
-            self.support.embedding = self.support.embedding.to(self.maker.device)
-            return self.support
-        clips = support_folder(source)
+            support = SupportSet.load(source, self.checkpoint_sha256, self.maker.recipe, self.maker.backbone.weights_id)
+            support.embedding = support.embedding.to(self.maker.device)
+            support.held_out = self._held_out(support.embedding, support.labels, len(support.actions), str(source))
+        else:
+            support = self._support_folder(source, progress)
+        self.notes += [n for n in getattr(support.calibration, "notes", []) if n not in self.notes]
+        if support.held_out is not None and support.held_out.near_chance():
+            self.notes.append(support.held_out.sentence())
+        self.support = support
+        return support
+
+    def _support_folder(self, source: Path, progress: Callable[[int, int], None] | None) -> SupportSet:
+        clips, ignored = support_folder(source)
         actions = sorted({a for _, a in clips})
         paths = [p for p, _ in clips]
-        counter = _counter(progress, len(paths))
-        results = self.maker.run(self.maker.clip_jobs(paths, "support"), counter)
+        results, short = self.maker.run(self.maker.clip_jobs(paths, "support"), _counter(progress, len(paths)))
         used = [(str(p), a) for k, (p, a) in enumerate(clips) if isinstance(results[k], torch.Tensor)]
         failed = [(str(p), r) for k, (p, a) in enumerate(clips) if isinstance(r := results[k], str)]
         lost = [a for a in actions if not any(action == a for _, action in used)]
@@ -174,8 +190,9 @@ class FewShotRecognizer:
             )
         labels = torch.tensor([actions.index(a) for _, a in used])
         embedding = self._encode([r for k in range(len(clips)) if isinstance(r := results[k], torch.Tensor)])
+        held = self._held_out(embedding, labels, len(actions), "the support clips' features")
         calibration = calibrate(self.model, embedding, labels.to(self.maker.device), len(actions))
-        self.support = SupportSet(
+        support = SupportSet(
             actions,
             labels,
             embedding,
@@ -185,13 +202,47 @@ class FewShotRecognizer:
             self.checkpoint_sha256,
             self.maker.recipe,
             self.maker.backbone.weights_id,
+            held_out=held,
+            ignored=[str(p) for p in ignored],
+            repeated={str(paths[k]): n for k, n in short.items()},
         )
         if not calibration.support_scores.get("max_logit"):
             self.notes.append(
                 "no action has 2 support clips to hold one out, so the temperature is 1 (probabilities "
                 "uncalibrated) and --unknown has no threshold: add a second clip to an action"
             )
-        return self.support
+        if short:
+            self.notes.append(
+                f"{len(short)} support clip(s) have fewer than {FRAMES} frames (fewest {min(short.values())}): "
+                "their frames are repeated to make "
+                f"{FRAMES} (the sampling rule's indices over the frames there are)"
+            )
+        return support
+
+    def _held_out(self, embedding: Any, labels: torch.Tensor, way: int, where: str) -> HeldOut:
+        """The support's leave-one-out accuracy; PredictError naming the cause when its logits are not finite."""
+        logits, _, truth = leave_one_out(self.model, embedding, labels.to(self.maker.device), way)
+        if not torch.isfinite(logits).all():
+            raise self._not_finite(where)
+        return HeldOut(len(truth), int((logits.argmax(-1) == truth).sum()) if len(truth) else 0, way)
+
+    def _bad_weights(self) -> list[str]:
+        """The names of the heads' tensors that hold NaN or inf."""
+        tensors = [*self.model.named_parameters(), *self.model.named_buffers()]
+        return [name for name, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()]
+
+    def _not_finite(self, where: str) -> PredictError:
+        """Why logits came out NaN or inf: the checkpoint's weights when they hold any, else the features."""
+        bad = self._bad_weights()
+        if bad:
+            return PredictError(
+                f"non-finite logits (NaN or inf): the checkpoint's weights hold NaN or inf ({len(bad)} "
+                f"tensor(s), e.g. {bad[0]}): {self.checkpoint} is damaged or its training diverged"
+            )
+        return PredictError(
+            f"non-finite logits (NaN or inf) from {where}: the features overflow the checkpoint's heads "
+            "(check the backbone weights, --weights, and that the clips suit this checkpoint's recipe)"
+        )
 
     def save_support(self, path: Path | str) -> Path:
         if self.support is None:
@@ -201,20 +252,26 @@ class FewShotRecognizer:
     # ------------------------------------------------------------------ queries
 
     def _classify(self, features: list[torch.Tensor], top_k: int, unknown: UnknownRule | None) -> list[dict]:
-        """Each clip's logits, calibrated probabilities, top-k and (with a rule) unknown verdict."""
+        """Each clip's logits, calibrated probabilities, top-k and (with a rule) unknown verdict; a clip whose
+        logits are not finite gets {"failed": why} (the checkpoint's weights are checked first)."""
         support = self.support
         assert support is not None  # predict checks it before classifying
         actions, way, cal = support.actions, len(support.actions), support.calibration
-        device = self.maker.device
-        labels = support.labels.to(device)
+        labels = support.labels.to(self.maker.device)
         cut = threshold(cal, unknown.score, unknown.false_rejection) if unknown else None
-        rows = []
+        rows: list[dict] = []
         for start in range(0, len(features), QUERY_CHUNK):
             query = self._encode(features[start : start + QUERY_CHUNK])
             logits, qc = relate(self.model, support.embedding, labels, query, way)
+            finite = torch.isfinite(logits).all(-1)
+            if not finite.all() and self._bad_weights():
+                raise self._not_finite("these clips' features")
             probs = (logits.double() / cal.temperature).softmax(-1)
             values = scores(logits, qc, cal) if unknown else {}
             for i in range(len(logits)):
+                if not finite[i]:
+                    rows.append({"failed": str(self._not_finite("this clip's features"))})
+                    continue
                 order = probs[i].argsort(descending=True).tolist()
                 best = actions[order[0]]
                 row = {
@@ -233,82 +290,75 @@ class FewShotRecognizer:
                 rows.append(row)
         return rows
 
-    def predict(
-        self,
-        paths: Iterable[Path | str],
-        *,
-        top_k: int = 3,
-        window: float | None = None,
-        stride: float | None = None,
-        unknown: UnknownRule | None = None,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> list[dict]:
-        """One record per query video (files, or folders searched recursively), in order; a failed clip has
-        status "failed" and its reason, and never stops the others. With `window` (seconds), each query
-        also gets its sliding windows (stride seconds apart) and their merged segments."""
+    def _check_options(self, window: float | None, stride: float | None, unknown: UnknownRule | None) -> None:
+        """PredictError for options that cannot work, before anything is decoded."""
         if self.support is None:
             raise PredictError("no support set yet: add_support(folder or index) first")
-        paths = list(paths)
         if stride is not None and window is None:
             raise PredictError("--stride needs --window (the length of the windows it moves)")
+        if window is not None and (window <= 0 or (stride is not None and stride <= 0)):
+            raise PredictError("--window and --stride are seconds above 0")
+        if window is not None and stride is not None and stride > window + 1e-9:
+            raise PredictError(
+                f"--stride {stride:g} s is longer than --window {window:g} s: the frames between windows would "
+                "be seen by none while segments claim them; use a stride at most the window"
+            )
         if unknown is not None and not self.support.calibration.support_scores.get(unknown.score):
             raise PredictError(
                 "--unknown needs a threshold from held-out support clips, and no action of the support "
                 "has 2 clips: add a second clip to at least one action, or use --unknown off"
             )
-        videos = find_videos(paths)
+
+    def predict(
+        self,
+        paths: Iterable[Path | str] | Path | str,
+        *,
+        top_k: int = 3,
+        window: float | None = None,
+        stride: float | None = None,
+        unknown: UnknownRule | None = None,
+        min_segment: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[dict]:
+        """One record per query video (a path, or several: files, or folders searched recursively, hidden and
+        tool folders skipped), in order; a failed clip has status "failed" and its reason, and never stops the
+        others. A clip of fewer than L frames is classified with frames repeated (its `note` says so). With
+        `window` (seconds), each query also gets its sliding windows (stride seconds apart, at most the
+        window; cut and timed by the frames' own timestamps) and their segments, where a segment shorter than
+        `min_segment` seconds (default: half the window) is absorbed by a neighbour."""
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        self._check_options(window, stride, unknown)
+        videos, ignored = scan_videos(paths)
+        self.ignored += [str(p) for p in ignored]
         if not videos:
             raise PredictError(
                 f"no query videos in {', '.join(map(str, paths)) or 'the arguments'} "
                 f"(files, or folders holding {', '.join(sorted(VIDEO_SUFFIXES))})"
             )
         jobs = self.maker.clip_jobs(videos, "query")
-        spans: dict[int, tuple[list[int], list[tuple[float, float]], str | None]] = {}
-        if window is not None:
-            planned = self.maker.window_jobs(videos, window, stride or window, len(jobs))
-            for k, (window_jobs, times, reason) in enumerate(planned):
-                spans[k] = ([j.index for j in window_jobs], times, reason)
-                jobs += window_jobs
-        results = self.maker.run(jobs, _counter(progress, len(jobs)))
+        planned = self.maker.window_jobs(videos, window, stride or window, len(jobs)) if window is not None else []
+        for plan in planned:
+            jobs += plan.jobs
+        results, short = self.maker.run(jobs, _counter(progress, len(jobs)))
         ok = [i for i in range(len(jobs)) if isinstance(results[i], torch.Tensor)]
         features = [cast(torch.Tensor, results[i]) for i in ok]  # ok: the jobs that gave features
-        classified = dict(zip(ok, self._classify(features, top_k, unknown), strict=False))
-        records = []
-        for k, video in enumerate(videos):
-            record: dict[str, Any] = {"path": str(video)}
-            if k in classified:
-                record.update(status="ok", reason=None, **classified[k])
-            else:
-                record.update(
-                    status="failed",
-                    reason=results[k],
-                    prediction=None,
-                    probability=None,
-                    probabilities={},
-                    top_k=[],
-                    logits={},
-                )
-            if k in spans:
-                indices, times, reason = spans[k]
+        classified = dict(zip(ok, self._classify(features, top_k, unknown), strict=True))
+        records = [clip_record(str(v), results[k], classified.get(k), short.get(k)) for k, v in enumerate(videos)]
+        if window is not None:
+            min_length = MIN_SEGMENT_OF_WINDOW * window if min_segment is None else min_segment
+            for record, plan in zip(records, planned, strict=True):
                 record["windows"] = [
-                    {
-                        "start": round(t0, 3),
-                        "end": round(t1, 3),
-                        "prediction": classified[i]["prediction"] if i in classified else None,
-                        "probability": classified[i]["probability"] if i in classified else None,
-                        "probabilities": classified[i]["probabilities"] if i in classified else {},
-                        **({} if i in classified else {"reason": results[i]}),
-                    }
-                    for i, (t0, t1) in zip(indices, times, strict=False)
+                    window_record(t, n, results[j.index], classified.get(j.index))
+                    for j, t, n in zip(plan.jobs, plan.times, plan.frames, strict=True)
                 ]
-                record["segments"] = merge_segments(record["windows"])
-                if reason is not None:
-                    record["windows_reason"] = reason
-            records.append(record)
+                record["segments"] = merge_segments(record["windows"], min_length)
+                if plan.reason is not None:
+                    record["windows_reason"] = plan.reason
         return records
 
     def report(self, records: list[dict]) -> dict:
-        """The JSON document of a run: checkpoint, recipe, actions, support used and failed, queries."""
+        """The JSON document of a run: checkpoint, recipe, actions, support used, failed and ignored, its
+        leave-one-out accuracy, notes, ignored query folders and the queries."""
         support = self.support
         assert support is not None, "report() needs add_support() first"
         return {
@@ -318,9 +368,13 @@ class FewShotRecognizer:
             "support": {
                 "used": [{"path": p, "action": a} for p, a in support.used],
                 "failed": [{"path": p, "reason": r} for p, r in support.failed],
+                "ignored": support.ignored,
+                "repeated": [{"path": p, "frames": n} for p, n in support.repeated.items()],
+                "leave_one_out": support.held_out.to_dict() if support.held_out else None,
             },
             "temperature": support.calibration.temperature,
             "notes": self.notes,
+            "ignored": self.ignored,
             "queries": records,
         }
 

@@ -14,8 +14,10 @@ import pickle
 import signal
 import sys
 import time
+import types
 from collections import deque
 from collections.abc import Callable, Container, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, TypeAlias, TypeVar
@@ -87,11 +89,32 @@ def _death_reason(exitcode: int | None) -> str:
     return f"worker process exited (code {exitcode}) while processing this item"
 
 
+@contextmanager
+def _without_main() -> Iterator[None]:
+    """While a worker starts, `__main__` is a blank module.
+
+    forkserver and spawn re-import the parent's main module in a new worker: a script without
+    `if __name__ == "__main__":` would run again there (loading its checkpoint, starting workers of
+    its own) and the worker would die. Workers run library functions on library objects and need
+    nothing from the script, so they start without it, guard or not.
+    """
+    main = sys.modules.get("__main__")
+    if main is None or (getattr(main, "__file__", None) is None and getattr(main, "__spec__", None) is None):
+        yield  # an interactive session: nothing to re-import
+        return
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 def _start(ctx: _Context, pool: list[_Worker], fn: Callable[[Any], Any], threads: int | None) -> _Worker:
     """A fresh worker, added to the pool (at first, and in place of one that died)."""
     parent, child = ctx.Pipe(duplex=True)
     process = ctx.Process(target=_worker_main, args=(fn, child, threads), daemon=True)
-    process.start()
+    with _without_main():
+        process.start()
     child.close()
     worker = _Worker(process, parent)
     pool.append(worker)

@@ -62,8 +62,8 @@ class Checkpoint:
         """What `strm info` tells of a checkpoint: kind, variant and sizes, the features it was trained
         on, the training split's class names, tasks trained and the best validation (what the file has)."""
         c = self.contents
-        state = c.get("state") if isinstance(c.get("state"), dict) else {}
-        val = c.get("val") if isinstance(c.get("val"), dict) else {}
+        state: dict[str, Any] = c["state"] if isinstance(c.get("state"), dict) else {}
+        val: dict[str, Any] = c["val"] if isinstance(c.get("val"), dict) else {}
         return {
             "path": str(self.path),
             "kind": self.kind,
