@@ -262,7 +262,7 @@ def _cli_args(root: Path, cache_root: Path, *extra: str) -> list[str]:
 
 def _entry(root: Path) -> Path:
     script = root / "strm_main.py"
-    # The guard matters: decoding workers start by forkserver/spawn, which import the main module.
+    # A script entry point, as a user would write one (workers start without its __main__ either way).
     script.write_text("from stages.app import main\n\nif __name__ == '__main__':\n    main()\n")
     return script
 
