@@ -30,7 +30,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # Faults tried at random: extraction, train-heads and finetune each killed (SIGKILL) at KILLS seeded
-# random moments and resumed, then compared with an uninterrupted run (the suite runs 3 kills each).
+# random moments and resumed, then compared with an uninterrupted run (the suite lands 2 kills each).
 KILLS ?= 20
 SEED  ?= 0
 faults: $(STAMP)

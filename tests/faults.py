@@ -1,5 +1,6 @@
-"""Faults tried at random: a stage is killed with SIGKILL at seeded random moments and resumed, again
-and again, then run to its end; the caller compares what it left with an uninterrupted run's.
+"""Faults tried at random: a stage is killed with SIGKILL at a seeded random moment and resumed to its
+end, trial after trial (each with a fresh output), and each result is compared with an uninterrupted
+run's.
 
 One helper for every stage's test (extraction, train-heads, finetune). A moment is drawn uniformly
 between `earliest_s` and the uninterrupted run's own duration, so kills land in start-up, in the
@@ -14,7 +15,7 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,14 +27,15 @@ class Campaign:
     seed: int
     moments_s: list[float] = field(default_factory=list)
     landed: int = 0  # kills that found the run still going
-    finished_early: int = 0  # runs that ended before their kill
+    finished_early: int = 0  # runs that ended before their kill (not counted as kill points)
+    matched: int = 0  # resumed results equal to the uninterrupted run's
     final_returncode: int | None = None
     final_stderr: str = ""
 
     def summary(self) -> str:
         return (
-            f"seed {self.seed}: {len(self.moments_s)} kill moments, {self.landed} landed, "
-            f"{self.finished_early} runs ended first, final run exit {self.final_returncode}"
+            f"seed {self.seed}: {len(self.moments_s)} trials, {self.landed} kills landed mid-run, "
+            f"{self.finished_early} runs ended before their kill, {self.matched} resumed results matched"
         )
 
 
@@ -46,7 +48,8 @@ def timed_run(cmd: Sequence[str], *, env: dict[str, str], cwd: Path, timeout_s: 
 
 
 def kill_at_random(
-    cmd: Sequence[str],
+    command: Callable[[int], Sequence[str]],
+    check: Callable[[int], None],
     *,
     env: dict[str, str],
     cwd: Path,
@@ -56,16 +59,23 @@ def kill_at_random(
     earliest_s: float = 0.2,
     timeout_s: float = 600,
 ) -> Campaign:
-    """Start `cmd` `kills` times, each killed (its whole process group, workers included) at a random
-    moment, then once more to its end. `cmd` must resume what an earlier start left (extraction
-    always does; training stages need `--resume`)."""
+    """Trials until `kills` kills have landed: trial t starts `command(t)` (a fresh output of its own),
+    kills it (its whole process group, workers included) at a random moment, runs `command(t)` again
+    to its end (it must resume what the killed run left) and calls `check(t)` on the result. A run
+    that ends before its kill does not count; at most 3 * kills trials are made."""
     rng = random.Random(seed)
     campaign = Campaign(seed)
-    for _ in range(kills):
+    trial = 0
+    while campaign.landed < kills and trial < 3 * kills:
         moment = rng.uniform(earliest_s, max(duration_s, earliest_s + 0.1))
         campaign.moments_s.append(round(moment, 3))
         process = subprocess.Popen(
-            list(cmd), env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            list(command(trial)),
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             process.wait(timeout=moment)
@@ -75,8 +85,15 @@ def kill_at_random(
             process.wait()
             campaign.landed += 1
         _reap_group(process.pid)
-    final = subprocess.run(list(cmd), env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout_s)
-    campaign.final_returncode, campaign.final_stderr = final.returncode, final.stderr[-3000:]
+        final = subprocess.run(
+            list(command(trial)), env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout_s
+        )
+        campaign.final_returncode, campaign.final_stderr = final.returncode, final.stderr[-3000:]
+        if final.returncode != 0:
+            return campaign
+        check(trial)
+        campaign.matched += 1
+        trial += 1
     return campaign
 
 

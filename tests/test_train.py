@@ -135,18 +135,27 @@ def _same_run(a: Path, b: Path) -> None:
 
 
 def test_kills_at_random_moments_then_resume_end_with_the_uninterrupted_run(tmp_path):
-    """SIGKILL at seeded random moments, `--resume` each time: the same weights, optimiser state,
-    metrics and best.pt as one uninterrupted run. `make faults` runs 20 kills."""
+    """SIGKILL at a seeded random moment, then `--resume`: each trial ends with the same weights,
+    optimiser state, metrics and best.pt as one uninterrupted run. `make faults` lands 20 kills."""
     cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2), "val": (5, 3, 1)}, dim=32)
     args = ["--cache", str(cache), "--episodes", "60", "--shot", "2", "--queries", "2", "--val-every", "20"]
     args += ["--val-episodes", "10", "--checkpoint-every", "5", "--heads-option", "trm_dim=32", "--seed", "3"]
     duration = timed_run(_cli(*args, "--out", str(tmp_path / "whole")), env=_env(), cwd=REPO)
-    cmd = _cli(*args, "--out", str(tmp_path / "killed"), "--resume")
+
+    def command(trial: int) -> list[str]:
+        return _cli(*args, "--out", str(tmp_path / f"killed{trial}"), "--resume")
+
     campaign = kill_at_random(
-        cmd, env=_env(), cwd=REPO, kills=kills_from_env(3), seed=seed_from_env(2), duration_s=duration
+        command,
+        lambda trial: _same_run(tmp_path / "whole", tmp_path / f"killed{trial}"),
+        env=_env(),
+        cwd=REPO,
+        kills=kills_from_env(2),
+        seed=seed_from_env(2),
+        duration_s=duration,
     )
     assert campaign.final_returncode == 0, campaign.summary() + campaign.final_stderr
-    _same_run(tmp_path / "whole", tmp_path / "killed")
+    assert campaign.landed == kills_from_env(2) == campaign.matched, campaign.summary()
     print(f"train-heads faults: {campaign.summary()}, {duration:.1f} s uninterrupted")
 
 
