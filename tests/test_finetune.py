@@ -653,5 +653,6 @@ def test_kills_at_random_moments_then_resume_end_with_the_uninterrupted_weights(
         command, check, env=env, cwd=REPO, kills=kills_from_env(2), seed=seed_from_env(3), duration_s=duration
     )
     assert campaign.final_returncode == 0, campaign.summary() + campaign.final_stderr
-    assert campaign.landed == kills_from_env(2) == campaign.matched, campaign.summary()
+    assert campaign.landed == kills_from_env(2), campaign.summary()
+    assert campaign.matched == len(campaign.moments_s), campaign.summary()  # every trial, landed or not
     print(f"finetune faults: {campaign.summary()}, {duration:.1f} s uninterrupted")
