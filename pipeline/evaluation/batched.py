@@ -34,6 +34,7 @@ from pipeline.evaluation.tasks import (
     slice_tasks,
     task_settings,
 )
+from pipeline.evaluation.unknown import predicted as predicted_action
 from pipeline.heads import VideoEmbedding
 from pipeline.heads.qc import nearest_block
 
@@ -301,7 +302,7 @@ def evaluate(
                 f"the logits of tasks {start}-{start + len(logits) - 1} are not finite (NaN or inf): the heads' "
                 "weights or the split's features hold NaN or inf (a diverged checkpoint? `strm cache info` the cache)"
             )
-        return start, logits.argmax(-1).cpu().numpy()
+        return start, predicted_action(logits).cpu().numpy()  # the one rule for the predicted action
 
     starts = range(0, len(tasks), batch_tasks)
     with _cpu_streams(device) as streams:

@@ -34,6 +34,7 @@ from pipeline.evaluation.unknown import (
     DEFAULT_SCORE,
     calibrate,
     leave_one_out,
+    ranking,
     relate,
     scores,
     threshold,
@@ -268,11 +269,12 @@ class FewShotRecognizer:
                 raise self._not_finite("these clips' features")
             probs = (logits.double() / cal.temperature).softmax(-1)
             values = scores(logits, qc, cal) if unknown else {}
+            orders = ranking(logits)  # the one rule: its first column is what evaluate scores
             for i in range(len(logits)):
                 if not finite[i]:
                     rows.append({"failed": str(self._not_finite("this clip's features"))})
                     continue
-                order = probs[i].argsort(descending=True).tolist()
+                order = orders[i].tolist()
                 best = actions[order[0]]
                 row = {
                     "prediction": best,
