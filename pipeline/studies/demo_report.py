@@ -255,8 +255,8 @@ def _prediction_section(facts: DemoFacts) -> list[str]:
         f"The strm heads, a support folder of {p['support_actions']} test actions x 5 clips (`{p['files']}/support`, "
         f"also saved as a support index), and clips they have not seen: {len(known)} clips of those actions and "
         f"{len(unseen)} clips of {p['unseen_actions']} actions not in the support. Probabilities are softmax(logits / T) with T = {p['temperature']:.3g} from the "
-        "support's leave-one-out; `--unknown auto` labels a query `unknown` below the z-score threshold that "
-        "rejects 5% of the support's own held-out clips.",
+        "support's leave-one-out; `--unknown auto` labels a query `unknown` below the z-score threshold meant to "
+        "reject 5% of known clips, calibrated out of sample on the support (each clip scored from the others).",
         "",
         markdown_table(queries, {"probability": ".3f", "score": ".2f", "threshold": ".2f"}),
         "",
