@@ -237,8 +237,9 @@ def default_record(label: str, split: str, way: int, seed: int) -> Path:
 
 def _same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Two records are of one model when they name the same checkpoint file and contents, or baseline."""
-    keys = ("checkpoint", "checkpoint_sha256", "baseline", "variant", "init_seed")
-    return all(a.get(k) == b.get(k) for k in keys)
+    keys = ("checkpoint", "baseline", "variant", "init_seed")
+    sha = ("checkpoint_sha256",) if a.get("checkpoint_sha256") and b.get("checkpoint_sha256") else ()  # older records
+    return all(a.get(k) == b.get(k) for k in keys + sha)
 
 
 def write_results(
