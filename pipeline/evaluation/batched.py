@@ -34,7 +34,7 @@ from pipeline.evaluation.tasks import (
     slice_tasks,
     task_settings,
 )
-from pipeline.evaluation.unknown import predicted as predicted_action
+from pipeline.evaluation.unknown import predicted
 from pipeline.heads import VideoEmbedding
 from pipeline.heads.qc import nearest_block
 
@@ -292,7 +292,7 @@ def evaluate(
         embedding = replace(embedding, qc=(), qc_norms=())  # the tasks no longer read the QC tuples
     if batch_tasks is None:
         batch_tasks = _default_batch_tasks(embedding, len(split.labels), tasks.support.shape[1] + tasks.query.shape[1])
-    predicted = np.empty(tasks.query.shape, dtype=np.int64)  # task labels 0..way-1
+    chosen = np.empty(tasks.query.shape, dtype=np.int64)  # task labels 0..way-1
 
     def predict(start: int) -> tuple[int, np.ndarray]:
         batch = slice_tasks(tasks, slice(start, start + batch_tasks))
@@ -302,15 +302,15 @@ def evaluate(
                 f"the logits of tasks {start}-{start + len(logits) - 1} are not finite (NaN or inf): the heads' "
                 "weights or the split's features hold NaN or inf (a diverged checkpoint? `strm cache info` the cache)"
             )
-        return start, predicted_action(logits).cpu().numpy()  # the one rule for the predicted action
+        return start, predicted(logits).cpu().numpy()  # the one rule for the predicted action
 
     starts = range(0, len(tasks), batch_tasks)
     with _cpu_streams(device) as streams:
         for start, labels in streams(predict, starts):
-            predicted[start : start + len(labels)] = labels
+            chosen[start : start + len(labels)] = labels
             if progress:
                 progress("tasks", start + len(labels), len(tasks))
-    return _score(tasks, predicted, split, settings)
+    return _score(tasks, chosen, split, settings)
 
 
 @contextlib.contextmanager
