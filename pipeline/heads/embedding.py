@@ -94,11 +94,14 @@ class VideoEmbedding:
 
 @dataclass(frozen=True)
 class HeadsOutput:
-    """Logits [.., n_q, way]: `logits` = trm_logits + lambda * qc_logits (TRM alone without QC)."""
+    """Logits [.., n_q, way]: `logits` = trm_logits + lambda * qc_logits (TRM alone without QC).
+    `known_score` [.., n_q]: a trained open-set head's score that the query is one of the support's
+    actions (higher: more likely known); None for heads trained without one."""
 
     logits: torch.Tensor
     trm_logits: torch.Tensor
     qc_logits: torch.Tensor | None
+    known_score: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
