@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import shlex
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -41,6 +43,30 @@ class Optimizer(str, Enum):
     sgd = "sgd"
     adam = "adam"
     adamw = "adamw"
+
+
+_INTERRUPT_NOTE: list[Callable[[], str]] = []
+
+
+def on_interrupt(note: Callable[[], str]) -> None:
+    """What the running stage says if Ctrl-C or SIGTERM stops it: what was saved and how to go on
+    (evaluated then, so it can read what is on disk). `strm` prints it as one line (stages/app.py)."""
+    _INTERRUPT_NOTE[:] = [note]
+
+
+def interrupted_line(command: str) -> str:
+    """The one line an interrupted stage ends with; `command` is how it was started."""
+    if _INTERRUPT_NOTE:
+        try:
+            return f"interrupted: {_INTERRUPT_NOTE[0]()}"
+        except Exception as err:  # noqa: BLE001 - reading what was saved must not hide the interruption
+            return f"interrupted (could not tell what was saved: {type(err).__name__}: {err})"
+    return f"interrupted: what was done is kept; run `{command}` again to continue"
+
+
+def command_line() -> str:
+    """This process's `strm ...` command, quoted for a shell: what a message tells a person to rerun."""
+    return shlex.join(["strm", *sys.argv[1:]])
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -129,6 +129,32 @@ def test_weights_files_that_are_broken_or_do_not_fit_are_one_line_errors(tmp_pat
         get_backbone("tiny", weights=tmp_path / "r50.pth")
 
 
+def test_heads_given_as_backbone_weights_are_one_short_line_that_names_the_mix_up(tmp_path):
+    save_heads(tmp_path / "best.pt", build_heads("strm", dim=64, trm_dim=32))
+    for name in ("resnet50", "tf_efficientnet_lite0"):
+        with pytest.raises(ValueError) as err:
+            get_backbone(name, weights=tmp_path / "best.pt", pretrained=False)
+        message = str(err.value)
+        assert "\n" not in message and len(message) < 400, message
+        assert f"best.pt: these weights do not fit {name}: " in message
+        assert "of its tensors missing" in message and "27 unexpected (feature_mean" in message
+        assert message.endswith("(heads checkpoints go to --checkpoint)")
+
+
+def test_an_unreachable_hub_fails_at_once_without_the_downloaders_retries(monkeypatch):
+    import timm
+
+    import pipeline.features.backbones as backbones
+
+    monkeypatch.setattr(backbones, "reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(backbones, "_cached", lambda cfg: False)
+    tried = []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: tried.append(a) or (_ for _ in ()).throw(AssertionError))
+    with pytest.raises(WeightsUnavailable, match=r"resnet18.*cannot reach huggingface\.co.*--weights PATH"):
+        get_backbone("resnet18")
+    assert not tried
+
+
 def test_offline_download_failure_names_weights_and_the_offline_default(monkeypatch, tmp_path):
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("no network")

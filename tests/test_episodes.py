@@ -111,3 +111,14 @@ def test_too_many_unknown_classes_is_a_one_line_error():
         EpisodeSampler(LABELS, way=3, shot=2, queries=1, seed=0, unknown_classes=4, unknown_queries=4)
     with pytest.raises(ValueError, match="unknown_queries >= 1"):
         EpisodeSampler(LABELS, way=3, shot=2, queries=1, seed=0, unknown_classes=2)
+
+
+def test_a_split_too_small_for_the_task_is_told_the_largest_way_and_shot_it_allows():
+    labels = np.repeat(np.arange(8), [12, 11, 9, 9, 6, 4, 3, 3])
+    with pytest.raises(ValueError) as err:
+        EpisodeSampler(labels, way=5, shot=5, queries=4, seed=0)
+    assert str(err.value).endswith(
+        "this split has 4 such classes out of 8; with 4 queries it allows at most 4-way at 5 shots or 2 shots at 5-way"
+    )
+    with pytest.raises(ValueError, match=r"out of 2 \(its largest class has 3 videos\)$"):
+        EpisodeSampler(np.repeat(np.arange(2), 3), way=5, shot=5, queries=4, seed=0)

@@ -284,3 +284,16 @@ def test_short_flickers_join_a_neighbour_and_names_stay_free(tmp_path):
     assert [(s["prediction"], s["start"], s["end"]) for s in smooth] == [("a", 0, 5.25), ("b", 5.25, 9.0)]
     assert smooth[0]["windows"] == 9 and smooth[0]["probability"] == pytest.approx((8 * 0.8 + 0.2) / 9)
     assert unused_path(tmp_path, "x", ".png").name == "x.png" and unused_path(tmp_path, "x", ".png").name == "x-2.png"
+
+
+def test_a_flat_support_folder_is_told_the_expected_layout(tmp_path):
+    from pipeline.predict.clips import support_folder
+
+    for name in ("a.mp4", "b.mp4"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(PredictError) as err:
+        support_folder(tmp_path)
+    assert str(err.value) == (
+        f"{tmp_path}: 2 video file(s) directly in it and 0 action folder(s); a support set is "
+        "SUPPORT/<action>/<clip>, one folder per action, at least 2 actions"
+    )

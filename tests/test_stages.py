@@ -4,7 +4,12 @@ errors that say what to do, and stage modules that only talk (no stage imports a
 from __future__ import annotations
 
 import ast
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +213,24 @@ def test_info_tells_what_a_checkpoint_and_a_cache_hold(tmp_path):
     assert out.exit_code == 0 and "val_class_004" in out.output and "done: 15" in out.output
     out = runner.invoke(app, ["info", str(tmp_path / "nothing.pt")])
     assert out.exit_code == 2 and "no such checkpoint or cache" in out.output
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_a_stage_with_one_line_and_no_worker_tracebacks(signum, tmp_path):
+    """SIGTERM to the main process (a scheduler, `kill`) and SIGINT to the whole group (Ctrl-C in a
+    terminal) stop `strm synth` mid-run: exit 130, one `interrupted:` line naming the command to rerun."""
+    out = tmp_path / "vids"
+    command = [sys.executable, "-m", "stages.app", "synth", "--out", str(out), "--videos-per-class", "50"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not any(out.rglob("*.mp4")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert process.poll() is None, "synth ended before it could be interrupted"
+    if signum == signal.SIGINT:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "Error" not in err, err
+    assert err.rstrip().splitlines()[-1].startswith("interrupted: what was done is kept; run `strm synth --out ")

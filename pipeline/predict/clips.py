@@ -91,7 +91,12 @@ def support_folder(folder: Path) -> tuple[list[tuple[Path, str]], list[Path]]:
     if empty:
         raise PredictError(f"{folder}: action folder(s) {', '.join(empty)} hold no video files")
     if len(actions) < 2:
-        raise PredictError(f"{folder}: {len(actions)} action folder(s); a support set needs at least 2 actions")
+        loose = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES]
+        found = f"{len(loose)} video file(s) directly in it and " if loose else ""
+        raise PredictError(
+            f"{folder}: {found}{len(actions)} action folder(s); a support set is SUPPORT/<action>/<clip>, "
+            "one folder per action, at least 2 actions"
+        )
     return clips, ignored
 
 

@@ -54,16 +54,19 @@ def _worker_main(fn: Callable[[Any], Any], conn: Connection, threads: int | None
     if threads is not None and "torch" in sys.modules:  # fn's module imported torch
         sys.modules["torch"].set_num_threads(threads)
     while True:
-        message = conn.recv_bytes()
-        if message == _STOP:
-            return
-        item = pickle.loads(message)
-        conn.send_bytes(_STARTED)
         try:
-            reply = pickle.dumps(("ok", fn(item)), protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:  # fn's failure (or an unpicklable result) fails this item only
-            reply = pickle.dumps(("error", f"{type(exc).__name__}: {exc}"))
-        conn.send_bytes(reply)
+            message = conn.recv_bytes()
+            if message == _STOP:
+                return
+            item = pickle.loads(message)
+            conn.send_bytes(_STARTED)
+            try:
+                reply = pickle.dumps(("ok", fn(item)), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:  # fn's failure (or an unpicklable result) fails this item only
+                reply = pickle.dumps(("error", f"{type(exc).__name__}: {exc}"))
+            conn.send_bytes(reply)
+        except (EOFError, OSError):  # the parent is gone (killed, or stopped by a signal): nothing to report to
+            return
 
 
 @dataclass
