@@ -144,10 +144,10 @@ def test_heads_given_as_backbone_weights_are_one_short_line_that_names_the_mix_u
 def test_an_unreachable_hub_fails_at_once_without_the_downloaders_retries(monkeypatch):
     import timm
 
-    import pipeline.features.backbones as backbones
+    import pipeline.features.weights as weights
 
-    monkeypatch.setattr(backbones, "reachable", lambda url, timeout=3.0: False)
-    monkeypatch.setattr(backbones, "_cached", lambda cfg: False)
+    monkeypatch.setattr(weights, "reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(weights, "cached", lambda cfg: False)
     tried = []
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: tried.append(a) or (_ for _ in ()).throw(AssertionError))
     with pytest.raises(WeightsUnavailable, match=r"resnet18.*cannot reach huggingface\.co.*--weights PATH"):

@@ -21,20 +21,21 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from pipeline.features.presets import PRESETS
 from pipeline.features.weights import (
+    HUB,
     file_sha256,
+    hub_file,
+    hub_unreachable,
     lite0_timm_state_dict,
     lite0_wheel_weights,
     load_file,
     misfit,
     random_id,
-    reachable,
     seeded,
     state_dict_sha256,
     unavailable,
@@ -257,31 +258,6 @@ def _dinov2_unchunked(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key): value for key, value in state.items()}
 
 
-def _hub_file(cfg: PretrainedCfg | None) -> str | tuple[str, str] | None:
-    """What to download by hand for a timm pretrained config, if it says."""
-    if cfg is not None and cfg.hf_hub_id:
-        repo = cfg.hf_hub_id
-        return (
-            f"{cfg.hf_hub_filename or 'model.safetensors'} of {repo} from the Hugging Face hub "
-            f"(https://huggingface.co/{repo})"
-        )
-    return cfg.url if cfg is not None and cfg.url else None
-
-
-def _cached(cfg: PretrainedCfg | None) -> bool:
-    """Whether timm would find this config's weights without the network (Hugging Face's or torch's cache)."""
-    if cfg is None:
-        return False
-    if not cfg.hf_hub_id:
-        return (
-            bool(cfg.url) and (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name).is_file()
-        )
-    from huggingface_hub import try_to_load_from_cache
-
-    names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-    return any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, n), str) for n in names)
-
-
 def _create_timm(
     build: Callable[[], nn.Module], weights: Path | None, pretrained: bool, label: str, cfg: PretrainedCfg | None
 ) -> nn.Module:
@@ -297,15 +273,13 @@ def _create_timm(
                 if isinstance(getattr(module, attr, None), dict):
                     getattr(module, attr).pop("state_dict", None)
     elif pretrained:
-        host = "https://huggingface.co" if cfg is not None and cfg.hf_hub_id else (cfg.url if cfg else None)
-        if host and not _cached(cfg) and not reachable(host):
-            raise unavailable(
-                label, "timm / Hugging Face hub", OSError(f"cannot reach {urlparse(host).hostname}"), _hub_file(cfg)
-            )
+        offline = hub_unreachable(label, cfg)
+        if offline is not None:
+            raise offline
         try:
             model = build()
         except Exception as err:  # noqa: BLE001 - hub download failures come in many types
-            raise unavailable(label, "timm / Hugging Face hub", err, _hub_file(cfg)) from err
+            raise unavailable(label, HUB, err, hub_file(cfg)) from err
     else:
         model = seeded(build, TINY_SEED)
     return model

@@ -10,11 +10,14 @@ import re
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from timm.models import PretrainedCfg
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -109,6 +112,47 @@ def misfit(path: Path, label: str, err: RuntimeError) -> ValueError:
     if missing and not shapes and len(unexpected) >= len(load_file(path)):
         hint = ". None of the file's tensors belong to this backbone (heads checkpoints go to --checkpoint)"
     return ValueError(f"{path}: these weights do not fit {label}: {summary}{hint}")
+
+
+HUB = "timm / Hugging Face hub"
+
+
+def hub_file(cfg: PretrainedCfg | None) -> str | tuple[str, str] | None:
+    """What to download by hand for a timm pretrained config, if it says."""
+    if cfg is not None and cfg.hf_hub_id:
+        repo = cfg.hf_hub_id
+        return (
+            f"{cfg.hf_hub_filename or 'model.safetensors'} of {repo} from the Hugging Face hub "
+            f"(https://huggingface.co/{repo})"
+        )
+    return cfg.url if cfg is not None and cfg.url else None
+
+
+def _url(cfg: PretrainedCfg) -> str | None:
+    """The config's download URL (timm types it as a URL or a (URL, file name) pair)."""
+    return cfg.url if isinstance(cfg.url, str) or cfg.url is None else cfg.url[0]
+
+
+def cached(cfg: PretrainedCfg) -> bool:
+    """Whether timm would find this config's weights without the network (Hugging Face's or torch's cache)."""
+    if not cfg.hf_hub_id:
+        url = _url(cfg)
+        if not url:
+            return False
+        return (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name).is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    return any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, n), str) for n in names)
+
+
+def hub_unreachable(label: str, cfg: PretrainedCfg | None) -> WeightsUnavailable | None:
+    """The error for a timm download that cannot succeed (no cached copy, the host unreachable), found
+    before timm's downloader spends a minute on retries; None when the download may work."""
+    host = "https://huggingface.co" if cfg is not None and cfg.hf_hub_id else (_url(cfg) if cfg else None)
+    if cfg is None or not host or cached(cfg) or reachable(host):
+        return None
+    return unavailable(label, HUB, OSError(f"cannot reach {urlparse(host).hostname}"), hub_file(cfg))
 
 
 def reachable(url: str, timeout: float = 3.0) -> bool:
