@@ -32,8 +32,9 @@ def ablate_command(
     variants: list[str] = typer.Option(
         ["trm,ple-trm,fle-trm,ple-fle-trm,strm"],
         "--variants",
-        help=f"Rows: heads variants ({', '.join(VARIANTS)}), `proto`, or a trained variant with a post-training "
-        "change (strm:gamma0, jnt-st-1:gamma0, strm:no-qc). Comma-separated or repeated.",
+        help=f"Rows: heads variants ({', '.join(VARIANTS)}), `proto`, a trained variant with a post-training "
+        "change (strm:gamma0, jnt-st-1:gamma0, strm:no-qc), or one trained with an open-set method "
+        "(strm+bounded, strm+eos, strm+garbage, strm+disc). Comma-separated or repeated.",
     ),
     cardinalities: list[str] | None = typer.Option(
         None,

@@ -45,6 +45,22 @@ class Optimizer(str, Enum):
     adamw = "adamw"
 
 
+class OpenSet(str, Enum):
+    """Open-set training methods (pipeline/heads/openset.py; README "Open-set training")."""
+
+    none = "none"
+    bounded = "bounded"
+    eos = "eos"
+    garbage = "garbage"
+    disc = "disc"
+
+
+OPEN_SET_HELP = (
+    "Open-set training on bounded logits: bounded alone, or with unknown queries from other training classes "
+    "that the heads learn to score low (eos, garbage, disc; see the README). (default: none)"
+)
+
+
 _INTERRUPT_NOTE: list[Callable[[], str]] = []
 
 

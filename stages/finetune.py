@@ -1,10 +1,8 @@
 """`strm finetune`: backbone and heads trained together on raw video, from a train-heads or authors' checkpoint.
 
-Settings left out come from the starting checkpoint (the backbone and input its heads were trained
-on), otherwise from the authors' recipe; with `--resume` from the run's own config.json, and one
-given that differs is an error (pipeline/training/finetune_settings.py settles them).
-On CPU with a real backbone the first tasks are timed and a run estimated past an hour needs --yes.
-"""
+Settings left out come from the starting checkpoint (backbone, input and open-set method of its heads), else the
+authors' recipe; with `--resume` from the run's own config.json, and one given that differs is an error
+(pipeline/training/finetune_settings.py). On CPU with a real backbone a run timed past an hour needs --yes."""
 
 from __future__ import annotations
 
@@ -108,6 +106,7 @@ def finetune_command(
     tensorboard: bool | None = typer.Option(
         None, "--tensorboard/--no-tensorboard", help="Also write the scalars to OUT/tb for TensorBoard. (default: off)"
     ),
+    open_set: str | None = typer.Option(None, "--open-set", help="Open-set training (README). (default: the start's)"),
     workers: int | None = typer.Option(
         None, "--workers", min=0, help="Decoding processes. (default: CPUs - 1, at most 8)"
     ),

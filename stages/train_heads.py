@@ -25,7 +25,16 @@ from pipeline.runtime.distributed import (
 from pipeline.training.config import TrainError
 from pipeline.training.runs import RunError, saved_settings
 from pipeline.training.train import PRESETS, make_config, train
-from stages.common import OVERWRITE_HELP, Loading, Optimizer, fail, one_of_resume_overwrite, training_progress
+from stages.common import (
+    OPEN_SET_HELP,
+    OVERWRITE_HELP,
+    Loading,
+    OpenSet,
+    Optimizer,
+    fail,
+    one_of_resume_overwrite,
+    training_progress,
+)
 
 console = Console(stderr=True)
 
@@ -89,6 +98,10 @@ def train_heads(
         None, help="Stop after N validations without improvement; 0 = never. (default: the preset's)"
     ),
     checkpoint_every: int | None = typer.Option(None, help="Write last.pt every N tasks. (default: 250)"),
+    open_set: OpenSet | None = typer.Option(None, "--open-set", help=OPEN_SET_HELP),
+    open_set_weight: float | None = typer.Option(None, help="Weight of the open-set loss term. (default: 1.0)"),
+    unknown_classes: int | None = typer.Option(None, help="Open-set: other classes a task draws. (default: 5)"),
+    unknown_queries: int | None = typer.Option(None, help="Open-set: queries of each. (default: 2)"),
     out: Path | None = typer.Option(None, help="Run folder. (default: runs/<variant>-<preset>-seed<seed>)"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
@@ -121,6 +134,10 @@ def train_heads(
         val_episodes=val_episodes,
         patience=patience,
         checkpoint_every=checkpoint_every,
+        open_set=open_set.value if open_set else None,
+        open_set_weight=open_set_weight,
+        unknown_classes=unknown_classes,
+        unknown_queries=unknown_queries,
         device=device,
         loading=loading.value if loading else None,
         tensorboard=tensorboard,

@@ -275,6 +275,11 @@ def load_heads(
         hint = " (an authors' file? use load_authors_checkpoint)" if "format" not in checkpoint else ""
         raise ValueError(f"not a {FORMAT} checkpoint: format is {checkpoint.get('format')!r}{hint}")
     heads = build_heads(checkpoint["variant"], checkpoint["dim"], **checkpoint["options"])
+    head = [k for k in heads.state_dict() if k.startswith("open_set.") and k not in checkpoint["model"]]
+    if head:
+        raise ValueError(
+            f"the checkpoint records open_set {heads.open_set_method!r} but holds no weights of its head ({head[0]})"
+        )
     heads.load_state_dict(checkpoint["model"])
     heads.to(next(iter(checkpoint["model"].values())).device)
     heads.eval()

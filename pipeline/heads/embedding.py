@@ -96,12 +96,14 @@ class VideoEmbedding:
 class HeadsOutput:
     """Logits [.., n_q, way]: `logits` = trm_logits + lambda * qc_logits (TRM alone without QC).
     `known_score` [.., n_q]: a trained open-set head's score that the query is one of the support's
-    actions (higher: more likely known); None for heads trained without one."""
+    actions (higher: more likely known); None for heads trained without one. `accept_logit` [.., n_q]:
+    the discriminator's (disc) logit behind that score, which their loss reads."""
 
     logits: torch.Tensor
     trm_logits: torch.Tensor
     qc_logits: torch.Tensor | None
     known_score: torch.Tensor | None = None
+    accept_logit: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

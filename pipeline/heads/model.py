@@ -21,6 +21,7 @@ from torch import nn
 from pipeline.heads.embedding import HeadsOutput, VideoEmbedding, group_by_class
 from pipeline.heads.fle import MixerEnrich
 from pipeline.heads.jnt import JointEnrich
+from pipeline.heads.openset import OpenSetHead, check_method, open_set_loss
 from pipeline.heads.ple import SelfAttentionEnrich
 from pipeline.heads.qc import QC, relate_qc, relate_qc_nearest
 from pipeline.heads.trm import TRM, relate_trm, trm_attention_weights
@@ -81,7 +82,7 @@ def _mean(logits: list[torch.Tensor]) -> torch.Tensor:
 def _resolve(variant: str, dim: int, options: dict) -> dict:
     if variant not in VARIANTS:
         raise ValueError(f"unknown heads variant {variant!r}; known: {', '.join(VARIANTS)}")
-    known = set(DEFAULT_OPTIONS) | set(VARIANTS[variant])
+    known = set(DEFAULT_OPTIONS) | set(VARIANTS[variant]) | {"open_set"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"unknown heads option(s) {unknown}; known: {sorted(known)}")
@@ -106,6 +107,8 @@ def _resolve(variant: str, dim: int, options: dict) -> dict:
     resolved["psi_dim"] = resolved["psi_dim"] or dim // 2
     resolved["qc_dim"] = resolved["qc_dim"] or dim // 2
     resolved["qc"] = bool(resolved["qc"])
+    if check_method(resolved.pop("open_set", "none")) != "none":  # heads without one keep their options as before
+        resolved["open_set"] = options["open_set"]
     return resolved
 
 
@@ -155,6 +158,11 @@ class STRMHeads(nn.Module):
             if opts["qc"]
             else None
         )
+        # The trained open-set head (pipeline/heads/openset.py) and its method; None: closed-set heads.
+        self.open_set = None
+        if "open_set" in opts:
+            kept = sum(max(1, round(self.tuple_keep * len(cast(TRM, t).tuples))) for t in self.trm)
+            self.open_set = OpenSetHead(opts["open_set"], opts["trm_dim"], kept)
 
     def _enrichment(self, kind: str | None, tokens: int, opts: dict) -> nn.Module | None:
         if kind == "attention":
@@ -173,6 +181,11 @@ class STRMHeads(nn.Module):
     @property
     def has_qc(self) -> bool:
         return self.qc is not None
+
+    @property
+    def open_set_method(self) -> str:
+        """The open-set method the heads were trained with ("none": closed-set heads)."""
+        return "none" if self.open_set is None else self.open_set.method
 
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Per-channel standardisation applied at the start of `encode` (training-split statistics).
@@ -302,13 +315,10 @@ class STRMHeads(nn.Module):
                     by_label = order[start : start + step, None, :, None]
                     nearest = [torch.take_along_dim(t, by_label, dim=2) for t in nearest]
             chunks.append(self._relate_grouped(part, query[start : start + step], way, shot, nearest, mask))
-        trm_logits = torch.cat([c[0] for c in chunks])
-        qc_logits = torch.cat([cast(torch.Tensor, c[1]) for c in chunks]) if self.qc is not None else None
-        logits = trm_logits if qc_logits is None else trm_logits + self.lambda_qc * qc_logits
-        out = HeadsOutput(logits, trm_logits, qc_logits)
+        joined = [None if c[0] is None else torch.cat(cast(list, c)) for c in zip(*chunks, strict=True)]
         if not batched:
-            out = HeadsOutput(out.logits[0], out.trm_logits[0], None if out.qc_logits is None else out.qc_logits[0])
-        return out
+            joined = [None if t is None else t[0] for t in joined]
+        return HeadsOutput(*cast(list, joined))
 
     def _relate_grouped(
         self,
@@ -318,50 +328,76 @@ class STRMHeads(nn.Module):
         shot: int,
         qc_nearest: Sequence[torch.Tensor] | None = None,
         shot_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, ...]:
         """support sorted by class [B, way*shot, ..], query [B, n_q, ..] (and qc_nearest, support sorted
-        alike) -> (TRM, QC or None) logits [B, n_q, way]. Uneven shots: each class padded to `shot`,
-        shot_mask [B, way, shot] False on the padding (None: equal shots, no masking)."""
+        alike) -> HeadsOutput's fields: logits, TRM and QC (or None) logits [B, n_q, way], the open-set
+        head's known score and accept logit [B, n_q] (or None). Uneven shots: each class padded to
+        `shot`, shot_mask [B, way, shot] False on the padding (None: equal shots, no masking)."""
 
         def by_class(t: torch.Tensor) -> torch.Tensor:  # [B, way*shot, ...] -> [B, way, shot, ...]
             return t.reshape(t.shape[0], way, shot, *t.shape[2:])
 
-        trm = _mean(
-            [
-                relate_trm(
-                    module,
-                    query.trm_k[i],
-                    query.trm_k_rstd[i],
-                    query.trm_v[i],
-                    query.tuples[i],
-                    by_class(support.trm_k[i]),
-                    by_class(support.trm_k_rstd[i]),
-                    by_class(support.trm_v[i]),
-                    support.tuples[i],
-                    shot_mask,
-                )
-                for i, module in enumerate(cast("Sequence[TRM]", self.trm))
-            ]
-        )
-        if self.qc is None:
-            return trm, None
-        if qc_nearest is not None:
-            return trm, _mean([relate_qc_nearest(t.unflatten(2, (way, shot)), shot_mask) for t in qc_nearest])
-        qc = _mean(
-            [
-                relate_qc(qz, qn, by_class(sz).flatten(2, 3), by_class(sn).flatten(2), shot_mask)
-                for qz, qn, sz, sn in zip(query.qc, query.qc_norms, support.qc, support.qc_norms, strict=False)
-            ]
-        )
-        return trm, qc
+        head = self.open_set
+        residual = head is not None and head.method == "disc"
+        related = [
+            relate_trm(
+                module,
+                query.trm_k[i],
+                query.trm_k_rstd[i],
+                query.trm_v[i],
+                query.tuples[i],
+                by_class(support.trm_k[i]),
+                by_class(support.trm_k_rstd[i]),
+                by_class(support.trm_v[i]),
+                support.tuples[i],
+                shot_mask,
+                residual,
+            )
+            for i, module in enumerate(cast("Sequence[TRM]", self.trm))
+        ]
+        trm = _mean([cast(tuple, r)[0] if residual else cast(torch.Tensor, r) for r in related])
+        qc: torch.Tensor | None = None
+        if self.qc is not None and qc_nearest is not None:
+            qc = _mean([relate_qc_nearest(t.unflatten(2, (way, shot)), shot_mask) for t in qc_nearest])
+        elif self.qc is not None:
+            qc = _mean(
+                [
+                    relate_qc(qz, qn, by_class(sz).flatten(2, 3), by_class(sn).flatten(2), shot_mask)
+                    for qz, qn, sz, sn in zip(query.qc, query.qc_norms, support.qc, support.qc_norms, strict=False)
+                ]
+            )
+        logits = trm if qc is None else trm + self.lambda_qc * qc
+        if head is None or head.method == "bounded":
+            return logits, trm, qc, None, None
+        predicted = logits.argmax(-1)
+        accept = None
+        if residual:
+            residuals = [cast("tuple[torch.Tensor, torch.Tensor]", r)[1] for r in related]
+            accept = head.disc_logit(torch.cat(residuals, dim=3), predicted)
+        return logits, trm, qc, head.known_score(logits, accept), accept
 
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> HeadsOutput:
         """support [n_s, L, P, D], labels [n_s] (0..way-1, any order), query [n_q, L, P, D] -> logits [n_q, way]."""
         return self.relate(self.encode(support), support_labels, self.encode(query))
 
-    def loss(self, output: HeadsOutput, query_labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    def loss(
+        self, output: HeadsOutput, query_labels: torch.Tensor, reduction: str = "sum", open_set_weight: float = 1.0
+    ) -> torch.Tensor:
         """L_TM + lambda * L_QC, cross-entropy over the queries: summed as released (STRM_SPEC section 7), or
-        their mean. With lambda 0 the QC term is left out, so QC's weights get no gradient (not a zero one)."""
+        their mean. With lambda 0 the QC term is left out, so QC's weights get no gradient (not a zero one).
+        Heads with an open-set head: `openset.open_set_loss` (bounded logits, unknown queries labelled -1)."""
+        if self.open_set is not None:
+            return open_set_loss(
+                self.open_set,
+                output.trm_logits,
+                output.qc_logits,
+                output.logits,
+                output.accept_logit,
+                query_labels,
+                lambda_qc=self.lambda_qc,
+                weight=open_set_weight,
+                reduction=reduction,
+            )
         flat = query_labels.reshape(-1)
         way = output.trm_logits.shape[-1]
         loss = F.cross_entropy(output.trm_logits.reshape(-1, way).float(), flat, reduction=reduction)

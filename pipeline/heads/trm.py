@@ -24,6 +24,7 @@ All query rows of a task meet all its support rows in one matmul, then a softmax
 from __future__ import annotations
 
 import itertools
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -140,7 +141,8 @@ def relate_trm(
     class_v: torch.Tensor,
     class_tuples: torch.Tensor,
     shot_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    residual: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """TRM logits [B, n_q, way] from the query's centred key rows [B, n_q, w, L, D'], key 1/std
     [B, n_q, T_q] and value rows, and the classes' key rows [B, way, K, w, L, D'], key 1/std
     [B, way, K, T_s] and value rows; each side's tuples [T, w] are those its encode kept (the same,
@@ -170,10 +172,16 @@ def relate_trm(
             class_v[i : i + step],
             class_selection,
             None if shot_mask is None else shot_mask[i : i + step],
+            residual,
         )
         for i in range(0, batch, step)
     ]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    if residual:
+        pairs = cast("list[tuple[torch.Tensor, torch.Tensor]]", parts)
+        logits = torch.cat([p[0] for p in pairs])
+        return logits, torch.cat([p[1] for p in pairs]).view(batch, -1, n_q, t_q, width).transpose(1, 2)
+    alone = cast("list[torch.Tensor]", parts)
+    return alone[0] if len(alone) == 1 else torch.cat(alone)
 
 
 def _relate_trm_tasks(
@@ -186,7 +194,8 @@ def _relate_trm_tasks(
     class_v: torch.Tensor,
     class_selection: torch.Tensor,
     shot_mask: torch.Tensor | None,
-) -> torch.Tensor:
+    residual: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`relate_trm` for a group of tasks: `left` holds g^2 times each query key row, then g * beta
     [B, n_q*w*L + 1, D']; the query's key 1/std [B, n_q, T_q] and value tuples [B, n_q, T_q, D'].
 
@@ -221,6 +230,8 @@ def _relate_trm_tasks(
     diff = torch.matmul(rows, values).sub_(query_v.reshape(batch, 1, n_q * t_q, width))
     squared = torch.linalg.vector_norm(diff, dim=-1).square()  # a reduction: no second [.., D'] temporary
     distance = squared.view(batch, way, n_q, t_q).sum(-1) / t_q
+    if residual:  # prototype - v_q above: its negation is the residual [B, way, n_q*T_q, D']
+        return -distance.transpose(1, 2), -diff
     return -distance.transpose(1, 2)
 
 

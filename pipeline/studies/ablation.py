@@ -30,6 +30,7 @@ from pipeline.features.cache import FeatureCache
 from pipeline.features.readers import SplitFeatures
 from pipeline.heads import VARIANTS, STRMHeads, load_heads
 from pipeline.heads.model import DEFAULT_OPTIONS
+from pipeline.heads.openset import METHODS as OPEN_SET_METHODS
 from pipeline.runtime import distributed
 from pipeline.studies import report
 from pipeline.training.runs import read_metrics
@@ -53,6 +54,7 @@ class GridPoint:
     after: str | None = None  # a key of AFTER_TRAINING
     label: str = ""
     base_label: str = ""  # the label without the post-training change
+    open_set: str | None = None  # an open-set training method (`strm+disc`); None: closed-set training
 
     @property
     def trained(self) -> GridPoint:
@@ -84,6 +86,7 @@ class GridPoint:
             else (DEFAULT_OPTIONS["lambda_qc"] if VARIANTS.get(self.variant, {}).get("qc") else None),
             "retain": self.retain if self.retain is not None else (1.0 if self.variant != PROTO else None),
             "after_training": AFTER_TRAINING.get(self.after or "", ""),
+            **({"open_set": self.open_set} if self.open_set else {}),
         }
 
 
@@ -118,7 +121,8 @@ def parse_grid(
     lambdas: Sequence[str] | None = None,
     retain: Sequence[str] | None = None,
 ) -> list[GridPoint]:
-    """The Cartesian product of the axes, labelled by what varies; `proto` and `v:gamma0`/`v:no-qc` rows too.
+    """The Cartesian product of the axes, labelled by what varies; `proto` and `v:gamma0`/`v:no-qc` rows too,
+    and `v+METHOD` rows trained with an open-set method (strm+eos, strm+disc, ...).
 
     Raises ValueError naming a variant, change or value that is not known.
     """
@@ -132,6 +136,9 @@ def parse_grid(
     points: list[GridPoint] = []
     for name in names:
         variant, _, after = name.partition(":")
+        variant, plus, method = variant.partition("+")
+        if plus and method not in OPEN_SET_METHODS[1:]:
+            raise ValueError(f"{name}: unknown open-set method {method!r}; known: {', '.join(OPEN_SET_METHODS[1:])}")
         if variant == PROTO:
             points.append(GridPoint(PROTO, label=PROTO, base_label=PROTO))
             continue
@@ -144,7 +151,7 @@ def parse_grid(
         if after == "no-qc" and not VARIANTS[variant]["qc"]:
             raise ValueError(f"{name}: variant {variant} has no QC to drop")
         for c, lam, keep in itertools.product(cards, lams, keeps):
-            parts = [variant]
+            parts = [variant + plus + method]
             if len(cards) > 1:
                 parts.append("Ω={" + ",".join(map(str, c or VARIANTS[variant]["cardinalities"])) + "}")
             if len(lams) > 1:
@@ -153,7 +160,7 @@ def parse_grid(
                 parts.append(f"retain {keep if keep is not None else 1.0:g}")
             base = " ".join(parts)
             label = base + (f", {AFTER_TRAINING[after]}" if after else "")
-            points.append(GridPoint(variant, c, lam, keep, after or None, label, base))
+            points.append(GridPoint(variant, c, lam, keep, after or None, label, base, method or None))
     labels = [p.label for p in points]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
@@ -208,6 +215,7 @@ def train_point(
         lr=settings.lr,
         log_every=settings.log_every,
         device=settings.device,
+        open_set=point.open_set,
     )
     result = train(config, cache, out, resume=True, progress=progress, train_split=train_split, val_split=val_split)
     return result.best_checkpoint or result.last_checkpoint

@@ -83,6 +83,8 @@ class Checkpoint:
         """A JSON-able record of which checkpoint this is, for run records."""
         about: dict[str, Any] = {"checkpoint": str(self.path), "checkpoint_kind": self.kind, "variant": self.variant}
         about["checkpoint_sha256"] = self.sha256
+        if self.heads.open_set is not None:
+            about["open_set"] = self.heads.open_set_method
         if self.recipe is not None:
             about["recipe"] = self.recipe.to_dict()
         if self.notes:

@@ -24,7 +24,7 @@ from pipeline.data.video import (
     count_frames,
     load_view,
 )
-from pipeline.features.extract import split_layouts
+from pipeline.features.layouts import split_layouts
 from pipeline.features.readers import SplitFeatures
 from pipeline.training.config import TrainError
 
@@ -108,8 +108,9 @@ class TaskClips(Dataset):
     def __getitem__(self, k: int) -> dict:
         index = self.indices[k]
         task = self.sampler.task(index)
-        rows = np.concatenate([task.support, task.query])
-        views = 1 + np.concatenate([task.support_views, task.query_views])  # training views only
+        query, _, query_views = task.open_queries()  # the known queries, then any unknown ones
+        rows = np.concatenate([task.support, query])
+        views = 1 + np.concatenate([task.support_views, query_views])  # training views only
         try:
             frames = torch.stack(
                 [self.videos.load(int(r), int(v), self.seed, self.spec) for r, v in zip(rows, views, strict=False)]

@@ -10,6 +10,7 @@ from typing import TypeVar
 import numpy as np
 
 from pipeline.data.episodes import EpisodeSampler
+from pipeline.heads.openset import METHODS as OPEN_SET_METHODS
 from pipeline.runtime import distributed
 from pipeline.training.runs import (
     FREE,
@@ -43,6 +44,12 @@ class EpisodicConfig:
     val_seed: int = 0
     patience: int = 0  # validations without improvement before stopping; 0 = never stop early
     checkpoint_every: int = 250  # tasks
+    # Open-set training (pipeline/heads/openset.py): the method, its loss weight, and the unknown
+    # queries each training task draws from other training classes; "none" draws none (as before).
+    open_set: str = "none"  # none | bounded | eos | garbage | disc
+    open_set_weight: float = 1.0
+    unknown_classes: int = 5
+    unknown_queries: int = 2
     log_every: int = 50  # tasks
     tensorboard: bool = field(default=False, metadata=FREE)  # scalars also to OUT/tb
     device: str = field(default="auto", metadata=FREE)
@@ -80,6 +87,27 @@ def check_config(config: EpisodicConfig) -> None:
         )
     if config.val_every and config.val_episodes < 1:
         raise TrainError("val_episodes must be >= 1 when validating")
+    if config.open_set not in OPEN_SET_METHODS:
+        raise TrainError(f"--open-set {config.open_set!r}: expected one of {', '.join(OPEN_SET_METHODS)}")
+    if config.open_set not in ("none", "bounded") and min(config.unknown_classes, config.unknown_queries) < 1:
+        raise TrainError(f"--open-set {config.open_set} needs unknown_classes and unknown_queries >= 1")
+
+
+def unknown_draws(config: EpisodicConfig) -> dict[str, int]:
+    """The EpisodeSampler arguments of a run's unknown queries: none without a method that trains on them,
+    so a closed-set (or `bounded`) run draws exactly the tasks it always did."""
+    if config.open_set in ("none", "bounded"):
+        return {}
+    return {"unknown_classes": config.unknown_classes, "unknown_queries": config.unknown_queries}
+
+
+def check_open_set_heads(method: str, heads_method: str, where: str) -> None:
+    """Heads read from a checkpoint must carry the open-set head the run trains (or none for none)."""
+    if method != heads_method:
+        raise TrainError(
+            f"--open-set {method}: {where} holds heads trained with open-set method {heads_method!r}; "
+            f"train heads with --open-set {method} first, or pass --open-set {heads_method}"
+        )
 
 
 ConfigT = TypeVar("ConfigT", bound=EpisodicConfig)

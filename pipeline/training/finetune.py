@@ -49,7 +49,15 @@ from pipeline.heads import STRMHeads, load_heads
 from pipeline.runtime import distributed
 from pipeline.training.checkpoints import Checkpoint
 from pipeline.training.clips import VIEW_DRAWS, DecodedClips, FinetuneError, SplitVideos, split_videos
-from pipeline.training.config import EpisodicConfig, TrainError, check_config, check_validation_split, round_to_steps
+from pipeline.training.config import (
+    EpisodicConfig,
+    TrainError,
+    check_config,
+    check_open_set_heads,
+    check_validation_split,
+    round_to_steps,
+    unknown_draws,
+)
 from pipeline.training.loop import EpisodicLoop
 from pipeline.training.runs import FREE, INHERIT
 from pipeline.training.state import Estimate, TrainProgress, TrainResult, resume_point
@@ -137,10 +145,12 @@ def _check(config: FinetuneConfig) -> None:
 
 
 def start_settings(start: Checkpoint) -> dict:
-    """The backbone settings the start's heads were trained with (backbone, layer, normalize, input size, P, resize)."""
+    """The backbone settings the start's heads were trained with (backbone, layer, normalize, input size, P, resize),
+    and their open-set method."""
     if start.recipe is not None:
         r = start.recipe
         return {
+            "open_set": start.heads.open_set_method,
             "backbone": r.backbone,
             "layer": r.layer,
             "normalize": r.normalize,
@@ -150,7 +160,8 @@ def start_settings(start: Checkpoint) -> dict:
             "interpolation": r.interpolation,
         }
     config = start.contents.get("config", {})
-    return {k: config[k] for k in ("backbone", "layer", "normalize", "short_side", "crop", "patches") if k in config}
+    keys = ("backbone", "layer", "normalize", "short_side", "crop", "patches")
+    return {"open_set": start.heads.open_set_method, **{k: config[k] for k in keys if k in config}}
 
 
 def build_backbone(config: FinetuneConfig, start: Checkpoint | None) -> Backbone:
@@ -289,6 +300,7 @@ def _training_videos(
             queries=config.queries,
             seed=config.seed,
             views=VIEW_DRAWS,
+            **unknown_draws(config),
         )
     except ValueError as err:
         raise FinetuneError(f"train split: {err}") from None
@@ -324,6 +336,7 @@ def _starting_point(
         if start is None:
             raise FinetuneError(f"no starting checkpoint given and no {out / 'last.pt'} to resume")
         heads, notes = start.heads, list(start.notes)
+        check_open_set_heads(config.open_set, heads.open_set_method, config.source or "the starting checkpoint")
         backbone = build_backbone(config, start)
         config = replace(config, layer=backbone.layer, interpolation=config.interpolation or backbone.interpolation)
         trained_on = start.recipe.weights if start.recipe is not None and start.kind == "heads" else None

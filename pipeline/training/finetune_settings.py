@@ -49,6 +49,7 @@ SETTINGS = (  # the options of `strm finetune` that are settings of the run, by 
     "device",
     "tensorboard",
     "workers",
+    "open_set",
 )
 
 

@@ -200,20 +200,25 @@ class EpisodicLoop:
         n_s = config.way * config.shot
         x = x.to(device, non_blocking=True)
         s_lab = torch.from_numpy(task.support_labels).to(device)
-        q_lab = torch.from_numpy(task.query_labels).to(device)
+        q_lab = torch.from_numpy(task.open_queries()[1]).to(device)  # unknown queries (if any) labelled -1
         torch.manual_seed(task_seed(config.seed, index))  # dropout: the same masks on any rank, after any resume
         # self.ddp is the DistributedDataParallel wrapper whenever world > 1.
         ddp = cast(nn.parallel.DistributedDataParallel, self.ddp)
         with nullcontext() if sync or self.world == 1 else ddp.no_sync():
             with torch.autocast(device.type, dtype=self.amp) if self.amp else nullcontext():
                 output = self.ddp(x[:n_s], s_lab, x[n_s:])
-                loss = self.heads.loss(output, q_lab, reduction=config.loss_reduction)
+                loss = self.heads.loss(
+                    output, q_lab, reduction=config.loss_reduction, open_set_weight=config.open_set_weight
+                )
             # Each task's share of the step; DDP averages over ranks, hence the factor world.
             self.scaler.scale(loss * (self.world / config.tasks_per_step)).backward()
         w = self.state.window
+        known = q_lab >= 0
+        logits = output.logits.detach()
         w.loss += float(loss.detach())
-        w.correct += float((output.logits.detach().argmax(-1) == q_lab).sum())
-        w.queries += len(q_lab)
+        w.correct += float((logits.argmax(-1) == q_lab)[known].sum())
+        w.queries += int(known.sum())
+        w.logit_scale += float(logits[known].abs().mean())  # how far the logits have grown (issue #23)
         w.tasks += 1
 
     def _step(self, first_task: int) -> None:
@@ -250,7 +255,9 @@ class EpisodicLoop:
     def _log(self, rate: float) -> None:
         """A train line: means over the tasks since the previous one, all ranks."""
         w = self.state.window
-        loss, correct, queries, tasks = distributed.sum_values([w.loss, w.correct, w.queries, w.tasks], self.device)
+        loss, correct, queries, scale, tasks = distributed.sum_values(
+            [w.loss, w.correct, w.queries, w.logit_scale, w.tasks], self.device
+        )
         self.state.window = MetricWindow()
         if self.log is not None:
             self.log.write(
@@ -259,6 +266,7 @@ class EpisodicLoop:
                     "task": self.done,
                     "loss": loss / max(tasks, 1),
                     "accuracy": 100 * correct / max(queries, 1),
+                    "logit_scale": scale / max(tasks, 1),
                     "lr": self.scheduler.get_last_lr()[0],
                     "tasks_per_s": rate,
                     "gpu_memory_gib": self._memory(),

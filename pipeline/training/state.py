@@ -33,6 +33,7 @@ class MetricWindow:
     correct: float = 0.0
     queries: float = 0.0
     tasks: float = 0.0
+    logit_scale: float = 0.0  # sum over tasks of the known queries' mean |logit| (the scale issue #23 bounds)
 
 
 @dataclass

@@ -41,6 +41,7 @@ from pipeline.training.config import (
     check_validation_split,
     derived_seed,
     round_to_steps,
+    unknown_draws,
 )
 from pipeline.training.loop import EpisodicLoop
 from pipeline.training.runs import FREE
@@ -120,10 +121,11 @@ def _check(config: TrainConfig) -> None:
     check_config(config)
     if config.loading not in LOADINGS:
         raise TrainError(f"loading {config.loading!r}: expected one of {', '.join(LOADINGS)}")
-    fixed = {"frames", "patches", "lambda_qc"} & set(config.heads_options)
+    fixed = {"frames", "patches", "lambda_qc", "open_set"} & set(config.heads_options)
     if fixed:
         raise TrainError(
-            f"heads options {sorted(fixed)} come from the cache (L, P) and the lambda_qc setting, not heads_options"
+            f"heads options {sorted(fixed)} come from the cache (L, P) and the lambda_qc and open_set settings, "
+            "not heads_options"
         )
 
 
@@ -140,6 +142,7 @@ def starting_heads(config: TrainConfig, cache: FeatureCache, source: SplitReader
             patches=cache.patches,
             lambda_qc=config.lambda_qc,
             **(config.heads_options or {}),
+            **({"open_set": config.open_set} if config.open_set != "none" else {}),
         )
     except (TypeError, ValueError) as e:
         raise TrainError(f"heads: {e}") from None
@@ -216,12 +219,11 @@ def _gathered(
 
     def read(i: int) -> tuple[int, Task, torch.Tensor]:
         task = sampler.task(i)
+        query, _, query_views = task.open_queries()  # the known queries, then any unknown ones
         return (
             i,
             task,
-            split.read(
-                np.concatenate([task.support, task.query]), np.concatenate([task.support_views, task.query_views])
-            ),
+            split.read(np.concatenate([task.support, query]), np.concatenate([task.support_views, query_views])),
         )
 
     if split.loading not in ("pinned", "stream"):
@@ -348,6 +350,7 @@ def train(
             queries=config.queries,
             seed=config.seed,
             views=source.views if config.augment else 1,
+            **unknown_draws(config),
         )
     except ValueError as e:
         raise TrainError(f"{cache.path} train split: {e}") from None
