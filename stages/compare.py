@@ -1,7 +1,8 @@
 """`strm compare A.json B.json`: two evaluation runs on identical tasks, task by task.
 
 The tasks of a seed are the same for every model, so the paired difference of two runs has its own
-interval, which is far tighter than the two runs' intervals.
+interval, which is far tighter than the two runs' intervals. Open-set records (--unknown-classes) pair
+every unknown score's measures the same way.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def compare_command(
             f"A - B = {p.difference:+.2f} ± {p.ci95:.2f} points ({verdict}; "
             f"A ahead on {p.a_better} tasks, B on {p.b_better}, tied on {p.ties})"
         )
+        for line in p.open_set_lines():  # open-set records: each score's measures, paired task by task
+            typer.echo(line)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(

@@ -1,5 +1,6 @@
 """Scoring frozen heads on seeded tasks: per-video embeddings once, batched exact relating, accuracy
-with 95% intervals and paired comparison, post-hoc unknown scores, and FLOP counts.
+with 95% intervals and paired comparison, post-hoc and trained unknown scores measured on open-set tasks
+(queries of actions the support does not hold), and FLOP counts.
 """
 
 from pipeline.evaluation.batched import (
@@ -8,6 +9,7 @@ from pipeline.evaluation.batched import (
     embed_split,
     evaluate,
     naive_logits,
+    open_set_batch,
     qc_nearest_tables,
     qc_table_blocks,
     qc_tables_pay,
@@ -33,10 +35,13 @@ from pipeline.evaluation.tasks import (
     save_episodes,
     slice_tasks,
     task_settings,
+    unknown_count,
 )
-from pipeline.evaluation.unknown import Calibration, calibrate, relate
+from pipeline.evaluation.unknown import TRAINED_SCORE, Calibration, auto_score, calibrate, relate
 
 __all__ = [
+    "TRAINED_SCORE",
+    "auto_score",
     "class_lines",
     "Calibration",
     "EvalResult",
@@ -53,6 +58,7 @@ __all__ = [
     "interval95",
     "load_episodes",
     "naive_logits",
+    "open_set_batch",
     "plot_shot_sweep",
     "qc_nearest_tables",
     "qc_table_blocks",
@@ -65,6 +71,7 @@ __all__ = [
     "slice_tasks",
     "task_compute",
     "task_settings",
+    "unknown_count",
     "write_csv",
     "write_run",
 ]

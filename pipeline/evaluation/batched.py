@@ -27,14 +27,17 @@ import torch
 from torch import nn
 
 from pipeline.data.episodes import Task, TaskBatch
+from pipeline.evaluation import unknown
+from pipeline.evaluation.openset import open_set_metrics
 from pipeline.evaluation.results import EvalResult, _score
 from pipeline.evaluation.tasks import (
     episodes_digest,
     sample_tasks,
     slice_tasks,
     task_settings,
+    unknown_count,
 )
-from pipeline.evaluation.unknown import predicted
+from pipeline.evaluation.unknown import TRAINED_SCORE, HeldOut, predicted
 from pipeline.heads import VideoEmbedding
 from pipeline.heads.qc import nearest_block
 
@@ -144,12 +147,14 @@ QC_TABLE_MAX_BYTES = 1 << 30
 
 
 def qc_tables_pay(embedding: Any, tasks: TaskBatch) -> bool:
-    """Whether evaluating `tasks` should read QC from `qc_nearest_tables` (see QC_TABLE_BLOCK)."""
+    """Whether evaluating `tasks` should read QC from `qc_nearest_tables` (see QC_TABLE_BLOCK); open-set tasks
+    also relate each support clip to the others (calibration)."""
     if not isinstance(embedding, VideoEmbedding) or not embedding.qc:
         return False
-    n = len(embedding)
+    n, n_s = len(embedding), tasks.support.shape[1]
     table_bytes = sum(n * n * norms.shape[1] * 4 for norms in embedding.qc_norms)
-    pairs = len(tasks) * tasks.query.shape[1] * tasks.support.shape[1]
+    queries = tasks.open_queries()[0].shape[1] + (n_s - 1 if unknown_count(tasks) else 0)  # open set: LOO too
+    pairs = len(tasks) * queries * n_s
     return table_bytes <= QC_TABLE_MAX_BYTES and n * n / 2 <= pairs
 
 
@@ -271,12 +276,15 @@ def evaluate(
     embedding: Any = None,
     split_name: str = "",
     autocast: bool = False,
+    trained: str = TRAINED_SCORE,
 ) -> EvalResult:
     """Accuracy of frozen `heads` on `episodes` tasks of `split` (view 0), batched over tasks.
 
     `tasks` replaces sampling (a loaded episodes file; way/shot/queries/episodes come from it);
     `embedding` reuses a per-video pass (`embed_split`) across settings, e.g. a sweep of shots.
-    Predictions are the argmax of `logits` (TRM + lambda * QC, or TRM alone without QC).
+    Predictions are the argmax of `logits` (TRM + lambda * QC, or TRM alone without QC). Tasks with
+    unknown queries (open set) also measure every unknown score (named `trained` for a trained open-set
+    head's) on them: `result.open_set`.
     """
     device = torch.device(device)
     if tasks is None:
@@ -291,26 +299,167 @@ def evaluate(
         qc_tables = qc_nearest_tables(embedding, device, autocast=autocast, progress=progress)
         embedding = replace(embedding, qc=(), qc_norms=())  # the tasks no longer read the QC tuples
     if batch_tasks is None:
-        batch_tasks = _default_batch_tasks(embedding, len(split.labels), tasks.support.shape[1] + tasks.query.shape[1])
+        videos = tasks.support.shape[1] + tasks.open_queries()[0].shape[1]  # unknown queries included
+        batch_tasks = _default_batch_tasks(embedding, len(split.labels), videos)
     chosen = np.empty(tasks.query.shape, dtype=np.int64)  # task labels 0..way-1
+    open_set = unknown_count(tasks) > 0
+    found: dict[str, np.ndarray] = {}  # open set: score name -> [tasks, known + unknown queries], then thresholds
 
-    def predict(start: int) -> tuple[int, np.ndarray]:
+    def predict(start: int) -> tuple[int, np.ndarray, dict[str, np.ndarray]]:
         batch = slice_tasks(tasks, slice(start, start + batch_tasks))
-        logits = relate_tasks(heads, embedding, batch, device, autocast=autocast, qc_tables=qc_tables).logits
-        if not torch.isfinite(logits).all():  # an argmax over NaN would score silently
-            raise ValueError(
-                f"the logits of tasks {start}-{start + len(logits) - 1} are not finite (NaN or inf): the heads' "
-                "weights or the split's features hold NaN or inf (a diverged checkpoint? `strm cache info` the cache)"
+        if open_set:
+            return start, *open_set_batch(
+                heads, embedding, batch, device, autocast=autocast, qc_tables=qc_tables, trained=trained, start=start
             )
-        return start, predicted(logits).cpu().numpy()  # the one rule for the predicted action
+        logits = relate_tasks(heads, embedding, batch, device, autocast=autocast, qc_tables=qc_tables).logits
+        _check_finite(logits, start)
+        return start, predicted(logits).cpu().numpy(), {}  # the one rule for the predicted action
 
     starts = range(0, len(tasks), batch_tasks)
     with _cpu_streams(device) as streams:
-        for start, labels in streams(predict, starts):
+        for start, labels, values in streams(predict, starts):
             chosen[start : start + len(labels)] = labels
+            for name, v in values.items():
+                found.setdefault(name, np.empty((len(tasks), *v.shape[1:])))[start : start + len(v)] = v
             if progress:
                 progress("tasks", start + len(labels), len(tasks))
-    return _score(tasks, chosen, split, settings)
+    result = _score(tasks, chosen, split, settings)
+    if open_set:
+        result.open_set, result.open_set_info = _measure(found, chosen == tasks.query_labels, trained)
+    return result
+
+
+def _check_finite(logits: torch.Tensor, start: int) -> None:
+    if not torch.isfinite(logits).all():  # an argmax over NaN would score silently
+        raise ValueError(
+            f"the logits of tasks {start}-{start + len(logits) - 1} are not finite (NaN or inf): the heads' "
+            "weights or the split's features hold NaN or inf (a diverged checkpoint? `strm cache info` the cache)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# The open-set protocol: unknown queries are more queries of the same batch; each task's support is
+# calibrated by leave-one-out (`unknown.calibration_of`, the rule predict uses), its clips related to
+# the others in one call a task.
+
+FALSE_REJECTION = 0.05  # the known queries' false rejection the catch rates are measured at
+
+
+def open_set_batch(
+    heads: nn.Module,
+    embedding: Any,
+    batch: TaskBatch,
+    device: torch.device,
+    *,
+    autocast: bool = False,
+    qc_tables: Sequence[torch.Tensor] | None = None,
+    trained: str = TRAINED_SCORE,
+    start: int = 0,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(predicted labels of the known queries [B, n_known], every score of every query [B, n_known +
+    n_unknown] and, as "threshold:<score>", each task's calibrated threshold [B] (NaN where none can be set))."""
+    videos = batch.open_queries()[0]
+    out = relate_tasks(heads, embedding, replace(batch, query=videos), device, autocast=autocast, qc_tables=qc_tables)
+    _check_finite(out.logits, start)
+    held = _held_out_tasks(heads, embedding, batch, device, autocast=autocast, qc_tables=qc_tables)
+    way, rows = batch.classes.shape[1], []
+    for b in range(len(batch)):
+        cal = unknown.calibration_of(held[b], way, trained=trained)
+        qc, known = (None if t is None else t[b].float().cpu() for t in (out.qc_logits, out.known_score))
+        values = unknown.scores(out.logits[b].float().cpu(), qc, cal, known)
+        for name in list(values):
+            can = bool(cal.support_scores.get(name))
+            values[f"threshold:{name}"] = np.float64(unknown.threshold(cal, name, FALSE_REJECTION) if can else np.nan)
+        rows.append(values)
+    stacked = {name: np.stack([r[name] for r in rows]) for name in rows[0]}
+    return predicted(out.logits[:, : batch.query.shape[1]]).cpu().numpy(), stacked
+
+
+def _held_out_tasks(
+    heads: nn.Module,
+    embedding: Any,
+    batch: TaskBatch,
+    device: torch.device,
+    *,
+    autocast: bool,
+    qc_tables: Sequence[torch.Tensor] | None,
+) -> list[HeldOut]:
+    """Each task's support clips held out one at a time (`unknown.held_out_rows`): per task one relate of its
+    n clips against the n - 1 others, taken as windows of the support written twice (views: only the heads'
+    grouping by class copies them; gathering every row's support instead made evaluation 1.7x slower)."""
+    way, n = batch.classes.shape[1], batch.support.shape[1]
+    labels = torch.as_tensor(batch.support_labels[0])
+    if (batch.support_labels != batch.support_labels[:1]).any():
+        raise ValueError("open-set evaluation needs every task's support in one label order")
+    held, others = unknown.held_out_rows(labels, way)
+    if len(held) < n:  # equal shots: every clip is held out, or (one shot) none
+        return [HeldOut(torch.zeros(0, way), None, None, torch.zeros(0, dtype=torch.long))] * len(batch)
+
+    def windows(t: torch.Tensor) -> torch.Tensor:  # [n, ..] -> [n, n - 1, ..]: row i = the clips after i, cyclic
+        twice, stride = torch.cat([t, t]), t.stride()
+        return twice.as_strided((n, n - 1, *t.shape[1:]), (stride[0], *stride), twice.storage_offset() + stride[0])
+
+    out = []
+    for b in range(len(batch)):
+        ids = torch.as_tensor(batch.support[b], device=device)
+        support = embedding[ids]
+        rest = support._map(windows) if isinstance(support, VideoEmbedding) else windows(support)
+        itself = support._map(lambda t: t[:, None]) if isinstance(support, VideoEmbedding) else support[:, None]
+        options = {}
+        if qc_tables is not None:
+            options["qc_nearest"] = [
+                table[ids[:, None, None], ids[others.to(device)][:, None, :]] for table in qc_tables
+            ]
+        with torch.inference_mode(), _autocast(device, autocast):
+            got = cast("Callable[..., HeadsOutput]", heads.relate)(
+                rest, labels[others].to(device), itself, way, **options
+            )
+        qc, known = got.qc_logits, getattr(got, "known_score", None)
+        out.append(
+            HeldOut(
+                got.logits[:, 0].float().cpu(),
+                None if qc is None else qc[:, 0].float().cpu(),
+                None if known is None else known[:, 0].float().cpu(),
+                labels[held],
+            )
+        )
+    return out
+
+
+def _measure(
+    found: dict[str, np.ndarray], correct: np.ndarray, trained: str
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+    """Per score, every open-set measure's per-task values (openset.open_set_metrics), and which score and
+    threshold `--unknown auto` uses."""
+    n_known = correct.shape[1]
+    measured: dict[str, dict[str, np.ndarray]] = {}
+    for name, values in found.items():
+        if name.startswith("threshold:"):
+            continue
+        cut = found[f"threshold:{name}"]
+        metrics = open_set_metrics(
+            values[:, :n_known],
+            values[:, n_known:],
+            correct,
+            rate=FALSE_REJECTION,
+            threshold=cut if np.isfinite(cut).all() else None,
+        )
+        measured[name] = {k: m.per_task for k, m in metrics.items()}
+    auto = (
+        trained if trained in measured and np.isfinite(found[f"threshold:{trained}"]).all() else unknown.DEFAULT_SCORE
+    )
+    cut = found[f"threshold:{auto}"]
+    info = {
+        "false_rejection": FALSE_REJECTION,
+        "auto": {
+            "score": auto,
+            "threshold": "calibrated on each task's support (leave-one-out), for a false rejection of "
+            f"{FALSE_REJECTION:g}",
+            "threshold_mean": float(np.nanmean(cut)) if np.isfinite(cut).any() else None,
+            "threshold_range": [float(np.nanmin(cut)), float(np.nanmax(cut))] if np.isfinite(cut).any() else None,
+        },
+    }
+    return measured, info
 
 
 @contextlib.contextmanager

@@ -24,7 +24,18 @@ RUN_FORMAT = "strm-eval/1"
 
 
 # Settings that must agree for two runs to have seen the same tasks.
-PAIRING_KEYS = ("split", "way", "shot", "queries", "seed", "episodes", "episodes_digest")
+PAIRING_KEYS = (
+    "split",
+    "way",
+    "shot",
+    "queries",
+    "unknown_classes",
+    "unknown_queries",
+    "seed",
+    "episodes",
+    "episodes_digest",
+)
+OPEN_SET_DIGITS = 4  # open-set measures are fractions: 4 decimals in the CSV and the per-task lists
 
 
 def interval95(values: Sequence[float] | np.ndarray) -> float:
@@ -48,6 +59,8 @@ class EvalResult:
     confusion: np.ndarray  # [C, C] counts: row = true split class, column = predicted
     class_names: list[str]
     settings: dict[str, Any] = field(default_factory=dict)  # split, way, shot, queries, seed, episodes, digest, ...
+    open_set: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # score -> measure -> [episodes]
+    open_set_info: dict[str, Any] = field(default_factory=dict)  # the false rejection, `--unknown auto`'s score
 
     @property
     def mean(self) -> float:
@@ -71,18 +84,60 @@ class EvalResult:
             "class_names": self.class_names,
             "confusion": self.confusion.tolist(),
             "task_accuracy": [round(float(a), 6) for a in self.task_accuracy],
+            **({"open_set": self._open_set_dict()} if self.open_set else {}),
+        }
+
+    def _open_set_dict(self) -> dict[str, Any]:
+        """The JSON's open_set block: per score and measure its mean, interval and per-task values."""
+        return {
+            **self.open_set_info,
+            "scores": {
+                name: {
+                    k: {
+                        "mean": float(v.mean()),
+                        "ci95": interval95(v),
+                        "per_task": np.round(v, OPEN_SET_DIGITS).tolist(),
+                    }
+                    for k, v in measures.items()
+                }
+                for name, measures in self.open_set.items()
+            },
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalResult:
-        skip = {"mean", "ci95", "per_class", "class_names", "confusion", "task_accuracy"}
+        skip = {"mean", "ci95", "per_class", "class_names", "confusion", "task_accuracy", "open_set"}
+        block = dict(d.get("open_set") or {})
+        measured = block.pop("scores", {})
         return cls(
             task_accuracy=np.asarray(d["task_accuracy"], dtype=np.float64),
             per_class=dict(d["per_class"]),
             confusion=np.asarray(d["confusion"], dtype=np.int64),
             class_names=list(d["class_names"]),
             settings={k: v for k, v in d.items() if k not in skip},
+            open_set={
+                name: {k: np.asarray(v["per_task"], dtype=np.float64) for k, v in measures.items()}
+                for name, measures in measured.items()
+            },
+            open_set_info=block,
         )
+
+    def open_set_lines(self) -> list[str]:
+        """The console's table: one row per score, each measure's mean ± 95% interval over tasks (fractions)."""
+        if not self.open_set:
+            return []
+        measures = list(dict.fromkeys(k for values in self.open_set.values() for k in values))
+        width = max(len(name) for name in self.open_set)
+        s, rate = self.settings, self.open_set_info.get("false_rejection", 0.05)
+        lines = [
+            f"open set ({s.get('unknown_classes')} unseen actions x {s.get('unknown_queries')} queries a task; "
+            f"catch rates at {rate:g} false rejection; --unknown auto uses {self.open_set_info['auto']['score']}):",
+            f"  {'score':<{width}}  " + "  ".join(f"{k:>15}" for k in measures),
+        ]
+        for name, values in self.open_set.items():
+            cells = [f"{values[k].mean():.3f} ± {interval95(values[k]):.3f}" if k in values else "-" for k in measures]
+            lines.append(f"  {name:<{width}}  " + "  ".join(f"{c:>15}" for c in cells))
+        return lines
 
 
 def _score(tasks: TaskBatch, predicted: np.ndarray, split: SplitReader, settings: dict[str, Any]) -> EvalResult:
@@ -122,12 +177,25 @@ class PairedDifference:
     a_better: int  # tasks where A got more queries right
     b_better: int
     ties: int
+    open_set: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # score -> measure -> a, b, diff
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.settings,
             **{k: getattr(self, k) for k in ("mean_a", "mean_b", "difference", "ci95", "a_better", "b_better", "ties")},
+            **({"open_set": self.open_set} if self.open_set else {}),
         }
+
+    def open_set_lines(self) -> list[str]:
+        """One line per score both runs measured: each measure's A - B with its interval over the same tasks."""
+        lines = []
+        for name, measures in self.open_set.items():
+            cells = [
+                f"{k} {m['a']:.3f} vs {m['b']:.3f}: {m['difference']:+.3f} ± {m['ci95']:.3f}"
+                for k, m in measures.items()
+            ]
+            lines.append(f"  open set, {name}: " + "; ".join(cells))
+        return lines
 
 
 def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> tuple[float, float]:
@@ -147,8 +215,20 @@ def compare_results(a: EvalResult, b: EvalResult) -> PairedDifference:
                 f"the runs did not see the same tasks: {key} is {a.settings.get(key)!r} in A and {b.settings.get(key)!r} in B"
             )
     diff, ci = paired_difference(a.task_accuracy, b.task_accuracy)
+    open_set = {}
+    for name in a.open_set.keys() & b.open_set.keys():
+        pairs = {}
+        for k in a.open_set[name].keys() & b.open_set[name].keys():
+            d, half = paired_difference(a.open_set[name][k], b.open_set[name][k])
+            pairs[k] = {
+                "a": float(a.open_set[name][k].mean()),
+                "b": float(b.open_set[name][k].mean()),
+                "difference": d,
+                "ci95": half,
+            }
+        open_set[name] = {k: pairs[k] for k in a.open_set[name] if k in pairs}  # in A's order
     return PairedDifference(
-        settings={k: a.settings[k] for k in PAIRING_KEYS},
+        settings={k: a.settings[k] for k in PAIRING_KEYS if k in a.settings},
         mean_a=a.mean,
         mean_b=b.mean,
         difference=diff,
@@ -156,6 +236,7 @@ def compare_results(a: EvalResult, b: EvalResult) -> PairedDifference:
         a_better=int((a.task_accuracy > b.task_accuracy).sum()),
         b_better=int((a.task_accuracy < b.task_accuracy).sum()),
         ties=int((a.task_accuracy == b.task_accuracy).sum()),
+        open_set={name: open_set[name] for name in a.open_set if name in open_set},
     )
 
 
@@ -229,8 +310,9 @@ def class_lines(result: EvalResult, top: int = 5) -> list[str]:
 
 
 def write_csv(path: Path | str, results: Sequence[EvalResult]) -> Path:
-    """Summary table: one row per setting for all classes (with the interval), then one per class;
-    percentages to 2 decimals, as printed (the JSON keeps every digit)."""
+    """Summary table: one row per setting for all classes (with the interval), then one per class, then (open
+    set) one per unknown score with each measure and its interval; percentages to 2 decimals, as printed, and
+    open-set fractions to 4 (the JSON keeps every digit)."""
     import pandas as pd
 
     rows = []
@@ -238,6 +320,13 @@ def write_csv(path: Path | str, results: Sequence[EvalResult]) -> Path:
         base = {k: r.settings.get(k) for k in ("split", "way", "shot", "queries", "seed", "episodes")}
         rows.append({**base, "scope": "all", "accuracy": round(r.mean, 2), "ci95": round(r.ci95, 2)})
         rows += [{**base, "scope": name, "accuracy": round(acc, 2), "ci95": None} for name, acc in r.per_class.items()]
+        for name, measures in r.open_set.items():  # one row per unknown score: each measure and its interval
+            row = {**base, "scope": f"open set: {name}"}
+            for k, v in measures.items():
+                row.update(
+                    {k: round(float(v.mean()), OPEN_SET_DIGITS), f"{k}_ci95": round(interval95(v), OPEN_SET_DIGITS)}
+                )
+            rows.append(row)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(path, index=False)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.evaluation import openset
+from pipeline.evaluation.student import gaussian
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -48,16 +49,30 @@ SPREAD_FLOOR = (
 )
 T_RANGE = (1e-3, 1e3)  # the temperature is searched over this range times the logits' scale
 GAUSSIAN_SCORES = ("zscore", "zscore_qc")  # N(0, 1) on known clips: thresholds are the normal quantile
+TRAINED_SCORE = "trained"  # the name of a trained open-set head's score when its checkpoint does not name its method
 
 
 def relate(
     model: nn.Module, support: Any, labels: torch.Tensor, query: Any, way: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(fused logits, QC logits or None) of queries against the support, in eval mode, no grad."""
+    logits, qc, _ = relate_open(model, support, labels, query, way)
+    return logits, qc
+
+
+def relate_open(
+    model: nn.Module, support: Any, labels: torch.Tensor, query: Any, way: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`relate` plus the trained open-set head's known score of each query ([n_q]; None without such a head)."""
     model.eval()
     with torch.inference_mode():
         out = cast("Callable[..., HeadsOutput]", model.relate)(support, labels, query, way)
-    return out.logits.float().cpu(), None if out.qc_logits is None else out.qc_logits.float().cpu()
+    known = getattr(out, "known_score", None)  # stand-in models may return only logits
+    return (
+        out.logits.float().cpu(),
+        None if out.qc_logits is None else out.qc_logits.float().cpu(),
+        None if known is None else known.float().cpu(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the decision
@@ -90,14 +105,18 @@ def decide(
     qc: torch.Tensor | None = None,
     calibration: Calibration | None = None,
     *,
-    score: str = DEFAULT_SCORE,
+    score: str | None = None,
     threshold: float | None = None,
+    known_score: torch.Tensor | None = None,
 ) -> Decision:
-    """The one rule for predict, evaluate and the demo: the arg-max action; with a calibration, its score;
-    with a threshold too, `known` is False where the score falls below it (labelled unknown)."""
+    """The one rule for predict, evaluate and the demo: the arg-max action; with a calibration, its score
+    (`score`, or `auto_score`'s choice); with a threshold too, `known` is False where the score falls below
+    it (labelled unknown). `known_score`: a trained open-set head's score of each query, if the model has one."""
     action = predicted(logits)
     logit = logits.gather(-1, action[..., None])[..., 0]
-    value = None if calibration is None else scores(logits, qc, calibration)[score]
+    value = None
+    if calibration is not None:
+        value = scores(logits, qc, calibration, known_score)[score or auto_score(calibration)]
     known = np.ones(len(action), dtype=bool) if value is None or threshold is None else value >= threshold
     return Decision(action, logit, value, known)
 
@@ -105,31 +124,55 @@ def decide(
 # ---------------------------------------------------------------------------------------------- leave-one-out
 
 
+@dataclass
+class HeldOut:
+    """The support's clips that can be held out, each classified against all the other clips."""
+
+    logits: torch.Tensor  # [m, way]
+    qc: torch.Tensor | None  # [m, way] QC logits, None without QC
+    known: torch.Tensor | None  # [m] a trained open-set head's known score, None without one
+    truth: torch.Tensor  # [m] their actions
+
+
 def leave_one_out(
     model: nn.Module, embedding: Any, labels: torch.Tensor, way: int, *, budget: int = LOO_BUDGET
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Each support clip whose action has another clip, classified against all the others: (logits [m, way],
-    QC logits or None, true labels [m]). Batched relates of about `budget` gathered clips each (held clips x
-    the n - 1 others), so memory grows linearly with the support, not with n^2."""
-    labels = labels.cpu()
+    """(logits [m, way], QC logits or None, true labels [m]) of `held_out`."""
+    held = held_out(model, embedding, labels, way, budget=budget)
+    return held.logits, held.qc, held.truth
+
+
+def held_out_rows(labels: torch.Tensor, way: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(held [m]: the clips whose action has another clip, others [m, n - 1]: every clip but each of them, the
+    ones after it first (cyclic), so that evaluation can take all rows as windows of the doubled support)."""
     n = len(labels)
-    counts = torch.bincount(labels, minlength=way)
-    held = torch.nonzero(counts[labels] >= 2).flatten()
+    held = torch.nonzero(torch.bincount(labels, minlength=way)[labels] >= 2).flatten()
+    return held, (held[:, None] + 1 + torch.arange(n - 1)[None]) % max(n, 1)
+
+
+def held_out(model: nn.Module, embedding: Any, labels: torch.Tensor, way: int, *, budget: int = LOO_BUDGET) -> HeldOut:
+    """Each support clip whose action has another clip, classified against all the others. Batched relates of
+    about `budget` gathered clips each (held clips x the n - 1 others), so memory grows linearly with the
+    support, not with n^2."""
+    labels = labels.cpu()
+    held, others = held_out_rows(labels, way)
     if not len(held):
-        return torch.zeros(0, way), None, torch.zeros(0, dtype=torch.long)
+        return HeldOut(torch.zeros(0, way), None, None, torch.zeros(0, dtype=torch.long))
     device = _device_of(embedding)
-    chunk = max(1, budget // max(n - 1, 1))
-    logits, qcs = [], []
+    chunk = max(1, budget // max(len(labels) - 1, 1))
+    parts = []
     for start in range(0, len(held), chunk):
-        rows = held[start : start + chunk]
-        others = torch.arange(n - 1)[None] + (torch.arange(n - 1)[None] >= rows[:, None]).long()  # all but i
-        out, qc = relate(
-            model, embedding[others.to(device)], labels[others].to(device), embedding[rows[:, None].to(device)], way
+        rows, rest = held[start : start + chunk], others[start : start + chunk]
+        parts.append(
+            relate_open(
+                model, embedding[rest.to(device)], labels[rest].to(device), embedding[rows[:, None].to(device)], way
+            )
         )
-        logits.append(out[:, 0])
-        qcs.append(None if qc is None else qc[:, 0])
-    qc_all = None if any(q is None for q in qcs) else torch.cat(cast("list[torch.Tensor]", qcs))
-    return torch.cat(logits), qc_all, labels[held]
+
+    def joined(i: int) -> torch.Tensor | None:
+        return None if any(p[i] is None for p in parts) else torch.cat([cast(torch.Tensor, p[i])[:, 0] for p in parts])
+
+    return HeldOut(cast(torch.Tensor, joined(0)), joined(1), joined(2), labels[held])
 
 
 def _device_of(embedding: Any) -> torch.device:
@@ -202,55 +245,6 @@ def fit_temperature_noted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[f
 # ---------------------------------------------------------------------------------------------- spreads
 
 
-def _t_cdf(t: np.ndarray, dof: np.ndarray) -> np.ndarray:
-    """Student's t CDF for whole degrees of freedom (the closed-form series in cos of atan(t / sqrt(dof)))."""
-    t, dof = np.broadcast_arrays(np.asarray(t, dtype=np.float64), np.maximum(np.rint(dof), 1).astype(np.int64))
-    if t.size == 0:
-        return np.zeros(t.shape)
-    theta = np.arctan(t / np.sqrt(dof))
-    c2 = np.cos(theta) ** 2
-    odd = dof % 2 == 1
-    term, total = np.ones_like(t), np.ones_like(t)
-    for k in range(1, int(dof.max()) // 2 + 1):  # the series has (dof - 1) // 2 or dof // 2 - 1 terms
-        term = term * c2 * np.where(odd, (2 * k) / (2 * k + 1), (2 * k - 1) / (2 * k))
-        total = total + np.where(np.where(odd, 2 * k + 1 <= dof - 1, 2 * k <= dof - 2), term, 0.0)
-    odd_a = np.where(dof > 1, theta + np.sin(theta) * np.cos(theta) * total, theta) * 2 / np.pi
-    even_a = np.sin(theta) * total
-    return np.clip(0.5 + 0.5 * np.where(odd, odd_a, even_a), 0.0, 1.0)
-
-
-def _t_tail_log(t_abs: np.ndarray, dof: np.ndarray) -> np.ndarray:
-    """log P(T < -t_abs) for Student's t(dof), accurate far in the tail where 1 - CDF would cancel:
-    0.5 I_x(dof/2, 1/2) with x = dof / (dof + t^2), as x^a (1-x)^b / (a B(a, b)) 2F1(a + b, 1; a + 1; x)."""
-    a = np.maximum(np.rint(dof), 1) / 2
-    x = a * 2 / (a * 2 + t_abs**2)
-    gammaln = torch.special.gammaln
-    log_beta = (gammaln(torch.from_numpy(a)) - gammaln(torch.from_numpy(a + 0.5))).numpy() + math.lgamma(0.5)
-    term, total = np.ones_like(x), np.ones_like(x)
-    for k in range(400):  # used where the tail is below 1e-6, so x is small and the series short
-        term = term * (a + 0.5 + k) / (a + 1 + k) * x
-        total = total + term
-    return np.log(0.5) + a * np.log(x) + 0.5 * np.log1p(-x) - np.log(a) - log_beta + np.log(total)
-
-
-def _gaussian(t: np.ndarray, dof: np.ndarray) -> np.ndarray:
-    """The standard normal deviate with the same tail probability as t under Student's t(dof): strictly
-    increasing in t, symmetric, finite for any finite t (the tails in log space, so far-off queries keep
-    their order)."""
-    t, dof = np.broadcast_arrays(np.asarray(t, dtype=np.float64), np.asarray(dof, dtype=np.float64))
-    t_abs = np.abs(t)
-    lower = _t_cdf(-t_abs, dof)
-    far = lower < 1e-6
-    log_p = np.log(np.maximum(lower, 1e-300))
-    if far.any():
-        log_p[far] = _t_tail_log(t_abs[far], dof[far])
-    exact = torch.special.ndtri(torch.from_numpy(np.exp(np.maximum(log_p, -700.0)))).numpy()
-    u = -2 * log_p  # beyond e^-700: log Phi(z) ~ -z^2 / 2 - log(-z) - log(2 pi) / 2, inverted
-    asymptotic = -np.sqrt(np.maximum(u - np.log(np.maximum(u, 1.0)) - np.log(2 * np.pi), 0.0))
-    z = np.where(log_p > -700, exact, asymptotic)
-    return np.where(t < 0, z, -z)
-
-
 @dataclass(frozen=True)
 class _Spread:
     mean: np.ndarray  # [way] each action's mean held-out value (the pooled mean for an action with none)
@@ -287,7 +281,7 @@ def _spread(values: torch.Tensor, labels: torch.Tensor, way: int, floor: float) 
         std_i = np.sqrt(np.maximum(within_i, 0) / dof_i) if dof_i > 0 else np.zeros(m)
         std_i = np.maximum(std_i, floor)
         t = (x - mean_i) / (std_i * np.sqrt(1 + 1 / np.maximum(n_i - 1, 1)))
-        support = _gaussian(t, np.full(m, max(dof_i, 1)))
+        support = gaussian(t, np.full(m, max(dof_i, 1)))
     return _Spread(mean, std, n_eff, dofs, support)
 
 
@@ -299,7 +293,7 @@ def _zscore(value: torch.Tensor, action: torch.Tensor, mean, std, count, dof, ve
         return torch.from_numpy((x - mean[a]) / std[a])
     count, dof = np.asarray(count, dtype=np.float64), np.asarray(dof, dtype=np.float64)
     t = (x - mean[a]) / (std[a] * np.sqrt(1 + 1 / count[a]))
-    return torch.from_numpy(_gaussian(t, dof[a]))
+    return torch.from_numpy(gaussian(t, dof[a]))
 
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -320,6 +314,7 @@ class Calibration:
     dof: list[float] | None = None  # per action: degrees of freedom of its spread
     notes: list[str] = field(default_factory=list)  # e.g. T stopped at a bound, duplicated clips
     version: int = 1  # CALIBRATION_VERSION for calibrations made now; 1 reads indexes saved before
+    trained: str | None = None  # the name of the model's trained open-set score, when it has one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -329,8 +324,11 @@ class Calibration:
         return cls(**d)
 
 
-def calibrate(model: nn.Module, embedding: Any, labels: torch.Tensor, way: int) -> Calibration:
-    """Temperature and score statistics from the support's leave-one-out, on its distinct clips."""
+def calibrate(
+    model: nn.Module, embedding: Any, labels: torch.Tensor, way: int, *, trained: str = TRAINED_SCORE
+) -> Calibration:
+    """Temperature and score statistics from the support's leave-one-out, on its distinct clips; a model
+    with a trained open-set head gets its score's held-out values too, named `trained`."""
     labels = labels.cpu()
     keep = distinct_clips(embedding, len(labels))
     notes = []
@@ -340,9 +338,16 @@ def calibrate(model: nn.Module, embedding: Any, labels: torch.Tensor, way: int) 
             f"{len(keep)} distinct clips"
         )
         embedding, labels = embedding[keep.to(_device_of(embedding))], labels[keep]
-    logits, qc, truth = leave_one_out(model, embedding, labels, way)
+    return calibration_of(held_out(model, embedding, labels, way), way, notes, trained=trained)
+
+
+def calibration_of(
+    held: HeldOut, way: int, notes: list[str] | None = None, *, trained: str = TRAINED_SCORE
+) -> Calibration:
+    """The calibration the held-out clips give (`calibrate`'s rule, for callers that relate them themselves)."""
+    logits, qc, truth = held.logits, held.qc, held.truth
     temperature, note = fit_temperature_noted(logits, truth)
-    notes += [note] if note else []
+    notes = [*(notes or []), *([note] if note else [])]
     rows = torch.arange(len(truth))
     own = _spread(logits[rows, truth], truth, way, SPREAD_FLOOR * _scale(logits))
     own_qc = None if qc is None else _spread(qc[rows, truth], truth, way, SPREAD_FLOOR * _scale(qc))
@@ -357,8 +362,9 @@ def calibrate(model: nn.Module, embedding: Any, labels: torch.Tensor, way: int) 
         own.dof.tolist(),
         notes,
         CALIBRATION_VERSION,
+        None if held.known is None else trained,
     )
-    support = scores(logits, qc, calibration)
+    support = scores(logits, qc, calibration, held.known)
     if len(truth):  # the z-scores from the other clips' statistics, not the clip's own
         support["zscore"] = own.support
         if own_qc is not None:
@@ -367,14 +373,25 @@ def calibrate(model: nn.Module, embedding: Any, labels: torch.Tensor, way: int) 
     return calibration
 
 
+def auto_score(calibration: Calibration) -> str:
+    """The score `--unknown auto` uses: the model's trained open-set score when it has one with held-out
+    values to set its threshold, else DEFAULT_SCORE (the best post-hoc score measured)."""
+    if calibration.trained and calibration.support_scores.get(calibration.trained):
+        return calibration.trained
+    return DEFAULT_SCORE
+
+
 def _scale(logits: torch.Tensor) -> float:
     """The logits' scale: their std over every held-out row and action (1 when there is none)."""
     value = float(logits.double().std()) if logits.numel() > 1 else 0.0
     return value if math.isfinite(value) and value > 0 else 1.0
 
 
-def scores(logits: torch.Tensor, qc: torch.Tensor | None, calibration: Calibration) -> dict[str, np.ndarray]:
-    """Every score of each query (higher: more like a known action), for the predicted (arg-max) action."""
+def scores(
+    logits: torch.Tensor, qc: torch.Tensor | None, calibration: Calibration, known: torch.Tensor | None = None
+) -> dict[str, np.ndarray]:
+    """Every score of each query (higher: more like a known action), for the predicted (arg-max) action;
+    with a trained open-set head's `known` score, that one too (under calibration.trained)."""
     logits = logits.double()
     action = predicted(logits)
     rows = torch.arange(len(logits))
@@ -393,6 +410,8 @@ def scores(logits: torch.Tensor, qc: torch.Tensor | None, calibration: Calibrati
         own_qc = qc.double()[rows, action]
         qc_z = _zscore(own_qc, action, calibration.qc_mean, calibration.qc_std, *stats)
         out.update(qc=own_qc.numpy(), zscore_qc=qc_z.numpy(), zsum=(z + qc_z).numpy())
+    if known is not None and calibration.trained:
+        out[calibration.trained] = known.double().reshape(len(best)).numpy()
     return out
 
 

@@ -117,6 +117,8 @@ def choose_model(
             f"D={shape[2]}, the cache {cache.path} holds {cache.frames} x {cache.patches} x {cache.dim}"
         )
     about = loaded.about()
+    if loaded.contents.get("open_set"):  # heads trained with an open-set head: its score is named after the method
+        about["open_set"] = str(loaded.contents["open_set"])
     note = "; ".join(n for n in (about.get("note", ""), fit_note(loaded.recipe, cache.recipe)) if n)
     if note:
         about["note"] = note
@@ -144,8 +146,11 @@ def plan_tasks(
     queries: int,
     seed: int,
     episodes_file: Path | None = None,
+    unknown_classes: int = 0,
+    unknown_queries: int = 0,
 ) -> TaskPlan:
-    """The tasks for each shot; an episodes file fixes way, shot, queries, seed and count."""
+    """The tasks for each shot, with `unknown_queries` videos of each of `unknown_classes` other actions
+    (open set); an episodes file fixes way, shot, queries, the unknown queries, seed and count."""
     if episodes_file is not None:
         if len(shots) > 1:
             raise EvalError("an episodes file fixes the shot: it cannot be combined with a shot sweep")
@@ -153,16 +158,27 @@ def plan_tasks(
             loaded, saved = ev.load_episodes(episodes_file, split)
         except ValueError as err:
             raise EvalError(str(err)) from None
+        held = (saved.get("unknown_classes", 0), saved.get("unknown_queries", 0))
+        if unknown_classes and (unknown_classes, unknown_queries) != held:
+            raise RequestError(
+                f"--unknown-classes {unknown_classes} --unknown-queries {unknown_queries}: {episodes_file} fixes "
+                f"the unknown queries ({held[0]} unseen actions x {held[1]}); leave the options out"
+            )
         notes = []
         if saved.get("split") not in (None, split_name):
             notes.append(f"{episodes_file} was saved from split {saved['split']!r}; evaluating on {split_name!r}")
         return TaskPlan({saved["shot"]: loaded}, saved["way"], saved["queries"], saved["seed"], notes)
+    if unknown_classes and unknown_queries < 1:
+        raise RequestError(f"--unknown-classes {unknown_classes} needs --unknown-queries >= 1 (videos of each)")
+    unknown = {"unknown_classes": unknown_classes, "unknown_queries": unknown_queries if unknown_classes else 0}
     try:
         tasks = {
-            k: ev.sample_tasks(split.labels, episodes=episodes, way=way, shot=k, queries=queries, seed=seed)
+            k: ev.sample_tasks(split.labels, episodes=episodes, way=way, shot=k, queries=queries, seed=seed, **unknown)
             for k in shots
         }
     except ValueError as err:
+        if unknown_classes and "unknown_classes=" in str(err):  # the sampler says what the split allows
+            raise RequestError(f"--unknown-classes {unknown_classes}: split {split_name!r}: {err}") from None
         raise EvalError(f"split {split_name!r}: {err}") from None
     return TaskPlan(tasks, way, queries, seed)
 
@@ -210,6 +226,7 @@ def run_plan(
                 split_name=split_name,
                 autocast=autocast,
                 progress=_for_shot(show, k),
+                trained=choice.about.get("open_set") or ev.TRAINED_SCORE,
             )
             for k, tasks in plan.tasks.items()
         ]
@@ -285,6 +302,7 @@ def summary_lines(results: Sequence[ev.EvalResult], label: str, split: str) -> l
         queries = f"{s['queries']} quer{'y' if s['queries'] == 1 else 'ies'}/class"
         lines.append(
             f"{label}: {s['way']}-way {s['shot']}-shot, {queries}, {s['episodes']} tasks on {split}, "
-            f"seed {s['seed']}: {r.mean:.2f} ± {r.ci95:.2f} %"
+            f"seed {s['seed']}: {r.mean:.2f} ± {r.ci95:.2f} %" + (" on the known queries" if r.open_set else "")
         )
+        lines += r.open_set_lines()
     return lines
