@@ -40,10 +40,10 @@ def _human(n: float) -> str:
 
 @cache_app.command("info")
 def info(
-    path: Path = typer.Argument(..., help="Cache folder, e.g. cache/hmdb51/<key>."),
+    path: Path = typer.Argument(..., help="Cache folder, e.g. cache/hmdb51/<key> (or cache/hmdb51 when it holds one)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Counts per split (done, failed with reasons, pending), the fingerprint and the size on disk."""
+    """Counts per split (done, failed with reasons, pending), the videos stored, the fingerprint and the size on disk."""
     summary = _open(path).summary()
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
@@ -53,6 +53,12 @@ def info(
         f"[bold]{summary['path']}[/bold]  key {summary['key']}  "
         f"L={shape['frames']} patches={shape['patches']} D={shape['dim']} {shape['dtype']}  "
         f"{_human(summary['bytes_on_disk'])} on disk"
+    )
+    store = summary["store"]
+    console.print(
+        f"stored: {store['videos']} videos ({store['not_in_this_manifest']} not in the current manifest), "
+        f"updated {summary['updated']}",
+        highlight=False,
     )
     table = Table("split", "videos", "done", "failed", "pending", "views", "classes")
     for split, s in summary["splits"].items():

@@ -21,7 +21,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from pipeline.data.manifests import build_manifest, read_manifest
+from pipeline.data.manifests import resolve_manifest
 from pipeline.data.video import ViewSpec
 from pipeline.features.backbones import get_backbone
 from pipeline.features.cache import open_cache
@@ -46,22 +46,20 @@ class _VideosPerSecond(ProgressColumn):
         return Text(f"{task.speed:.2f} videos/s" if task.speed else "- videos/s")
 
 
-def _manifest(dataset: str, videos: Path, manifest: Path | None, split_dir: Path | None, classes: Path | None):
-    if manifest is not None:
-        return read_manifest(manifest)
-    return build_manifest(dataset, videos, split_dir=split_dir, classes_csv=classes)
-
-
 # Over 80 lines for its 21 option declarations; the body is under 80.
 def extract_command(
     dataset: str = typer.Argument(
-        ..., help="Dataset name (hmdb51, ucf101, kinetics100, ssv2, synthetic, folder); names the cache folder."
+        ...,
+        help="Dataset name: the one `strm manifest` gave (its manifest data_manifests/local/NAME.csv is used), "
+        "or hmdb51, ucf101, kinetics100, ssv2, synthetic; names the cache folder CACHE_ROOT/NAME.",
     ),
-    videos: Path = typer.Option(
-        ..., "--videos", help="Folder holding the videos; relative manifest paths are under it."
+    videos: Path | None = typer.Option(
+        None, "--videos", help="Folder holding the videos; relative manifest paths are under it."
     ),
     manifest: Path | None = typer.Option(
-        None, "--manifest", help="Manifest CSV/Parquet from `strm manifest`; built from --videos when not given."
+        None,
+        "--manifest",
+        help="Manifest CSV/Parquet; default the one `strm manifest` wrote for DATASET, else built from --videos.",
     ),
     split_dir: Path | None = typer.Option(
         None, "--split-dir", help="Without --manifest: the folder of split lists (as `strm manifest`)."
@@ -115,7 +113,9 @@ def extract_command(
 
     A video that cannot be decoded is recorded in the cache's failure table and listed at the
     end; the run goes on. Settings that change the numbers (backbone, weights, input size,
-    normalisation, patches, views, seed) give another cache key, so caches never mix.
+    normalisation, patches, views, seed) give another cache key, so caches never mix. The same
+    settings with a changed manifest (clips added, removed or re-encoded) reuse the cache and
+    extract only the videos it does not hold yet.
     """
     start = time.perf_counter()
     try:
@@ -131,9 +131,10 @@ def extract_command(
         )
         if backbone_checkpoint is not None:
             load_backbone_weights(backbone, backbone_checkpoint)
-        table = _manifest(dataset, videos, manifest, split_dir, classes)
+        table, source = resolve_manifest(dataset, videos, manifest, split_dir, classes)
     except (WeightsUnavailable, FileNotFoundError, ValueError, OSError) as err:
         fail(str(err))
+    console.print(f"manifest: {source} ({len(table)} videos)", highlight=False, soft_wrap=True)
     spec = ViewSpec(short_side=short_side, crop=crop, flip=flip, interpolation=backbone.interpolation)
     settings = ExtractSettings(views=views, spec=spec, patches=patches, normalize=not no_normalize, seed=seed)
     options = RunOptions(batch_size=batch_size, workers=workers, device=device, precision=precision)

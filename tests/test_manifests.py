@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +11,7 @@ import typer
 from typer.testing import CliRunner
 from video_factory import write_test_video
 
+from pipeline.data.checks import TaskSize, folder_warnings, split_warnings
 from pipeline.data.manifests import (
     COLUMNS,
     DATA_MANIFESTS,
@@ -20,9 +22,11 @@ from pipeline.data.manifests import (
     bad_videos,
     build_manifest,
     counts_key,
+    dataset_name,
     read_class_splits,
     read_manifest,
     read_split_lists,
+    resolve_manifest,
     split_counts,
     validate_manifest,
     write_manifest,
@@ -305,3 +309,85 @@ def test_manifest_command_writes_manifest_report_and_counts(tmp_path, hmdb_tree)
 
     result = CliRunner().invoke(app, ["manifest", "kinetics100", "--videos", str(hmdb_tree)])
     assert result.exit_code == 2 and "needs --split-dir" in result.output
+
+
+def test_names_are_compared_in_nfc_so_a_macos_folder_is_found(tmp_path):
+    """macOS writes folder and file names decomposed (NFD): 'Übung' on disk is U + combining diaeresis. The
+    CSV's composed 'Übung' still finds it, and the video id is recorded composed."""
+    nfd = unicodedata.normalize("NFD", "Übung")
+    assert nfd != "Übung"
+    (tmp_path / "v" / nfd).mkdir(parents=True)
+    (tmp_path / "v" / nfd / unicodedata.normalize("NFD", "Sprünge 1.mp4")).write_bytes(b"\0")
+    csv = tmp_path / "classes.csv"
+    csv.write_text("class,split\nÜbung,train\n", encoding="utf-8")
+    rows = by_id(build_manifest("folder", tmp_path / "v", classes_csv=csv))
+    assert list(rows) == ["Übung/Sprünge 1"] and rows["Übung/Sprünge 1"]["status"] == "ok"
+    assert folder_warnings(tmp_path / "v", csv) == []
+
+
+def test_a_dataset_is_named_by_its_folder_or_name_and_found_by_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert dataset_name("folder", tmp_path / "My Sports (2024)") == "My_Sports_2024"
+    assert dataset_name("folder", tmp_path / "x", "mysports") == "mysports"
+    assert dataset_name("hmdb51", tmp_path / "anything") == "hmdb51"
+    for kind, folder, name, words in (
+        ("folder", "x", "hmdb51", "the built-in dataset's"),
+        ("folder", "hmdb51", None, r"its folder's name\): pass --name"),
+        ("folder", "x", "a/b", "letters, digits"),
+        ("folder", "...", None, "pass --name"),
+    ):
+        with pytest.raises(ManifestError, match=words):
+            dataset_name(kind, tmp_path / folder, name)
+    with pytest.raises(ManifestError, match=r"no manifest for dataset 'mysports'.*--name mysports"):
+        resolve_manifest("mysports")
+    table = pd.DataFrame([dict.fromkeys(COLUMNS, "x") | {"n_frames": 9, "split": "train", "status": "ok"}])
+    write_manifest(table, tmp_path / "data_manifests" / "local" / "mysports.csv")
+    found, source = resolve_manifest("mysports")
+    assert source == "data_manifests/local/mysports.csv" and len(found) == 1
+    with pytest.raises(ManifestError, match=r"folder is a kind of dataset, not a name.*: mysports\)"):
+        resolve_manifest("folder", tmp_path)
+
+
+def test_splits_are_checked_for_videos_and_classes_big_enough_for_a_task():
+    rows = [("train", f"c{c}", "ok") for c in range(5) for _ in range(9)]
+    rows += [("train", "small", "ok")] * 3 + [("train", "small", "too short: 5 frames (< 8)")] * 6
+    rows += [("val", "v0", "missing: no folder v0 with videos under /x")]
+    rows += [("test", f"t{c}", "ok") for c in range(3) for _ in range(6)]
+    table = pd.DataFrame(rows, columns=["split", "class", "status"])
+    tasks = {"train": TaskSize(5, 5, 4), "val": TaskSize(5, 5, 1), "test": TaskSize(5, 5, 1)}
+    warnings = split_warnings(table, tasks)
+    assert len(warnings) == 3, warnings
+    assert (
+        warnings[0].startswith("split train: 1 of 6 classes have fewer than 9 usable videos")
+        and "small: 3" in warnings[0]
+    )
+    assert warnings[1].startswith("split val: no usable videos (1 classes listed)") and "--val-every 0" in warnings[1]
+    assert warnings[2].startswith("split test: 3 classes can enter a 5-way task") and "--way" in warnings[2]
+
+
+def test_the_folder_route_warns_of_unlisted_folders_and_small_splits_and_names_the_dataset(tmp_path, monkeypatch):
+    """`strm manifest folder` on a folder with friendly names: the name comes from the folder, the manifest
+    goes to data_manifests/local/NAME.csv, 2 folders missing from the CSV and the empty val split are
+    warnings with their count and fix; `strm extract NAME` then finds that manifest by itself."""
+    from stages.app import app
+
+    monkeypatch.chdir(tmp_path)
+    videos = tmp_path / "my clips"
+    for folder in ("waving", "jumping", "Übung", "spare", "extra one"):
+        for i in range(2):
+            write_test_video(videos / folder / f"clip {i}.mp4", 10)
+    classes = tmp_path / "classes.csv"
+    classes.write_text("class,split\nwaving,train\njumping,train\nÜbung,test\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["manifest", "folder", "--videos", str(videos), "--classes", str(classes)])
+    assert result.exit_code == 0, result.output
+    assert "warning: 2 class folders under" in result.output and "(extra one, spare)" in result.output
+    assert "warning: split val: no usable videos (0 classes listed)" in result.output
+    assert "dataset: my_clips (later stages take this name: strm extract my_clips)" in result.output
+    assert read_manifest(tmp_path / "data_manifests" / "local" / "my_clips.csv")["status"].eq("ok").sum() == 6
+    extract = ["extract", "my_clips", "--backbone", "tiny", "--views", "1", "--short-side", "40", "--crop", "32"]
+    result = CliRunner().invoke(app, [*extract, "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "manifest: data_manifests/local/my_clips.csv (6 videos)" in result.output
+    assert "this run: 6 videos extracted" in result.output and "cache/my_clips/" in result.output
+    result = CliRunner().invoke(app, ["extract", "folder", "--backbone", "tiny"])
+    assert result.exit_code == 1 and "folder is a kind of dataset, not a name" in result.output

@@ -14,6 +14,7 @@ import typer
 from typer.testing import CliRunner
 
 from pipeline.data import synth
+from pipeline.data.manifests import read_class_splits
 from stages import synth as synth_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,3 +163,24 @@ def test_cli_refuses_a_folder_of_other_settings(tmp_path):
     assert result.exit_code == 2
     assert "synth.json" in result.output and "generator: found 0" in result.output
     assert not list(tmp_path.glob("*/*.mp4"))
+
+
+def test_a_smaller_benchmark_keeps_the_split_shares_and_the_full_benchmark_videos(tmp_path):
+    """`strm synth --classes N`: the first classes of each split in about 64/12/24 shares, each split a
+    5-way task's worth; all 100 are the benchmark itself; its split goes to OUT/classes.csv."""
+    assert synth.class_subset(100, 5) == synth.class_split()
+    small = synth.class_subset(20, 5)
+    assert Counter(small.values()) == {"train": 10, "val": 5, "test": 5}
+    assert all(synth.class_split()[c] == s for c, s in small.items())
+    assert set(synth.class_subset(15, 5)) <= set(small)  # a smaller one is a part of a larger one
+    with pytest.raises(ValueError, match="expected 15 to 100"):
+        synth.class_subset(14, 5)
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    synth_stage.register(app)
+    out = tmp_path / "small"
+    result = CliRunner().invoke(app, ["synth", "--out", str(out), "--classes", "15", "--videos-per-class", "1"])
+    assert result.exit_code == 0, result.output
+    assert len(list(out.glob("*/*.mp4"))) == 15 and "--name synthetic15" in result.output
+    assert read_class_splits(out / "classes.csv") == synth.class_subset(15, 5)
+    assert CliRunner().invoke(app, ["synth", "--out", str(out), "--classes", "7"]).exit_code == 2

@@ -5,6 +5,11 @@ class's split - the ARN splits of HMDB51 and UCF101, the synthetic benchmark, a 
 by the authors' lists `class/video_id` (Kinetics-100 and SSv2 from CMN/OTAM, or any dataset given
 --split-dir). Validation opens every video in worker processes, so a crashing decoder fails one
 row and the check goes on; nothing here stops at the first bad file.
+
+A dataset has a name that every later stage takes (`strm manifest folder --name mysports` writes
+data_manifests/local/mysports.csv, `strm extract mysports` reads it, the cache goes to
+cache/mysports/): `dataset_name` decides it and `resolve_manifest` finds a name's manifest. Names of
+classes and files are compared after Unicode NFC normalisation (macOS writes folder names NFD).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +35,8 @@ VIDEO_SUFFIXES = frozenset(
     {".avi", ".mp4", ".m4v", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ogv", ".ts"}
 )
 DATA_MANIFESTS = Path(__file__).resolve().parents[2] / "data_manifests"
+LOCAL_MANIFESTS = Path("data_manifests/local")  # where `strm manifest` writes, under the working directory
+_NAME = re.compile(r"\w[\w.-]*")  # a dataset name is a folder and a file name: letters, digits, _ . -
 
 # Videos per split (train, val, test) in the published splits (STRM_SPEC section 10).
 OFFICIAL_COUNTS: dict[str, tuple[int, int, int]] = {
@@ -85,10 +93,19 @@ def read_class_splits(path: Path) -> dict[str, str]:
     bad = sorted(set(table["split"]) - set(SPLITS))
     if bad:
         raise ManifestError(f"{path}: unknown split(s) {', '.join(bad)} (use train, val, test)")
+    table["class"] = table["class"].map(nfc)
     duplicated = table["class"][table["class"].duplicated()].tolist()
     if duplicated:
         raise ManifestError(f"{path}: class listed twice: {duplicated[0]}")
     return dict(zip(table["class"], table["split"], strict=False))
+
+
+def write_class_splits(path: Path, classes: dict[str, str]) -> Path:
+    """{class: split} -> a `class,split` CSV that read_class_splits reads back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"class": list(classes), "split": list(classes.values())}).to_csv(path, index=False)
+    return path
 
 
 def read_split_lists(split_dir: Path) -> list[tuple[str, str, str]]:
@@ -103,7 +120,7 @@ def read_split_lists(split_dir: Path) -> list[tuple[str, str, str]]:
             found = ", ".join(f.name for f in files) or "none"
             raise ManifestError(f"{split_dir}: expected one {split}list*.txt, found {found}")
         for number, line in enumerate(files[0].read_text(encoding="utf-8").splitlines(), start=1):
-            line = line.strip()
+            line = nfc(line.strip())
             if not line:
                 continue
             if "/" not in line:
@@ -118,9 +135,14 @@ def read_split_lists(split_dir: Path) -> list[tuple[str, str, str]]:
 # ---------------------------------------------------------------------------------------------
 
 
+def nfc(name: str) -> str:
+    """The one Unicode form names are compared and recorded in (macOS writes file names decomposed, NFD)."""
+    return unicodedata.normalize("NFC", name)
+
+
 def _norm(name: str) -> str:
-    """Class folder names vary between downloads: 'air drumming', 'air_drumming', 'Air_Drumming'."""
-    return name.strip().lower().replace(" ", "_")
+    """Class folder names vary between downloads: 'air drumming', 'air_drumming', 'Air_Drumming', 'Übung' NFD."""
+    return nfc(name).strip().lower().replace(" ", "_")
 
 
 class _VideoIndex:
@@ -130,15 +152,19 @@ class _VideoIndex:
         self.root = root
         self.by_folder: dict[str, list[Path]] = defaultdict(list)
         self.by_stem: dict[str, list[Path]] = defaultdict(list)
+        self.folders: dict[str, str] = {}  # class folders (below the root, holding videos): normalised -> name
         for folder, _, names in os.walk(root, followlinks=True):
             for name in sorted(names):
                 path = Path(folder) / name
                 if path.suffix.lower() in VIDEO_SUFFIXES:
                     self.by_folder[_norm(path.parent.name)].append(path)
-                    self.by_stem[path.stem].append(path)
+                    self.by_stem[nfc(path.stem)].append(path)
+                    if Path(folder) != root:
+                        self.folders.setdefault(_norm(path.parent.name), nfc(path.parent.name))
 
     def find(self, cls: str, stem: str) -> tuple[Path | None, str]:
         """The file for a list entry: in a folder named like its class, else the one file with that stem."""
+        stem = nfc(stem)
         candidates = self.by_stem.get(stem, [])
         in_class = [p for p in candidates if _norm(p.parent.name) == _norm(cls)]
         if in_class:
@@ -210,9 +236,9 @@ def _rows_from_classes(classes: dict[str, str], index: _VideoIndex) -> Iterator[
             )
         seen: set[str] = set()
         for path in paths:
-            if path.stem not in seen:  # x.avi and x.mp4 side by side: one video
-                seen.add(path.stem)
-                yield f"{cls}/{path.stem}", cls, split, str(path.absolute()), -1, "ok"
+            if nfc(path.stem) not in seen:  # x.avi and x.mp4 side by side: one video
+                seen.add(nfc(path.stem))
+                yield f"{cls}/{nfc(path.stem)}", cls, split, str(path.absolute()), -1, "ok"
 
 
 def _typed(table: pd.DataFrame) -> pd.DataFrame:
@@ -355,6 +381,67 @@ def read_manifest(path: Path) -> pd.DataFrame:
     return _typed(table)
 
 
+def dataset_name(kind: str, videos: Path, name: str | None = None) -> str:
+    """The name later stages know a dataset by: `name`, else a built-in's own, else the videos folder's
+    own name (characters other than letters, digits, _ . - become _). A user's dataset cannot take a
+    built-in's name, which names that benchmark's manifest and caches."""
+    if name is None:
+        name = kind if kind != "folder" else re.sub(r"[^\w.-]+", "_", nfc(Path(videos).resolve().name)).strip("_.")
+        fix = " (its folder's name): pass --name NAME"
+    else:
+        name, fix = nfc(name), ""
+    if not _NAME.fullmatch(name):
+        raise ManifestError(f"dataset name {name!r}{fix}: use letters, digits, _ . - (it names a file and a folder)")
+    if name in DATASETS and name not in (kind, "folder"):
+        raise ManifestError(f"dataset name {name!r}{fix}: that is the built-in dataset's; choose another (--name)")
+    return name
+
+
+def unlisted_folders(videos: Path, classes: dict[str, str]) -> list[str]:
+    """Folders of videos under `videos` that no class of a class-level CSV names (compared as `_norm`
+    does: NFC, case, spaces): their videos are in no split."""
+    listed = {_norm(c) for c in classes}
+    return sorted(name for key, name in _VideoIndex(Path(videos)).folders.items() if key not in listed)
+
+
+def local_manifest(name: str) -> Path | None:
+    """The manifest `strm manifest` wrote for a dataset name, if any (CSV, else Parquet)."""
+    found = [LOCAL_MANIFESTS / f"{name}{suffix}" for suffix in (".csv", ".parquet")]
+    return next((p for p in found if p.is_file()), None)
+
+
+def resolve_manifest(
+    dataset: str,
+    videos: Path | None = None,
+    manifest: Path | None = None,
+    split_dir: Path | None = None,
+    classes_csv: Path | None = None,
+) -> tuple[pd.DataFrame, str]:
+    """(the manifest a stage works on, where it came from): `manifest`; else one built now from the split
+    definition given; else the one `strm manifest` wrote for this name; else a built-in's, built now."""
+    if manifest is not None:
+        return read_manifest(manifest), str(manifest)
+    defined = split_dir is not None or classes_csv is not None
+    written = local_manifest(dataset)
+    if written is not None and not defined:
+        return read_manifest(written), str(written)
+    if not defined and dataset not in DATASETS:
+        raise ManifestError(
+            f"no manifest for dataset {dataset!r} ({LOCAL_MANIFESTS / dataset}.csv): write it with "
+            f"`strm manifest folder --videos DIR --classes CSV --name {dataset}`, or pass --manifest"
+        )
+    if not defined and dataset == "folder":
+        known = sorted(p.stem for p in LOCAL_MANIFESTS.glob("*.csv") if not p.stem.endswith(".report"))
+        raise ManifestError(
+            "folder is a kind of dataset, not a name: give the name `strm manifest folder` printed "
+            f"(manifests in {LOCAL_MANIFESTS}: {', '.join(known) or 'none'}), or --classes CSV"
+        )
+    if videos is None:
+        raise ManifestError(f"{dataset}: --videos is needed to find the videos (no manifest was given or written)")
+    kind = dataset if dataset in DATASETS else "folder"
+    return build_manifest(kind, videos, split_dir=split_dir, classes_csv=classes_csv), f"built from {videos}"
+
+
 def training_manifest(
     dataset: str,
     videos: Path,
@@ -370,7 +457,7 @@ def training_manifest(
     """
     table, counted = None, 0
     if distributed.rank_world()[0] == 0:
-        table = read_manifest(manifest) if manifest is not None else build_manifest(dataset, videos)
+        table = resolve_manifest(dataset, videos, manifest)[0]
         unknown = table["split"].isin(["train", "val"]) & table["status"].eq("ok") & (table["n_frames"] < 0)
         counted = int(unknown.sum())
         if counted:

@@ -154,6 +154,23 @@ def class_split(seed: int = SPLIT_SEED) -> dict[str, str]:
     return {c: split[c] for c in CLASSES}
 
 
+def class_subset(count: int, way: int, seed: int = SPLIT_SEED) -> dict[str, str]:
+    """A smaller benchmark of `count` classes -> split: the first classes of each split of `class_split`
+    (so its videos are the full benchmark's), in about its 64/12/24 shares, every split at least `way`
+    classes (a task's). All 100 give `class_split` itself."""
+    if not 3 * way <= count <= len(CLASSES):
+        raise ValueError(f"classes: {count}, expected {3 * way} to {len(CLASSES)} (each split needs {way} for a task)")
+    sizes = {name: max(way, round(count * n / len(CLASSES))) for name, n in SPLIT_SIZES.items() if name != "train"}
+    sizes["train"] = count - sum(sizes.values())
+    full = class_split(seed)
+    order = np.random.default_rng(seed).permutation(len(CLASSES))  # class_split's order
+    chosen: dict[str, str] = {}
+    for name, size in sizes.items():
+        members = [CLASSES[i] for i in order if full[CLASSES[i]] == name]
+        chosen.update(dict.fromkeys(members[:size], name))
+    return {c: chosen[c] for c in CLASSES if c in chosen}
+
+
 def video_path(root: Path, class_name: str, index: int) -> Path:
     """Where video `index` of a class lives: root/<class>/<class>_<index>.mp4."""
     return Path(root) / class_name / f"{class_name}_{index:03d}{VIDEO_SUFFIX}"

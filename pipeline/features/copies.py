@@ -23,12 +23,12 @@ def export_hdf5(cache: FeatureCache, out: Path | str) -> Path:
         f.attrs["key"] = cache.key
         for split in cache.splits:
             g = f.create_group(split)
-            array = cache.features_array(split)
-            dset = g.create_dataset(
-                "features", shape=array.shape, dtype="float16", chunks=(1,) + tuple(array.shape[1:])
-            )
-            for i in range(array.shape[0]):
-                dset[i] = array[i]
+            array, views = cache.features_array(split), cache.views(split)
+            slots, done = cache.slots(split), cache.done(split)
+            shape = (views, *array.shape[2:])
+            dset = g.create_dataset("features", shape=(len(slots), *shape), dtype="float16", chunks=(1, *shape))
+            for i in np.flatnonzero(done):  # one video at a time: a split may not fit in RAM
+                dset[i] = array[slots[i], :views]
             g.create_dataset("labels", data=cache.labels(split))
             g.create_dataset("done", data=cache.done(split))
             g.create_dataset(
@@ -77,7 +77,5 @@ def write_random_cache(
     }
     writer = CacheWriter.create(path, fingerprint, layouts, frames=frames, patches=patches, dim=dim)
     for split, features in data.items():
-        array = writer.features_array(split)
-        array[:] = features
-        writer.mark_all_done(split)
+        writer.write_split(split, features)
     return Path(path)

@@ -6,10 +6,12 @@ Why it is shaped this way:
 - Batches mix frames of several videos and always have the same shape (the last one is padded):
   a video's numbers then never depend on which videos shared its batch, so a resumed run is
   bit-identical to an uninterrupted one.
-- The cache writer stores one video per chunk and sets `done` after the features, so a kill at
+- The cache writer stores one video per chunk and sets its flag after the features, so a kill at
   any moment loses at most the videos in flight and a rerun does only what is not done.
-- Under torchrun every rank owns the videos whose global position is its rank modulo the world
-  size; a chunk holds one video, so no chunk ever has two writers.
+- The cache is keyed by the recipe and a video by its id and file (pipeline/features/cache.py): a
+  manifest with new clips extracts only them, and a video keeps its slot (and its features) for good.
+- Under torchrun every rank owns the videos whose slot is its rank modulo the world size; a chunk
+  holds one video, so no chunk ever has two writers.
 """
 
 from __future__ import annotations
@@ -31,13 +33,12 @@ from pipeline.data.video import (
     load_window,
 )
 from pipeline.features.backbones import Backbone, patch_features
-from pipeline.features.cache import CacheWriter, SplitLayout
+from pipeline.features.cache import CacheWriter, SplitLayout, WriterLock
+from pipeline.features.layouts import resolve_path, video_layouts
 from pipeline.features.readers import CacheError
-from pipeline.features.recipe import FeatureRecipe, cache_key, manifest_digest
+from pipeline.features.recipe import FeatureRecipe, manifest_digest, store_key
 from pipeline.runtime import distributed
 from pipeline.runtime.workers import TIME_LIMIT_S, imap_isolated
-
-SPLIT_ORDER = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class VideoJob:
     seed: int
     spec: ViewSpec
     window: tuple[int, int] | None = None
+    repeat_short: bool = False  # under L frames: frames repeated (extraction), or ShortVideo (predict notes it)
 
 
 @dataclass
@@ -100,29 +102,6 @@ class ExtractResult:
     path: Path
     progress: Progress
     failures: list[tuple[str, str]]
-
-
-def split_layouts(manifest: pd.DataFrame, views: int) -> dict[str, SplitLayout]:
-    """Per split: its videos in manifest order, class indices into the split's sorted class names."""
-    layouts = {}
-    for split in SPLIT_ORDER:
-        rows = manifest[manifest["split"] == split]
-        if rows.empty:
-            continue
-        repeated = rows["video_id"][rows["video_id"].duplicated()]
-        if len(repeated):
-            raise ValueError(f"the manifest lists {split} video {repeated.iloc[0]!r} more than once")
-        names = sorted(rows["class"].astype(str).unique())
-        index = {name: i for i, name in enumerate(names)}
-        layouts[split] = SplitLayout(
-            video_ids=rows["video_id"].astype(str).tolist(),
-            labels=[index[c] for c in rows["class"].astype(str)],
-            class_names=names,
-            views=views if split == "train" else 1,
-        )
-    if not layouts:
-        raise ValueError(f"the manifest has no videos in the splits {SPLIT_ORDER}")
-    return layouts
 
 
 def recipe(backbone: Backbone, settings: ExtractSettings, precision: str) -> FeatureRecipe:
@@ -154,8 +133,8 @@ def fingerprint(dataset: str, manifest: pd.DataFrame, recipe: FeatureRecipe) -> 
 
 
 def cache_path(cache_root: Path, dataset: str, fp: dict) -> Path:
-    """`<cache_root>/<dataset>/<key>`."""
-    return Path(cache_root) / dataset / cache_key(fp)
+    """`<cache_root>/<dataset>/<key>`, the key the recipe's (`store_key`): one cache for every manifest."""
+    return Path(cache_root) / dataset / store_key(fp)
 
 
 NOT_FINITE = (
@@ -170,26 +149,42 @@ def decode_job(job: VideoJob) -> torch.Tensor:
     if job.window is not None:
         return load_window(Path(job.path), *job.window, job.spec)
     n_frames = job.n_frames if job.n_frames > 0 else count_frames(Path(job.path))
-    views = load_views(Path(job.path), n_frames, job.video_id, range(job.views), job.seed, job.spec)
+    views = load_views(
+        Path(job.path), n_frames, job.video_id, range(job.views), job.seed, job.spec, repeat_short=job.repeat_short
+    )
     return views.flatten(0, 1)
 
 
 def _open_writer(
-    path: Path, fp: dict, layouts: dict[str, SplitLayout], dim: int, patches: int, device: torch.device
+    path: Path, fp: dict, layouts: dict[str, SplitLayout], dims: tuple[int, int, int], device: torch.device
 ) -> CacheWriter:
-    """Rank 0 creates (or checks) the cache; the other ranks open it once rank 0 says it is there."""
-    rank, world = distributed.rank_world()
-    error: str | None = None
+    """This rank's writer, holding its lock. Rank 0 takes its lock, then creates the cache or checks its
+    recipe and selects the manifest's videos; the other ranks open it once rank 0 says it is there.
+    dims: (D, P, most views a video gets)."""
+    rank, _ = distributed.rank_world()
+    dim, patches, views = dims
+    lock = WriterLock(path, rank)
+    error: CacheError | None = None
     writer = None
     if rank == 0:
         try:
-            writer = CacheWriter.create(path, fp, layouts, frames=FRAMES, patches=patches * patches, dim=dim)
+            lock.acquire()
+            writer = CacheWriter.create(
+                path, fp, layouts, frames=FRAMES, patches=patches * patches, dim=dim, views=views
+            )
         except CacheError as err:
-            error = str(err)
-    error = distributed.broadcast_object(error, device)
+            lock.release()
+            error = err
+    message = distributed.broadcast_object(None if error is None else str(error), device)
     if error is not None:
-        raise CacheError(error)
-    return writer if writer is not None else CacheWriter(path)
+        raise error  # rank 0's own, CacheBusy included
+    if message is not None:
+        raise CacheError(message)
+    if writer is None:
+        lock.acquire()
+        writer = CacheWriter(path)
+    writer.lock = lock
+    return writer
 
 
 def _jobs(
@@ -200,35 +195,42 @@ def _jobs(
     rank: int,
     world: int,
 ) -> tuple[list[VideoJob], list[tuple[VideoJob, str]], int]:
-    """This rank's share: (videos to extract, videos the manifest already marks bad, videos already done).
+    """This rank's share: (videos to extract, videos with nothing to extract and why, videos already done).
 
-    A video's slot is its position in the cache's own list (a reordered manifest has the same
-    fingerprint, so rows are matched by video id), and so is its owner: ownership depends on
-    nothing that changes between runs.
+    A video is its slot in the cache, and so is its owner: ownership depends on nothing that changes
+    between runs. A slot that two splits list gets the most views either asks; rank 0 reports the
+    rows that have nothing to extract.
     """
-    todo, bad, already = [], [], 0
-    position = 0  # over all splits
+    need: dict[int, tuple[int, str, str]] = {}  # slot -> (views, split, video id)
+    bad = []
+    by_split = {}
     for split in writer.splits:
         rows = manifest[manifest["split"] == split]
-        rows = rows.set_index(rows["video_id"].astype(str))
-        pending = set(writer.pending(split).tolist())
+        rows = by_split[split] = rows.set_index(rows["video_id"].astype(str))
+        reasons = dict(writer.failures(split))
         views = writer.views(split)
-        for index, video_id in enumerate(writer.video_ids(split)):
-            mine = position % world == rank
-            position += 1
-            if not mine:
-                continue
-            if index not in pending:
-                already += 1
-                continue
-            row = rows.loc[video_id]
-            path = Path(str(row["path"]))
-            if videos_root is not None and not path.is_absolute():
-                path = videos_root / path
-            n_frames = int(row["n_frames"]) if "n_frames" in row and pd.notna(row["n_frames"]) else -1
-            job = VideoJob(split, index, video_id, str(path), n_frames, views, settings.seed, settings.spec)
-            status = str(row.get("status", "ok"))
-            (todo.append(job) if status == "ok" else bad.append((job, status)))
+        for slot, video_id in zip(writer.slots(split).tolist(), writer.video_ids(split), strict=True):
+            if slot >= 0:
+                need[slot] = (max(views, need.get(slot, (0,))[0]), split, video_id)
+            elif rank == 0:
+                job = VideoJob(
+                    split, -1, video_id, str(rows.loc[video_id, "path"]), -1, views, settings.seed, settings.spec
+                )
+                bad.append((job, reasons.get(video_id, "nothing to extract")))
+    mine = sorted(slot for slot in need if slot % world == rank)
+    stored = writer.views_done(mine)
+    todo, already = [], 0
+    for slot, views_done in zip(mine, stored.tolist(), strict=True):
+        views, split, video_id = need[slot]
+        if views_done >= views:
+            already += 1
+            continue
+        row = by_split[split].loc[video_id]
+        n_frames = int(row["n_frames"]) if "n_frames" in row and pd.notna(row["n_frames"]) else -1
+        path = resolve_path(str(row["path"]), videos_root)
+        todo.append(
+            VideoJob(split, slot, video_id, str(path), n_frames, views, settings.seed, settings.spec, repeat_short=True)
+        )
     return todo, bad, already
 
 
@@ -369,20 +371,22 @@ def extract(
     videos_root: Path | None = None,
     progress: Callable[[Progress], None] | None = None,
 ) -> ExtractResult:
-    """Extract every not-yet-done video of `manifest` into the cache for these settings; resumable.
+    """Extract every video of `manifest` that the cache for these settings does not hold yet; resumable.
 
-    manifest: columns video_id, class, split, path (relative ones are under `videos_root`),
-    optionally n_frames (-1 = count) and status (rows not "ok" are recorded as failures). Under an
-    initialised torch.distributed group each rank does its share; call it on every rank.
+    The cache is `cache_root/dataset/<recipe key>`; the manifest becomes its current selection, and
+    only its videos (id and file) not stored yet are extracted. manifest: columns video_id, class,
+    split, path (relative ones are under `videos_root`), optionally n_frames (-1 = count) and status
+    (rows not "ok" are recorded as failures). Under an initialised torch.distributed group each rank
+    does its share; call it on every rank.
     """
     device = distributed.resolve_device(options.device)
     precision = distributed.resolve_precision(options.precision, device)
     fp = fingerprint(dataset, manifest, recipe(backbone, settings, precision))
     path = cache_path(cache_root, dataset, fp)
-    writer = _open_writer(path, fp, split_layouts(manifest, settings.views), backbone.dim, settings.patches, device)
+    layouts = video_layouts(manifest, settings.views, videos_root)
+    # One writer per cache (and rank): a second extraction is refused, naming this one.
+    writer = _open_writer(path, fp, layouts, (backbone.dim, settings.patches, settings.views), device)
     writer.durable = options.durable
-    rank, world = distributed.rank_world()
-    writer.hold(rank)  # one writer per cache (and rank): a second extraction is refused, naming this one
     try:
         return _extract_into(writer, manifest, backbone, settings, options, videos_root, progress, device, precision)
     finally:
@@ -410,7 +414,8 @@ def _extract_into(
         if error is None:
             state.done += 1
         else:
-            writer.fail(job.split, job.index, error)
+            if job.index >= 0:  # a slot; a row with nothing to extract has its reason in the selection
+                writer.fail_slot(job.index, error)
             failures.append((job.video_id, error))
             state.failed += 1
         state.frames = frames
@@ -418,10 +423,10 @@ def _extract_into(
             progress(state)
 
     for job, reason in bad:
-        report(job, 0, f"manifest: {reason}")
+        report(job, 0, reason)
 
     def write(job: VideoJob, features: torch.Tensor, frames: int) -> None:
-        writer.write(job.split, job.index, features.numpy())
+        writer.write_slot(job.index, features.numpy())
         report(job, frames)
 
     run_jobs(

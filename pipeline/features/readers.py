@@ -78,21 +78,23 @@ class StreamedSplit:
     loading = "stream"
 
     def __init__(self, cache: FeatureCache, split: str, views: int | None = None) -> None:
-        self.rows = np.flatnonzero(cache.done(split))
+        done = np.flatnonzero(cache.done(split))
+        self.rows = cache.slots(split)[done]  # rows of the store's array: one chunk a video
         self.array = cache.features_array(split)
-        self.labels = torch.from_numpy(cache.labels(split)[self.rows].astype(np.int64))
+        self.labels = torch.from_numpy(cache.labels(split)[done].astype(np.int64))
         self.class_names = cache.class_names(split)
         ids = cache.video_ids(split)
-        self.video_ids = [ids[i] for i in self.rows]
-        self.views = cache.views(split) if views is None else min(views, cache.views(split))  # as load_split keeps
+        self.video_ids = [ids[i] for i in done]
+        self.stored_views = cache.views(split)
+        self.views = self.stored_views if views is None else min(views, self.stored_views)  # as load_split keeps
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @property
     def nbytes(self) -> int:
-        """The done videos' float16 features, every view (what a read decodes: one chunk is one video)."""
-        return len(self.rows) * int(np.prod(self.array.shape[1:])) * 2
+        """The done videos' float16 features, every view of the split (what `FeatureCache.split_nbytes` counts)."""
+        return len(self.rows) * self.stored_views * int(np.prod(self.array.shape[2:])) * 2
 
     def read(self, videos: np.ndarray, views: np.ndarray) -> torch.Tensor:
         """[n, L, P*P, D] float16 for videos (indices among done videos) and their views."""
@@ -107,7 +109,7 @@ class StreamedSplit:
     def block(self, videos: np.ndarray, views: int | None = None) -> torch.Tensor:
         """[n, V', L, P*P, D]: the first `views` views (default all) of the given videos."""
         chunks = cast(np.ndarray, self.array.oindex[self.rows[np.asarray(videos)]])
-        return torch.from_numpy(chunks[:, :views])
+        return torch.from_numpy(chunks[:, : self.stored_views if views is None else min(views, self.stored_views)])
 
 
 SplitReader = SplitFeatures | StreamedSplit

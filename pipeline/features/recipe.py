@@ -1,7 +1,9 @@
 """The feature recipe: everything that decides what a cached feature means (backbone and its weights, input
 geometry, normalisation, L, P, views, sampling rule, precision, stored dtype), built and parsed here
-and nowhere else. Its fingerprint names the cache (cache_key), a checkpoint records it, and a stage
-that turns new clips into features for a checkpoint rebuilds exactly those features from it alone.
+and nowhere else. Its fingerprint names the cache's store of videos (store_key: a video's features
+depend on the recipe and its file, never on the manifest that lists it), a checkpoint records it with
+the manifest's part, and a stage that turns new clips into features for a checkpoint rebuilds exactly
+those features from it alone.
 """
 
 from __future__ import annotations
@@ -20,9 +22,24 @@ from pipeline.features.readers import (
 STORED_DTYPE = "float16"
 
 
+# The fingerprint's fields that say which videos a manifest selects, not what a video's features are.
+SELECTION_FIELDS = ("dataset", "manifest", "videos")
+
+
 def cache_key(fingerprint: dict) -> str:
-    """Short, stable hash of everything that changes the numbers."""
+    """Short, stable hash of a readable record (a fingerprint or a part of it)."""
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def split_fingerprint(fingerprint: dict) -> tuple[dict, dict]:
+    """(the store's part: what decides a video's features, the selection's part: SELECTION_FIELDS)."""
+    store = {k: v for k, v in fingerprint.items() if k not in SELECTION_FIELDS}
+    return store, {k: v for k, v in fingerprint.items() if k in SELECTION_FIELDS}
+
+
+def store_key(fingerprint: dict) -> str:
+    """The key of the store a fingerprint's videos live in: its recipe's hash, whatever the manifest."""
+    return cache_key(split_fingerprint(fingerprint)[0])
 
 
 def fingerprint_diff(expected: dict, found: dict) -> list[str]:
@@ -95,7 +112,7 @@ class FeatureRecipe:
         return self.mean is not None
 
     def fingerprint(self, dataset: str, manifest: str, videos: int) -> dict:
-        """The readable record whose hash is the cache key (the keys of every existing cache)."""
+        """The readable record of a cache: the recipe (whose hash, `store_key`, names the store) and the manifest."""
         normalize = _NO_NORMALIZE
         if self.normalize:
             assert self.mean is not None and self.std is not None  # normalize: mean given; std comes with it

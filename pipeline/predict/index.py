@@ -5,8 +5,10 @@ TypeError from deep inside (an index may be old, hand-edited or damaged).
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from collections import Counter
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from pipeline.features.recipe import FeatureRecipe
 from pipeline.heads import VideoEmbedding
 from pipeline.predict.clips import PredictError
 
+INDEX_FORMAT = "strm-support/1"
 META_FIELDS = ("format", "actions", "used", "failed", "calibration", "checkpoint_sha256", "recipe", "weights_id")
 EMBEDDING_FIELDS = ("trm_k", "trm_k_rstd", "trm_v", "qc", "qc_norms", "tuples")  # what save() writes
 SHARED = ("tuples",)  # not one row per clip
@@ -160,3 +163,44 @@ def embedding_from(tensors: dict[str, torch.Tensor]) -> Any:
         elif f"embedding.{name}" in tensors:
             parts[name] = tensors[f"embedding.{name}"]
     return VideoEmbedding(**{k: parts.get(k, ()) for k in EMBEDDING_FIELDS})
+
+
+def read_index(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A saved index's metadata and tensors, checked (PredictError naming the file and what is wrong)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("strm", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same error to the user
+        raise PredictError(f"{path}: not a support index ({type(err).__name__}: {err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise PredictError(f"{path}: not a support index (format {found!r}, expected {INDEX_FORMAT!r})")
+    check_index(path, meta, tensors)
+    return meta, tensors
+
+
+def index_summary(path: Path) -> dict:
+    """What a support index holds, for `strm info`: its actions and clips, the checkpoint, recipe and
+    weights it belongs to, the temperature, and the embedding's kind and tensors."""
+    meta, tensors = read_index(path)
+    clips = Counter(action for _, action in meta["used"])
+    recipe = meta["recipe"]
+    return {
+        "path": str(path),
+        "kind": "support index",
+        "format": meta["format"],
+        "actions": {a: clips[a] for a in meta["actions"]},
+        "clips": len(meta["used"]),
+        "failed": [f"{p}: {r}" for p, r in meta["failed"]],
+        "checkpoint_sha256": meta["checkpoint_sha256"],
+        "recipe": {
+            k: recipe[k] for k in ("backbone", "layer", "crop", "frames", "patches", "precision") if k in recipe
+        },
+        "weights_id": meta["weights_id"],
+        "temperature": meta["calibration"].get("temperature"),
+        "embedding": "proto (class means of backbone features)" if "embedding" in tensors else "heads (VideoEmbedding)",
+        "tensors": {k: list(v.shape) for k, v in sorted(tensors.items())},
+    }

@@ -18,10 +18,7 @@ from pipeline.evaluation.unknown import (
 from pipeline.features.recipe import FeatureRecipe
 from pipeline.heads import VideoEmbedding
 from pipeline.predict.clips import PredictError
-from pipeline.predict.index import EMBEDDING_FIELDS, check_index, embedding_from
-
-INDEX_FORMAT = "strm-support/1"
-
+from pipeline.predict.index import EMBEDDING_FIELDS, INDEX_FORMAT, embedding_from, read_index
 
 # ---------------------------------------------------------------------------------------------- the support set
 
@@ -131,18 +128,7 @@ class SupportSet:
     def load(cls, path: Path, checkpoint_sha256: str, recipe: FeatureRecipe, weights_id: str) -> SupportSet:
         """A saved index, refused (naming the difference) when made with another checkpoint, recipe or
         weights, and (naming the file and every bad field) when a field is unknown, missing or out of range."""
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("strm", "{}"))
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as err:  # noqa: BLE001 - any unreadable file is the same error to the user
-            raise PredictError(f"{path}: not a support index ({type(err).__name__}: {err})") from None
-        if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
-            found = meta.get("format") if isinstance(meta, dict) else None
-            raise PredictError(f"{path}: not a support index (format {found!r}, expected {INDEX_FORMAT!r})")
-        check_index(path, meta, tensors)
+        meta, tensors = read_index(path)
         if meta["checkpoint_sha256"] != checkpoint_sha256:
             raise PredictError(
                 f"{path}: made with another checkpoint (sha256 {meta['checkpoint_sha256'][:12]}, this "
