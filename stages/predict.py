@@ -1,30 +1,33 @@
-"""`strm predict`: actions recognised in your own clips and long recordings, from a few labelled examples.
+"""`strm predict`: actions recognised in your own clips, long recordings and live streams, from a few examples.
 
-The support is a folder with one sub-folder per action (or an index saved by --save-support);
-queries are video files or folders. pipeline/predict/recognizer.py says how clips become the checkpoint's features.
-"""
+The support is a folder with one sub-folder per action (or an index saved by --save-support); queries are
+video files or folders, or one live source (--stream). pipeline/predict/recognizer.py says how clips become
+the checkpoint's features."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from pipeline.features.weights import WeightsUnavailable
+from pipeline.predict.annotate import annotate_records
 from pipeline.predict.clips import PredictError
 from pipeline.predict.outputs import table_rows, timeline_figure, unused_path, windowed, write_csv
 from pipeline.predict.recognizer import FewShotRecognizer, parse_unknown
+from pipeline.predict.stream_lines import run_stream
 from pipeline.runtime.distributed import DeviceError
 from stages.common import fail, progress_bar
 
 console = Console(stderr=True)
 
 
-# Over 80 lines for its 18 option declarations; the body is under 80.
+# Over 80 lines for its 22 option declarations; the body is under 80.
 def predict_command(
     queries: list[Path] = typer.Argument(None, help="Query videos, or folders searched recursively for videos."),
     checkpoint: str = typer.Option(
@@ -47,9 +50,7 @@ def predict_command(
         "--save-support",
         help="Save the support's embeddings (safetensors) for later runs: --support FILE skips decoding them.",
     ),
-    backbone: str | None = typer.Option(
-        None, "--backbone", help="With `proto`: the frozen backbone (a name or preset)."
-    ),
+    backbone: str | None = typer.Option(None, "--backbone", help="With `proto`: the frozen backbone (name or preset)."),
     weights: Path | None = typer.Option(
         None,
         "--weights",
@@ -62,7 +63,7 @@ def predict_command(
         help="Go on when the weights' sha256 differs from the one the heads were trained on (the output says so).",
     ),
     window: float | None = typer.Option(
-        None, "--window", min=0.1, help="Long recordings: classify windows of this many seconds."
+        None, "--window", min=0.1, help="Windows of this many s (recordings; --stream: 2)."
     ),
     stride: float | None = typer.Option(
         None, "--stride", min=0.1, help="Seconds between window starts, at most --window. (default: --window)"
@@ -82,11 +83,21 @@ def predict_command(
     figures: Path = typer.Option(
         Path("runs/predict"), "--figures", help="Folder for the timeline PNGs of windowed queries."
     ),
+    stream: str | None = typer.Option(
+        None, "--stream", help="A live source, not queries: /dev/video0, a rtsp/http/tcp/udp URL, a growing file."
+    ),
+    jsonl: Path | None = typer.Option(None, "--jsonl", help="With --stream: the JSON lines' file. (default: stdout)"),
+    reconnect: int = typer.Option(3, "--reconnect", min=0, help="Tries after a stream drops (1, 2, 4 s... apart)."),
+    annotate: Path | None = typer.Option(
+        None, "--annotate", help="Write the queries with their predictions drawn (OUT.mp4; OUT-<name>.mp4 for several)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N."),
     batch_size: int = typer.Option(64, "--batch-size", min=8, help="Frames per backbone call."),
     workers: int = typer.Option(min(2, os.cpu_count() or 1), "--workers", min=0, help="Decoding worker processes."),
 ) -> None:
-    """Label query clips (and windows of long recordings) with the support's actions, with calibrated probabilities."""
+    """Label clips, windows of long recordings or a live stream (--stream) with the support's actions and probabilities."""
+    if stream is not None and (queries or json_out or csv_out):
+        fail("--stream reads one live source: it takes no query paths, and writes --jsonl (not --json or --csv)")
     try:
         rule = parse_unknown(unknown)
         recognizer = FewShotRecognizer.from_checkpoint(
@@ -107,15 +118,9 @@ def predict_command(
             if save_support is not None:
                 recognizer.save_support(save_support)
             row = bar.add_task("queries", total=None)
-            records = recognizer.predict(
-                queries or [],
-                top_k=top_k,
-                window=window,
-                stride=stride,
-                unknown=rule,
-                min_segment=min_segment,
-                progress=lambda done, total: bar.update(row, completed=done, total=total),
-            )
+            progress = lambda done, total: bar.update(row, completed=done, total=total)  # noqa: E731
+            shared: dict[str, Any] = {"top_k": top_k, "stride": stride, "unknown": rule, "min_segment": min_segment}
+            records = [] if stream else recognizer.predict(queries or [], window=window, progress=progress, **shared)
     except DeviceError as err:
         fail(str(err), 2)
     except (PredictError, WeightsUnavailable, FileNotFoundError, ValueError) as err:  # PredictError is a ValueError
@@ -131,6 +136,10 @@ def predict_command(
     )
     if chosen.held_out is not None:
         console.print(chosen.held_out.sentence(), highlight=False, soft_wrap=True)
+    if stream is not None:
+        return _stream(
+            recognizer, stream, jsonl, annotate=annotate, window=window or 2.0, reconnect=reconnect, **shared
+        )
     _table(records)
     try:
         for r in records:
@@ -143,10 +152,28 @@ def predict_command(
             json_out.write_text(json.dumps(recognizer.report(records), indent=1) + "\n")
         if csv_out is not None:
             write_csv(csv_out, records)
+        for video in annotate_records(records, chosen.actions, annotate, top_k=top_k) if annotate else []:
+            console.print(f"annotated: {video}", highlight=False)
     except OSError as err:
         fail(f"{err.filename}: cannot write ({err.strerror})")
     if not any(r["status"] == "ok" for r in records):
         fail(f"nothing could be labelled: all {len(records)} queries failed (reasons above)")
+
+
+def _stream(recognizer: FewShotRecognizer, source: str, jsonl: Path | None, **options) -> None:
+    """--stream: JSON lines to stdout or --jsonl, the annotated copy to --annotate; notices (reconnects, skipped
+    windows), then a summary, on stderr."""
+    try:
+        live, lost, video = run_stream(recognizer, source, jsonl, tell=lambda text: console.print(text), **options)
+    except PredictError as err:
+        fail(str(err))
+    except OSError as err:
+        fail(f"{err.filename}: cannot write ({err.strerror})")
+    console.print(live.sentence(), highlight=False, soft_wrap=True)
+    if video is not None:
+        console.print(f"annotated: {video}", highlight=False)
+    if lost is not None:
+        fail(str(lost))
 
 
 def _notes(notes: list[str], shown: int) -> int:

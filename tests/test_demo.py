@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import av
 import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
@@ -186,6 +187,10 @@ def test_mini_demo_runs_every_stage_and_resumes(small_benchmark, tmp_path):
     assert "## Using the trained heads on new clips (`strm predict`)" in text and "| score | auroc |" in text
     predictions = json.loads((out / "predict" / "predictions.json").read_text())
     assert len(predictions["support"]["used"]) == 15 and predictions["queries"][-1]["segments"]
+    recording = predictions["queries"][-1]["path"]
+    with av.open(str(out / "predict" / "recording_annotated.mp4")) as annotated, av.open(recording) as source:
+        assert annotated.streams.video[0].frames == source.streams.video[0].frames > 0
+    assert "](predict/recording_annotated.mp4)" in text and ("disagree over" in text or "agree over" in text)
     for name in (
         "figures/accuracy",
         "figures/training",

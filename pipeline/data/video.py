@@ -470,6 +470,22 @@ def _pyav_frames(path: Path | str, stop: int | None) -> Iterator[av.VideoFrame]:
             return  # a truncated or corrupt tail: the frames before it are what exists
 
 
+def iter_frames(path: Path | str) -> Iterator[tuple[np.ndarray, float]]:
+    """Every decodable frame in display order, RGB uint8 [H, W, 3], with its time in seconds from the
+    first frame's: a video rewritten frame by frame (predict's annotated video) keeps count and timing."""
+    from av.video.reformatter import VideoReformatter
+
+    _check_file(path)
+    to_rgb = VideoReformatter()  # one conversion context for all frames (a new one per frame costs more)
+    first: float | None = None
+    last, step = 0.0, 1 / 30  # a frame without a timestamp follows the last one by the last spacing seen
+    for frame in _pyav_frames(path, stop=None):
+        time = frame.time if frame.time is not None else last + step
+        first, step = (time, step) if first is None else (first, time - last if time > last else step)
+        last = time
+        yield to_rgb.reformat(frame, format="rgb24").to_ndarray(), time - first
+
+
 def _decode_pyav(path: Path | str, unique: list[int]) -> torch.Tensor:
     wanted = set(unique)
     frames: list[torch.Tensor] = []

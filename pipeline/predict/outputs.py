@@ -1,11 +1,13 @@
 """What a person reads from predictions: windows merged into segments (short flickers absorbed), the
-terminal table's rows, the CSV, and a recording's timeline figure under a name no earlier run holds.
+terminal table's rows, the CSV, each action's colour, where predicted and true segments disagree, and a
+recording's timeline figure under a name no earlier run holds.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +16,23 @@ EPS = 1e-6
 UNKNOWN = "unknown"
 
 
-def _pieces(windows: list[dict]) -> list[dict]:
-    """Each classified window with the time it owns: from halfway to the previous window's centre to halfway
-    to the next's (the first from its start, the last to its end); runs of one prediction joined."""
+def owned_spans(windows: Sequence[dict]) -> list[tuple[float, float]]:
+    """The time each window owns: from halfway to the previous window's centre to halfway to the next's
+    (the first from its start, the last to its end). Segments and the annotated video both read it."""
     centres = [(w["start"] + w["end"]) / 2 for w in windows]
+    return [
+        (
+            w["start"] if i == 0 else (centres[i - 1] + centres[i]) / 2,
+            w["end"] if i == len(windows) - 1 else (centres[i] + centres[i + 1]) / 2,
+        )
+        for i, w in enumerate(windows)
+    ]
+
+
+def _pieces(windows: list[dict]) -> list[dict]:
+    """Each classified window with the time it owns (owned_spans); runs of one prediction joined."""
     pieces: list[dict] = []
-    for i, w in enumerate(windows):
-        lo = w["start"] if i == 0 else (centres[i - 1] + centres[i]) / 2
-        hi = w["end"] if i == len(windows) - 1 else (centres[i] + centres[i + 1]) / 2
+    for w, (lo, hi) in zip(windows, owned_spans(windows), strict=True):
         if w.get("prediction") is None:
             continue
         last = pieces[-1] if pieces else None
@@ -253,24 +264,70 @@ def unused_path(folder: Path, stem: str, suffix: str) -> Path:
     raise AssertionError("unreachable")
 
 
-def timeline_figure(record: dict, actions: list[str], path: Path) -> Path:
-    """Time on x, one probability curve per action over the windows, the merged segments shaded."""
+def action_colours(actions: Sequence[str]) -> dict[str, tuple[float, float, float]]:
+    """RGB in 0..1 per action by its place in `actions` (Tableau's colours without grey, then the same half
+    lightened), so the timeline PNG and the annotated video agree; grey is UNKNOWN_COLOUR's alone."""
+    from matplotlib.colors import TABLEAU_COLORS, to_rgb
+
+    base = [to_rgb(c) for name, c in TABLEAU_COLORS.items() if name != "tab:gray"]
+    palette = base + [tuple((1 + x) / 2 for x in c) for c in base]
+    return {a: tuple(palette[i % len(palette)]) for i, a in enumerate(actions)}  # type: ignore[misc]
+
+
+UNKNOWN_COLOUR = (0.5, 0.5, 0.5)
+
+
+def disagreements(segments: Sequence[dict], truth: Sequence[dict]) -> list[dict]:
+    """Where predicted segments ({start, end, prediction}) and true ones ({start, end, action}) disagree, as
+    time ranges [{start, end, predicted, truth}] (predicted None where no window was classified); only the
+    time the truth covers counts, and touching ranges of one disagreement are joined."""
+
+    def label_at(items: Sequence[dict], key: str, t: float) -> str | None:
+        return next((s[key] for s in items if s["start"] - EPS <= t < s["end"] + EPS), None)
+
+    cuts = sorted({round(float(x), 6) for s in [*segments, *truth] for x in (s["start"], s["end"])})
+    out: list[dict] = []
+    for lo, hi in itertools.pairwise(cuts):
+        mid = (lo + hi) / 2
+        true, predicted = label_at(truth, "action", mid), label_at(segments, "prediction", mid)
+        if true is None or true == predicted:
+            continue
+        if out and out[-1]["end"] == lo and (out[-1]["predicted"], out[-1]["truth"]) == (predicted, true):
+            out[-1]["end"] = hi
+        else:
+            out.append({"start": lo, "end": hi, "predicted": predicted, "truth": true})
+    return out
+
+
+def timeline_figure(record: dict, actions: list[str], path: Path, truth: Sequence[dict] | None = None) -> Path:
+    """Time on x, one probability curve per action over the windows, the merged segments shaded; below, the
+    segments as a strip, with the true ones ({start, end, action}) beside them when known."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     windows = [w for w in record["windows"] if w["prediction"] is not None]
-    fig, ax = plt.subplots(figsize=(10, 3.2), dpi=110)
-    colours = {a: plt.cm.tab10(i % 10) for i, a in enumerate(actions)}
+    rows = [("predicted", record["segments"], "prediction")]  # from the bottom up: the true ones above
+    rows += [("true", truth, "action")] if truth else []
+    fig, (ax, strip) = plt.subplots(
+        2, 1, figsize=(10, 3.4 + 0.3 * len(rows)), dpi=110, sharex=True, height_ratios=[4, 0.45 * len(rows)]
+    )
+    colours = {**action_colours(actions), UNKNOWN: UNKNOWN_COLOUR}
     mids = [(w["start"] + w["end"]) / 2 for w in windows]
     for action in actions:
         ax.plot(mids, [w["probabilities"].get(action, 0.0) for w in windows], label=action, color=colours[action])
     for s in record["segments"]:
-        ax.axvspan(s["start"], s["end"], color=colours.get(s["prediction"], (0.5, 0.5, 0.5, 1)), alpha=0.12, lw=0)
+        ax.axvspan(s["start"], s["end"], color=colours.get(s["prediction"], UNKNOWN_COLOUR), alpha=0.12, lw=0)
         ax.text((s["start"] + s["end"]) / 2, 1.02, s["prediction"], ha="center", va="bottom", fontsize=6, rotation=12)
-    ax.set(xlabel="time (s)", ylabel="probability", ylim=(0, 1.1), title=Path(record["path"]).name)
+    ax.set(ylabel="probability", ylim=(0, 1.1), title=Path(record["path"]).name)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+    for y, (_, items, key) in enumerate(rows):
+        for s in items:
+            colour = colours.get(s[key], UNKNOWN_COLOUR)
+            strip.broken_barh([(s["start"], s["end"] - s["start"])], (y + 0.1, 0.8), color=colour)
+    strip.set(ylim=(0, len(rows)), xlabel="time (s)")
+    strip.set_yticks([y + 0.5 for y in range(len(rows))], [name for name, _, _ in rows], fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

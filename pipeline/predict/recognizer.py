@@ -9,7 +9,7 @@ softmax(logits / T) with T calibrated on the support by leave-one-out (pipeline/
 long recording is cut into sliding windows, each classified like a clip.
 
 `FewShotRecognizer` is the API: from_checkpoint(...), add_support(folder or saved index),
-save_support(file), predict(paths). The support index is a safetensors file (loading it never
+save_support(file), predict(paths), stream(live source) (pipeline/predict/stream.py). The support index is a safetensors file (loading it never
 executes code) with the per-video embeddings, action names, paths, the checkpoint's sha256 and
 the recipe; an index made with another checkpoint or recipe is refused with the difference named,
 and one with a bad field names the field (pipeline/predict/index.py). Decoding workers start without
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,11 +32,11 @@ from pipeline.data.manifests import VIDEO_SUFFIXES
 from pipeline.data.video import FRAMES, ViewSpec
 from pipeline.evaluation.batched import ProtoBaseline
 from pipeline.evaluation.unknown import (
-    DEFAULT_SCORE,
+    auto_score,
     calibrate,
     leave_one_out,
     ranking,
-    relate,
+    relate_open,
     scores,
     threshold,
 )
@@ -52,6 +53,7 @@ from pipeline.predict.clips import (
 )
 from pipeline.predict.outputs import merge_segments
 from pipeline.predict.records import clip_record, window_record
+from pipeline.predict.stream import LiveStream, StreamSettings, check_source, window_features, window_view
 from pipeline.predict.support import HeldOut, SupportSet
 from pipeline.runtime import distributed
 from pipeline.training.checkpoints import (
@@ -75,7 +77,7 @@ class UnknownRule:
     the support's own held-out clips."""
 
     false_rejection: float = 0.05
-    score: str = DEFAULT_SCORE
+    score: str | None = None  # None: auto_score's choice (a trained open-set score when the model has one)
 
 
 def parse_unknown(text: str) -> UnknownRule | None:
@@ -259,16 +261,17 @@ class FewShotRecognizer:
         assert support is not None  # predict checks it before classifying
         actions, way, cal = support.actions, len(support.actions), support.calibration
         labels = support.labels.to(self.maker.device)
-        cut = threshold(cal, unknown.score, unknown.false_rejection) if unknown else None
+        name = (unknown.score or auto_score(cal)) if unknown else ""
+        cut = threshold(cal, name, unknown.false_rejection) if unknown else None
         rows: list[dict] = []
         for start in range(0, len(features), QUERY_CHUNK):
             query = self._encode(features[start : start + QUERY_CHUNK])
-            logits, qc = relate(self.model, support.embedding, labels, query, way)
+            logits, qc, known = relate_open(self.model, support.embedding, labels, query, way)
             finite = torch.isfinite(logits).all(-1)
             if not finite.all() and self._bad_weights():
                 raise self._not_finite("these clips' features")
             probs = (logits.double() / cal.temperature).softmax(-1)
-            values = scores(logits, qc, cal) if unknown else {}
+            values = scores(logits, qc, cal, known) if unknown else {}
             orders = ranking(logits)  # the one rule: its first column is what evaluate scores
             for i in range(len(logits)):
                 if not finite[i]:
@@ -284,9 +287,9 @@ class FewShotRecognizer:
                     "logits": {a: float(logits[i, c]) for c, a in enumerate(actions)},
                 }
                 if unknown:
-                    score = float(values[unknown.score][i])
+                    score = float(values[name][i])
                     assert cut is not None  # a rule gives a threshold
-                    row.update(action=best, score=score, score_name=unknown.score, threshold=cut)
+                    row.update(action=best, score=score, score_name=name, threshold=cut)
                     if score < cut:
                         row["prediction"] = "unknown"
                 rows.append(row)
@@ -305,7 +308,9 @@ class FewShotRecognizer:
                 f"--stride {stride:g} s is longer than --window {window:g} s: the frames between windows would "
                 "be seen by none while segments claim them; use a stride at most the window"
             )
-        if unknown is not None and not self.support.calibration.support_scores.get(unknown.score):
+        if unknown is not None and not self.support.calibration.support_scores.get(
+            unknown.score or auto_score(self.support.calibration)
+        ):
             raise PredictError(
                 "--unknown needs a threshold from held-out support clips, and no action of the support "
                 "has 2 clips: add a second clip to at least one action, or use --unknown off"
@@ -357,6 +362,47 @@ class FewShotRecognizer:
                 if plan.reason is not None:
                     record["windows_reason"] = plan.reason
         return records
+
+    def stream(
+        self,
+        source: str | Path,
+        *,
+        window: float = 2.0,
+        stride: float | None = None,
+        top_k: int = 3,
+        unknown: UnknownRule | None = None,
+        min_segment: float | None = None,
+        reconnect: int = 3,
+        backoff_s: float = 1.0,
+        timeout_s: float = 10.0,
+        on_frame: Callable[[np.ndarray, float], None] | None = None,
+        on_notice: Callable[[str], None] | None = None,
+    ) -> LiveStream:
+        """A live source (a camera /dev/videoN, an rtsp/http(s)/tcp/udp URL, a file still being written) as
+        windows classified while it plays: `for window in r.stream(source): ...` gives StreamWindow records
+        (pipeline/predict/stream.py says how windows are cut, skipped when behind, and reconnected), then
+        close() gives the segments still open. `on_frame(rgb HxWx3 uint8, stream time)` sees every frame in
+        the reading thread (keep it quick); `on_notice(text)` hears reconnects and skipped windows."""
+        self._check_options(window, stride, unknown)
+        if reconnect < 0 or backoff_s < 0 or timeout_s <= 0:
+            raise PredictError("--reconnect is a count >= 0; the backoff >= 0 s and the timeout > 0 s")
+        check_source(str(source))
+        settings = StreamSettings(
+            window=window,
+            stride=stride or window,
+            min_segment=MIN_SEGMENT_OF_WINDOW * window if min_segment is None else min_segment,
+            reconnect=reconnect,
+            backoff_s=backoff_s,
+            timeout_s=timeout_s,
+        )
+
+        def classify(images: list) -> dict:
+            features = window_features(self.maker, window_view(images, self.maker.spec))
+            if isinstance(features, str):
+                return {"failed": features}
+            return self._classify([features], top_k, unknown)[0]
+
+        return LiveStream(str(source), settings, classify, on_frame, on_notice)
 
     def report(self, records: list[dict]) -> dict:
         """The JSON document of a run: checkpoint, recipe, actions, support used, failed and ignored, its
