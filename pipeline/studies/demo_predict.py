@@ -1,6 +1,8 @@
 """The demo's predict step: `strm predict` on held-out clips of the test split (a support folder, known and
-unseen queries, one recording of three actions joined) and the unknown-score protocol, its facts kept
-in OUT/predict/facts.json and reused while the checkpoint is the same.
+unseen queries, one recording of three actions joined, whose true segments the demo knows since it joined
+them: drawn beside the predicted ones, in the timeline and the annotated recording, with where they
+disagree) and the unknown-score protocol, its facts kept in OUT/predict/facts.json and reused while the
+checkpoint is the same.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import torch
 
 from pipeline import evaluation as ev
 from pipeline.data import synth
-from pipeline.data.video import decode_frames
+from pipeline.data.video import decode_frames, frame_times
 from pipeline.evaluation.unknown import unknown_protocol
-from pipeline.predict.outputs import timeline_figure
+from pipeline.predict.annotate import annotate_recording
+from pipeline.predict.outputs import disagreements, timeline_figure
 from pipeline.predict.recognizer import FewShotRecognizer, UnknownRule
+from pipeline.predict.windows import frame_end
 from pipeline.studies.demo_plan import DemoEvents, DemoSizes
 
-PREDICT_FACTS = 2  # the predict step's facts.json layout: older ones are computed again
+PREDICT_FACTS = 3  # the predict step's facts.json layout: older ones are computed again
 
 
 def predict_stage(
@@ -69,7 +73,10 @@ def _predict(out: Path, manifest, checkpoint: Path, test, sizes: DemoSizes, work
     records = recognizer.predict([q for q, _ in queries], unknown=UnknownRule())
     windowed = recognizer.predict([recording], window=2.0, stride=0.5)[0]
     (folder / "predictions.json").write_text(json.dumps(recognizer.report(records + [windowed]), indent=1) + "\n")
-    timeline = timeline_figure(windowed, support.actions, out / "figures" / "timeline.png")
+    counts = [len(p) for p in parts]
+    truth = true_segments(frame_times(recording, sum(counts)), counts, known[:3])
+    timeline = timeline_figure(windowed, support.actions, out / "figures" / "timeline.png", truth=truth)
+    annotated = annotate_recording(windowed, support.actions, folder / "recording_annotated.mp4", truth=truth)
     table = [
         {
             "query": f"{q.parent.name}/{q.name}",
@@ -96,11 +103,25 @@ def _predict(out: Path, manifest, checkpoint: Path, test, sizes: DemoSizes, work
         "protocol": draw,
         "temperature": support.calibration.temperature,
         "segments": windowed["segments"],
+        "truth": truth,
+        "disagreements": disagreements(windowed["segments"], truth),
         "recording": list(known[:3]),
+        "annotated": annotated.relative_to(out).as_posix(),
         "unknown": protocol,
         "timeline": timeline.relative_to(out).as_posix(),
         "files": str(folder),
     }
+
+
+def true_segments(times: list[float], counts: list[int], actions: list[str]) -> list[dict]:
+    """The segments of clips joined in order ({start, end, action}): clip k spans its frames' own times, from
+    its first frame's to the end of its last (the next clip's first frame)."""
+    segments, first = [], 0
+    for count, action in zip(counts, actions, strict=True):
+        end = round(frame_end(times, first + count - 1), 3)
+        segments.append({"start": round(times[first], 3), "end": end, "action": action})
+        first += count
+    return segments
 
 
 def _frames(manifest, path: str) -> int:

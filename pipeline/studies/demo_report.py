@@ -265,7 +265,13 @@ def _prediction_section(facts: DemoFacts) -> list[str]:
         "",
         f"A recording of {', '.join(p['recording'])} joined (windows of 2 s, 0.5 s apart): {segments}.",
         "",
-        _figure(facts, "timeline", "Probability of each support action over the recording's windows, segments shaded"),
+        *_recording_truth(p),
+        _figure(
+            facts,
+            "timeline",
+            "Probability of each support action over the recording's windows, segments shaded; below, the true "
+            "segments above the predicted ones",
+        ),
         f"How well each score tells an action that is not in the support ({d['draws']} draws of {d['known']} test "
         f"actions x {d['shots']} support clips; their other clips against every clip of {d['unknown']} other test "
         "actions): AUROC, the share of unseen-action "
@@ -282,6 +288,38 @@ def _prediction_section(facts: DemoFacts) -> list[str]:
         ),
         "",
     ]
+
+
+def _recording_truth(p: Mapping[str, Any]) -> list[str]:
+    """The recording's true segments (the demo joined its clips, so it knows them), where the predicted ones
+    disagree, and the annotated recording."""
+    if not p.get("truth"):
+        return []
+    truth = ", ".join(f"{s['action']} {s['start']:.1f}-{s['end']:.1f} s" for s in p["truth"])
+    length = p["truth"][-1]["end"] - p["truth"][0]["start"]
+    wrong = p["disagreements"]
+    missed = sum(d["end"] - d["start"] for d in wrong)
+    where = "; ".join(
+        f"{d['start']:.2f}-{d['end']:.2f} s: {d['predicted'] or 'no prediction'} where it is {d['truth']}"
+        for d in wrong
+    )
+    lines = [
+        f"The true segments: {truth}. "
+        + (
+            f"Predicted and true segments disagree over {missed:.1f} of {length:.1f} s ({missed / length:.0%}): {where}."
+            if wrong
+            else "Predicted and true segments agree over the whole recording."
+        ),
+        "",
+    ]
+    if p.get("annotated"):
+        lines += [
+            f"The annotated recording, [`{p['annotated']}`]({p['annotated']}) (as `strm predict --annotate` writes it): every frame "
+            "with the window prediction in effect, its probability and top actions as bars, and the timeline "
+            "strip of true and predicted segments with a cursor at the frame's time.",
+            "",
+        ]
+    return lines
 
 
 def _amount(p: PairedDifference) -> str:
