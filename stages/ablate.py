@@ -10,19 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from pipeline.features.cache import open_cache
-from pipeline.features.readers import CacheError
-from pipeline.heads import VARIANTS
-from pipeline.runtime.distributed import resolve_device
-from pipeline.studies.ablation import (
-    TABLE,
-    GridPoint,
-    TrainSettings,
-    parse_grid,
-    run_grid,
-)
-from pipeline.training.config import TrainError
-from pipeline.training.state import TrainProgress
+from pipeline.heads.variants import VARIANTS
 from stages.common import fail, progress_bar
 
 
@@ -76,6 +64,13 @@ def ablate_command(
     ),
 ) -> None:
     """Train and evaluate a grid of heads on one cache; write ablation.md / .csv / .png with paired intervals."""
+    from pipeline.features.cache import open_cache
+    from pipeline.features.readers import CacheError
+    from pipeline.runtime.distributed import resolve_device
+    from pipeline.studies.ablation import TABLE, GridPoint, TrainSettings, parse_grid, run_grid
+    from pipeline.training.config import TrainError
+    from pipeline.training.state import TrainProgress
+
     console = Console(stderr=True)
     try:
         resolve_device(device)  # an unusable device is an error before any split loads

@@ -6,14 +6,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.features.backbones import backbone_rows
-
 console = Console()
 
 
 def backbones_command() -> None:
     """List the registered backbones and the presets: default layer, feature width D, input crop and
     where the weights come from. Any other timm model name works too (`strm extract --backbone NAME`)."""
+    from pipeline.features.backbones import backbone_rows
+
     table = Table("name", "layer", "D", "crop", "weights")
     for row in backbone_rows():
         table.add_row(*(str(row[k]) for k in ("name", "layer", "dim", "crop", "weights")))

@@ -10,9 +10,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.features.cache import open_cache
-from pipeline.features.copies import export_hdf5
-from pipeline.features.readers import CacheError
 from stages.common import fail
 
 cache_app = typer.Typer(help="Inspect or export a feature cache built by `strm extract`.", no_args_is_help=True)
@@ -24,6 +21,9 @@ class ExportFormat(str, Enum):
 
 
 def _open(path: Path):
+    from pipeline.features.cache import open_cache
+    from pipeline.features.readers import CacheError
+
     try:
         return open_cache(path)
     except CacheError as err:
@@ -79,6 +79,8 @@ def export(
     fmt: ExportFormat = typer.Option(ExportFormat.hdf5, "--format", help="Output format."),
 ) -> None:
     """Write the cache's arrays (features, labels, done, video ids) and attributes to an HDF5 file."""
+    from pipeline.features.copies import export_hdf5
+
     written = export_hdf5(_open(path), out)
     console.print(f"wrote {written} ({_human(written.stat().st_size)})")
 

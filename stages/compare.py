@@ -13,8 +13,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from pipeline import evaluation as ev
-from pipeline.studies.eval_run import model_name
 from stages.common import fail
 
 console = Console(stderr=True)
@@ -26,6 +24,9 @@ def compare_command(
     json_out: Path | None = typer.Option(None, "--json", help="Also write the comparison as JSON."),
 ) -> None:
     """Paired difference A - B on identical tasks, with its 95% interval; refuses runs of different seeds or settings."""
+    from pipeline import evaluation as ev
+    from pipeline.studies.eval_run import model_name
+
     if run_a.resolve() == run_b.resolve():
         fail(f"{run_a} is compared with itself: give the records of two models", 2)
     try:

@@ -14,9 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from pipeline.evaluation.compute import compute_table
-from pipeline.heads import VARIANTS
-from pipeline.heads.model import DEFAULT_OPTIONS
+from pipeline.heads.variants import DEFAULT_OPTIONS, VARIANTS
 from stages.common import fail
 
 BASELINE = "trm"
@@ -47,6 +45,8 @@ def heads_info_command(
     FLOPs are FlopCounterMode's: 2 x multiply-accumulates of matmuls, convolutions and attention;
     the trunk runs on (25 + 5 x queries) clips of 8 frames at 224 x 224.
     """
+    from pipeline.evaluation.compute import compute_table
+
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         fail(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}", 2)

@@ -12,8 +12,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from pipeline.heads import VARIANTS, save_heads
-from pipeline.training.checkpoints import CheckpointError, load_checkpoint
+from pipeline.heads.variants import VARIANTS
 from stages.common import fail
 
 
@@ -33,6 +32,9 @@ def import_checkpoint(
     DST holds the heads ("model", with variant, dim and options) and, when the file has them,
     the fine-tuned backbone under "backbone", which `strm extract --backbone-checkpoint DST` reads.
     """
+    from pipeline.heads import save_heads
+    from pipeline.training.checkpoints import CheckpointError, load_checkpoint
+
     if variant is not None and variant not in VARIANTS:
         fail(f"--variant {variant!r}: expected one of {', '.join(VARIANTS)}", code=2)
     try:

@@ -7,11 +7,6 @@ from pathlib import Path
 
 import typer
 
-from pipeline.features.cache import open_cache
-from pipeline.features.readers import CacheError
-from pipeline.predict.clips import PredictError
-from pipeline.predict.index import index_summary
-from pipeline.training.checkpoints import CheckpointError, load_checkpoint
 from stages.common import fail
 
 
@@ -39,6 +34,12 @@ def info_command(
     split's classes, tasks trained, best validation. A cache: its recipe, and per split the classes
     and the videos done, failed and pending. A support index: its actions and clips per action, the
     checkpoint, recipe and weights it belongs to, the temperature and its tensors."""
+    from pipeline.features.cache import open_cache
+    from pipeline.features.readers import CacheError
+    from pipeline.predict.clips import PredictError
+    from pipeline.predict.index import index_summary
+    from pipeline.training.checkpoints import CheckpointError, load_checkpoint
+
     if not path.exists():
         fail(f"{path}: no such checkpoint or cache", 2)
     try:

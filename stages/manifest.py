@@ -6,7 +6,11 @@ import enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-import pandas as pd
+from pipeline.data.protocol import DATASETS
+
+if TYPE_CHECKING:  # deferred imports' types
+    import pandas as pd
+
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -18,21 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from pipeline.data.checks import TaskSize, folder_warnings, split_warnings
-from pipeline.data.manifests import (
-    DATASETS,
-    LOCAL_MANIFESTS,
-    ManifestError,
-    bad_kinds,
-    bad_videos,
-    build_manifest,
-    dataset_name,
-    split_counts,
-    validate_manifest,
-    write_manifest,
-)
-from pipeline.data.video import FRAMES
-from pipeline.training.config import EpisodicConfig
+from pipeline.data.protocol import FRAMES
 
 if TYPE_CHECKING:  # the members come from DATASETS at run time, which mypy cannot follow: a str enum to it
 
@@ -92,6 +82,20 @@ def manifest(
     ] = FRAMES,
 ) -> None:
     """Find, open and count the frames of every video of a split; write the manifest and a report of bad videos."""
+    from pipeline.data.checks import TaskSize, folder_warnings, split_warnings
+    from pipeline.data.manifests import (
+        LOCAL_MANIFESTS,
+        ManifestError,
+        bad_kinds,
+        bad_videos,
+        build_manifest,
+        dataset_name,
+        split_counts,
+        validate_manifest,
+        write_manifest,
+    )
+    from pipeline.training.config import EpisodicConfig
+
     console = Console()
     dataset = DatasetName(dataset).value
     try:
@@ -147,6 +151,8 @@ def manifest(
 
 def _counts_table(counts: pd.DataFrame, dataset: str) -> Table:
     """Videos per split: listed, usable, the official count and whether they agree."""
+    import pandas as pd
+
     view = Table(title=f"{dataset}: videos per split", title_justify="left")
     for column in ("split", "listed", "ok", "official", "check"):
         view.add_column(column, justify="left" if column in ("split", "check") else "right")

@@ -9,20 +9,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.features.weights import WeightsUnavailable
-from pipeline.predict.annotate import annotate_records
-from pipeline.predict.clips import PredictError
-from pipeline.predict.outputs import table_rows, timeline_figure, unused_path, windowed, write_csv
-from pipeline.predict.recognizer import FewShotRecognizer, parse_unknown
-from pipeline.predict.stream_lines import run_stream
-from pipeline.runtime.distributed import DeviceError
 from stages.common import fail, progress_bar
+
+if TYPE_CHECKING:
+    from pipeline.predict.recognizer import FewShotRecognizer
 
 console = Console(stderr=True)
 
@@ -96,6 +92,13 @@ def predict_command(
     workers: int = typer.Option(min(2, os.cpu_count() or 1), "--workers", min=0, help="Decoding worker processes."),
 ) -> None:
     """Label clips, windows of long recordings or a live stream (--stream) with the support's actions and probabilities."""
+    from pipeline.features.weights import WeightsUnavailable
+    from pipeline.predict.annotate import annotate_records
+    from pipeline.predict.clips import PredictError
+    from pipeline.predict.outputs import timeline_figure, unused_path, windowed, write_csv
+    from pipeline.predict.recognizer import FewShotRecognizer, parse_unknown
+    from pipeline.runtime.distributed import DeviceError
+
     if stream is not None and (queries or json_out or csv_out):
         fail("--stream reads one live source: it takes no query paths, and writes --jsonl (not --json or --csv)")
     try:
@@ -163,6 +166,9 @@ def predict_command(
 def _stream(recognizer: FewShotRecognizer, source: str, jsonl: Path | None, **options) -> None:
     """--stream: JSON lines to stdout or --jsonl, the annotated copy to --annotate; notices (reconnects, skipped
     windows), then a summary, on stderr."""
+    from pipeline.predict.clips import PredictError
+    from pipeline.predict.stream_lines import run_stream
+
     try:
         live, lost, video = run_stream(recognizer, source, jsonl, tell=lambda text: console.print(text), **options)
     except PredictError as err:
@@ -185,6 +191,8 @@ def _notes(notes: list[str], shown: int) -> int:
 
 def _table(records: list[dict]) -> None:
     """One row per clip, and per segment of a windowed recording; names relative to the folder they share, never cut."""
+    from pipeline.predict.outputs import table_rows
+
     rows, common = table_rows(records)
     table = Table(title="predictions", title_justify="left", caption=f"under {common}" if common else None)
     table.add_column("query", overflow="fold")

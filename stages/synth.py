@@ -18,8 +18,6 @@ from rich.progress import (
 )
 
 from pipeline.data import synth
-from pipeline.data.manifests import write_class_splits
-from pipeline.training.config import EpisodicConfig
 
 
 def synth_command(
@@ -43,6 +41,9 @@ def synth_command(
 
     Rerunning with the same settings skips the videos already written, so an interrupted run resumes.
     """
+    from pipeline.data.manifests import write_class_splits
+    from pipeline.training.config import EpisodicConfig
+
     console = Console(stderr=True)
     try:
         chosen = synth.class_subset(classes, EpisodicConfig().way)

@@ -8,20 +8,23 @@ figures are drawn with placeholders.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
-from pipeline.data.manifests import ManifestError, build_manifest, read_manifest
-from pipeline.features.cache import FeatureCache, open_cache
-from pipeline.features.readers import CacheError
-from pipeline.studies.visualize import FrameSource, render
-from pipeline.training.checkpoints import CheckpointError, load_checkpoint
 from stages.common import fail
+
+if TYPE_CHECKING:
+    from pipeline.features.cache import FeatureCache
+    from pipeline.studies.visualize import FrameSource
 
 
 def frame_source(videos: Path, cache: FeatureCache) -> FrameSource:
     """Frames for the cache's videos from a manifest file, or from a folder of the cache's dataset."""
+    from pipeline.data.manifests import ManifestError, build_manifest, read_manifest
+    from pipeline.studies.visualize import FrameSource
+
     try:
         if videos.is_file():
             return FrameSource(read_manifest(videos), cache.recipe)
@@ -56,6 +59,11 @@ def visualize_command(
     out: Path = typer.Option(Path("runs/visualize"), "--out", help="Folder for the PNGs."),
 ) -> None:
     """Draw activation maps before/after PLE (paper Fig. 1, 5) and TRM tuple matches (Fig. 10) as PNGs."""
+    from pipeline.features.cache import open_cache
+    from pipeline.features.readers import CacheError
+    from pipeline.studies.visualize import render
+    from pipeline.training.checkpoints import CheckpointError, load_checkpoint
+
     console = Console(stderr=True)
     if not checkpoint.is_file():
         fail(f"{checkpoint}: no such file", 2)

@@ -14,9 +14,6 @@ from video_factory import write_test_video
 from pipeline.data.checks import TaskSize, folder_warnings, split_warnings
 from pipeline.data.manifests import (
     COLUMNS,
-    DATA_MANIFESTS,
-    DATASETS,
-    OFFICIAL_COUNTS,
     ManifestError,
     bad_kinds,
     bad_videos,
@@ -31,6 +28,7 @@ from pipeline.data.manifests import (
     validate_manifest,
     write_manifest,
 )
+from pipeline.data.protocol import DATA_MANIFESTS, DATASETS, OFFICIAL_COUNTS
 
 SHARED_SPLITS = Path(__file__).resolve().parents[2] / "shared" / "splits"
 needs_shared_splits = pytest.mark.skipif(not SHARED_SPLITS.is_dir(), reason="the official split lists are not here")

@@ -2,48 +2,8 @@
 with its views, the embedded synthetic benchmark, and seeded episodes over class labels.
 """
 
-from pipeline.data.episodes import EpisodeSampler, Task, TaskBatch
-from pipeline.data.manifests import (
-    DATASETS,
-    VIDEO_SUFFIXES,
-    ManifestError,
-    build_manifest,
-    read_manifest,
-    validate_manifest,
-    write_manifest,
-)
-from pipeline.data.synth import write_mp4
-from pipeline.data.video import (
-    FRAMES,
-    SAMPLING_RULE_VERSION,
-    VideoError,
-    ViewSpec,
-    count_frames,
-    decode_frames,
-    load_view,
-    load_views,
-    sample_indices,
-)
+import lazy_loader
 
-__all__ = [
-    "DATASETS",
-    "EpisodeSampler",
-    "FRAMES",
-    "ManifestError",
-    "SAMPLING_RULE_VERSION",
-    "Task",
-    "TaskBatch",
-    "VIDEO_SUFFIXES",
-    "VideoError",
-    "ViewSpec",
-    "build_manifest",
-    "count_frames",
-    "decode_frames",
-    "load_view",
-    "load_views",
-    "read_manifest",
-    "sample_indices",
-    "validate_manifest",
-    "write_manifest",
-    "write_mp4",
-]
+# The package's names (listed in __init__.pyi) load on first use, so importing a light submodule, or
+# `strm --help`, does not import torch.
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.data.manifests import SPLITS, read_class_splits, unlisted_folders
+from pipeline.data.manifests import read_class_splits, unlisted_folders
+from pipeline.data.protocol import SPLITS
 
 _FIX_EMPTY = {
     "train": "train-heads learns from it: give some classes split train",

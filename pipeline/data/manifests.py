@@ -20,32 +20,21 @@ import re
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from pipeline.data.video import FRAMES, VideoError, count_frames
+from pipeline.data.protocol import DATASETS, FRAMES, OFFICIAL_COUNTS, SPLITS
+from pipeline.data.video import VideoError, count_frames
 from pipeline.runtime import distributed
 from pipeline.runtime.workers import TIME_LIMIT_S, imap_isolated
 
-SPLITS = ("train", "val", "test")
 COLUMNS = ("video_id", "class", "split", "path", "n_frames", "status")
 VIDEO_SUFFIXES = frozenset(
     {".avi", ".mp4", ".m4v", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ogv", ".ts"}
 )
-DATA_MANIFESTS = Path(__file__).resolve().parents[2] / "data_manifests"
 LOCAL_MANIFESTS = Path("data_manifests/local")  # where `strm manifest` writes, under the working directory
 _NAME = re.compile(r"\w[\w.-]*")  # a dataset name is a folder and a file name: letters, digits, _ . -
-
-# Videos per split (train, val, test) in the published splits (STRM_SPEC section 10).
-OFFICIAL_COUNTS: dict[str, tuple[int, int, int]] = {
-    "hmdb51": (4280, 1194, 1292),
-    "ucf101": (9154, 1421, 2745),
-    "kinetics100": (6400, 1200, 2400),
-    "ssv2_otam": (67013, 1926, 2857),
-    "ssv2_cmn": (6400, 1200, 2400),
-}
 
 MISSING_CLASS = "/*"  # video_id suffix of the one row saying a class of a class-level CSV has no videos
 _OTAM_CLASS = re.compile(r"^(train|val|test)\d+$")  # OTAM names a class by split and index: train8
@@ -53,29 +42,6 @@ _OTAM_CLASS = re.compile(r"^(train|val|test)\d+$")  # OTAM names a class by spli
 
 class ManifestError(ValueError):
     """A dataset definition that cannot be resolved (wrong folder, missing or malformed split file)."""
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """How a dataset's split is defined: a bundled class-level CSV, or lists the user passes."""
-
-    name: str
-    description: str
-    classes_csv: Path | None = None  # bundled class -> split table
-    needs: str | None = None  # "split_dir" or "classes_csv" when the user must give it
-
-
-DATASETS: dict[str, Dataset] = {
-    d.name: d
-    for d in (
-        Dataset("hmdb51", "HMDB51, ARN split 31/10/10 classes (every video of a class)", DATA_MANIFESTS / "hmdb51.csv"),
-        Dataset("ucf101", "UCF101, ARN split 70/10/21 classes (every video of a class)", DATA_MANIFESTS / "ucf101.csv"),
-        Dataset("kinetics100", "Kinetics-100, CMN lists class/video_id (--split-dir)", needs="split_dir"),
-        Dataset("ssv2", "Something-Something v2, OTAM (train8/78687) or CMN lists (--split-dir)", needs="split_dir"),
-        Dataset("synthetic", "the synthetic benchmark of `strm synth`", DATA_MANIFESTS / "synthetic.csv"),
-        Dataset("folder", "your videos, one folder per class, with a class,split CSV (--classes)", needs="classes_csv"),
-    )
-}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from pipeline.data.protocol import FRAMES
+
 if TYPE_CHECKING:
     import av
 
-FRAMES = 8  # L: frames per video (STRM_SPEC section 10)
 
 # Bump whenever sample_indices, transform_view or view_rng change what a view contains: it is part
 # of the feature cache's fingerprint, so stale caches are refused instead of silently mixed.

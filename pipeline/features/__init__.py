@@ -2,34 +2,8 @@
 4x4 max pool), and the Zarr cache with its feature recipe, one writer and split readers.
 """
 
-from pipeline.features.backbones import Backbone, get_backbone, patch_features
-from pipeline.features.cache import CacheWriter, FeatureCache, open_cache
-from pipeline.features.copies import export_hdf5, write_random_cache
-from pipeline.features.extract import ExtractSettings, RunOptions
-from pipeline.features.presets import PRESETS
-from pipeline.features.readers import LOADINGS, CacheBusy, CacheError, SplitFeatures, SplitReader
-from pipeline.features.recipe import FeatureRecipe
-from pipeline.features.weights import OFFLINE_DEFAULT, WeightsUnavailable, file_sha256
+import lazy_loader
 
-__all__ = [
-    "Backbone",
-    "CacheBusy",
-    "CacheError",
-    "CacheWriter",
-    "ExtractSettings",
-    "FeatureCache",
-    "FeatureRecipe",
-    "LOADINGS",
-    "OFFLINE_DEFAULT",
-    "PRESETS",
-    "RunOptions",
-    "SplitFeatures",
-    "SplitReader",
-    "WeightsUnavailable",
-    "export_hdf5",
-    "file_sha256",
-    "get_backbone",
-    "open_cache",
-    "patch_features",
-    "write_random_cache",
-]
+# The package's names (listed in __init__.pyi) load on first use, so importing a light submodule, or
+# `strm --help`, does not import torch.
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

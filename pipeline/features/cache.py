@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import zarr
 
+from pipeline.data.protocol import SPLITS
 from pipeline.features.inventory import cache_folder
 from pipeline.features.lock import WriterLock
 from pipeline.features.readers import (
@@ -49,7 +50,6 @@ from pipeline.features.recipe import STORED_DTYPE, FeatureRecipe, cache_key, fin
 from pipeline.runtime.files import sync_dir, sync_file
 
 SCHEMA_VERSION = 2
-SPLITS = ("train", "val", "test")
 CacheMode: TypeAlias = Literal["r", "r+"]  # read, or read and write; zarr's "a"/"w" would clobber a cache
 OLD_SCHEMA = (
     "a cache of schema 1, keyed by its manifest (every added clip re-extracted it all); this strm keys a cache "

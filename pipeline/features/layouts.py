@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.features.cache import SPLITS, SplitLayout
+from pipeline.data.protocol import SPLITS
+from pipeline.features.cache import SplitLayout
 
 
 def split_layouts(manifest: pd.DataFrame, views: int) -> dict[str, SplitLayout]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+OFFLINE_DEFAULT = "tf_efficientnet_lite0"  # the backbone whose weights ship with the environment
+
 
 @dataclass(frozen=True)
 class Preset:

@@ -16,12 +16,12 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from pipeline.features.presets import OFFLINE_DEFAULT
+
 if TYPE_CHECKING:
     from timm.models import PretrainedCfg
 
 M = TypeVar("M", bound=nn.Module)
-
-OFFLINE_DEFAULT = "tf_efficientnet_lite0"  # the backbone whose weights ship with the environment
 
 
 class WeightsUnavailable(RuntimeError):

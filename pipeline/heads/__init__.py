@@ -3,23 +3,8 @@
 Pure torch: no files are read here except by the checkpoint functions, which take paths or dicts.
 """
 
-from pipeline.heads.checkpoint import (
-    ImportReport,
-    load_authors_checkpoint,
-    load_heads,
-    save_heads,
-)
-from pipeline.heads.embedding import HeadsOutput, VideoEmbedding
-from pipeline.heads.model import VARIANTS, STRMHeads, build_heads
+import lazy_loader
 
-__all__ = [
-    "VARIANTS",
-    "HeadsOutput",
-    "ImportReport",
-    "STRMHeads",
-    "VideoEmbedding",
-    "build_heads",
-    "load_authors_checkpoint",
-    "load_heads",
-    "save_heads",
-]
+# The package's names (listed in __init__.pyi) load on first use, so importing a light submodule, or
+# `strm --help`, does not import torch.
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

@@ -3,32 +3,8 @@ recordings in windows, live streams as they play, probabilities calibrated on th
 below a threshold.
 """
 
-from pipeline.predict.clips import PROTO, PredictError, find_videos, scan_videos
-from pipeline.predict.outputs import csv_rows, merge_segments, table_rows, timeline_figure, unused_path, write_csv
-from pipeline.predict.recognizer import FewShotRecognizer, UnknownRule, parse_unknown
-from pipeline.predict.stream import LiveStream, StreamLost, StreamWindow
-from pipeline.predict.stream_lines import open_lines, write_lines
-from pipeline.predict.support import HeldOut, SupportSet
+import lazy_loader
 
-__all__ = [
-    "FewShotRecognizer",
-    "HeldOut",
-    "LiveStream",
-    "PROTO",
-    "PredictError",
-    "StreamLost",
-    "StreamWindow",
-    "SupportSet",
-    "UnknownRule",
-    "csv_rows",
-    "find_videos",
-    "merge_segments",
-    "open_lines",
-    "parse_unknown",
-    "scan_videos",
-    "table_rows",
-    "timeline_figure",
-    "unused_path",
-    "write_csv",
-    "write_lines",
-]
+# The package's names (listed in __init__.pyi) load on first use, so importing a light submodule, or
+# `strm --help`, does not import torch.
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

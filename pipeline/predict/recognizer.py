@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from pipeline.data.manifests import VIDEO_SUFFIXES
-from pipeline.data.video import FRAMES, ViewSpec
+from pipeline.data.protocol import FRAMES
+from pipeline.data.video import ViewSpec
 from pipeline.evaluation.batched import ProtoBaseline
 from pipeline.evaluation.unknown import (
     auto_score,

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from pipeline.data.video import FRAMES, sample_indices
+from pipeline.data.protocol import FRAMES
+from pipeline.data.video import sample_indices
 
 UNKNOWN_FIELDS = ("action", "score", "score_name", "threshold")  # what an unknown rule adds to a row
 

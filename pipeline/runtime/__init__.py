@@ -2,29 +2,8 @@
 collectives with their timeout, crash-isolated workers with their time limit, files fsynced to disk.
 """
 
-from pipeline.runtime.distributed import (
-    COLLECTIVE_TIMEOUT,
-    DeviceError,
-    autocast_dtype,
-    init_distributed,
-    resolve_device,
-    resolve_precision,
-    teardown,
-)
-from pipeline.runtime.files import replace_durably, sync_dir, sync_file
-from pipeline.runtime.workers import TIME_LIMIT_S, imap_isolated
+import lazy_loader
 
-__all__ = [
-    "COLLECTIVE_TIMEOUT",
-    "TIME_LIMIT_S",
-    "DeviceError",
-    "autocast_dtype",
-    "imap_isolated",
-    "init_distributed",
-    "replace_durably",
-    "resolve_device",
-    "resolve_precision",
-    "sync_dir",
-    "sync_file",
-    "teardown",
-]
+# The package's names (listed in __init__.pyi) load on first use, so importing a light submodule, or
+# `strm --help`, does not import torch.
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

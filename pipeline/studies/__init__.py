@@ -2,23 +2,8 @@
 grids, activation maps, the figures and words of a report, and the demo that runs them all.
 """
 
-from pipeline.studies.ablation import GridPoint, TrainSettings, run_grid
-from pipeline.studies.demo import run_demo
-from pipeline.studies.demo_plan import DemoError
-from pipeline.studies.demo_report import DemoFacts
-from pipeline.studies.eval_run import EvalError
-from pipeline.studies.report import save_figure
-from pipeline.studies.visualize import FrameSource, render
+import lazy_loader
 
-__all__ = [
-    "DemoError",
-    "DemoFacts",
-    "EvalError",
-    "FrameSource",
-    "GridPoint",
-    "TrainSettings",
-    "render",
-    "run_demo",
-    "run_grid",
-    "save_figure",
-]
+# The package's names (listed in __init__.pyi) load on first use, so importing a light submodule, or
+# `strm --help`, does not import torch.
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

@@ -29,8 +29,8 @@ from pipeline.evaluation.compute import TaskCompute, task_compute
 from pipeline.features.cache import FeatureCache
 from pipeline.features.readers import SplitFeatures
 from pipeline.heads import VARIANTS, STRMHeads, load_heads
-from pipeline.heads.model import DEFAULT_OPTIONS
 from pipeline.heads.openset import METHODS as OPEN_SET_METHODS
+from pipeline.heads.variants import DEFAULT_OPTIONS
 from pipeline.runtime import distributed
 from pipeline.studies import report
 from pipeline.training.runs import read_metrics
@@ -286,7 +286,9 @@ def evaluate_point(
         heads, _ = load_heads(checkpoint)
         after_training(heads, point.after)
         model = heads
-    result = ev.evaluate(model, test, tasks=tasks, seed=seed, split_name="test", device=device)
+    result = ev.evaluate(
+        model, test, tasks=tasks, seed=seed, split_name="test", device=device, trained=point.open_set or ev.TRAINED_SCORE
+    )
     ev.write_run(record, [result], about)
     return result
 

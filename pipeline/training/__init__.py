@@ -2,28 +2,8 @@
 backbone (finetune), run folders and their resume rules, and one loader for every checkpoint kind.
 """
 
-from pipeline.training.checkpoints import (
-    Checkpoint,
-    CheckpointError,
-    load_backbone_weights,
-    load_checkpoint,
-)
-from pipeline.training.clips import FinetuneError
-from pipeline.training.config import TrainError
-from pipeline.training.runs import RunError, RunLog, read_metrics
-from pipeline.training.state import TrainProgress
-from pipeline.training.train import make_config
+import lazy_loader
 
-__all__ = [
-    "Checkpoint",
-    "CheckpointError",
-    "FinetuneError",
-    "RunError",
-    "RunLog",
-    "TrainError",
-    "TrainProgress",
-    "load_backbone_weights",
-    "load_checkpoint",
-    "make_config",
-    "read_metrics",
-]
+# The package's names (listed in __init__.pyi) load on first use, so importing a light submodule, or
+# `strm --help`, does not import torch.
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from pipeline.data.video import FRAMES, SAMPLING_RULE_VERSION
+from pipeline.data.protocol import FRAMES
+from pipeline.data.video import SAMPLING_RULE_VERSION
 from pipeline.features.backbones import Backbone
 from pipeline.features.readers import CacheError
 from pipeline.features.recipe import FeatureRecipe
