@@ -46,38 +46,38 @@ def report_path(manifest: Path) -> Path:
 def manifest(
     dataset: Annotated[
         DatasetName,
-        typer.Argument(help="which dataset (the list is below)", show_default=False),
+        typer.Argument(help="Which dataset (the list is below).", show_default=False),
     ],
-    videos: Annotated[Path, typer.Option("--videos", help="root folder of the videos (searched recursively)")],
+    videos: Annotated[Path, typer.Option("--videos", help="Root folder of the videos (searched recursively).")],
     split_dir: Annotated[
         Path | None,
         typer.Option(
-            "--split-dir", help="folder with trainlist*.txt, vallist*.txt, testlist*.txt (lines class/video_id)"
+            "--split-dir", help="Folder with trainlist*.txt, vallist*.txt, testlist*.txt (lines class/video_id)."
         ),
     ] = None,
     classes: Annotated[
-        Path | None, typer.Option("--classes", help="CSV class,split (the folder dataset; overrides a bundled one)")
+        Path | None, typer.Option("--classes", help="CSV class,split (the folder dataset; overrides a bundled one).")
     ] = None,
     name: Annotated[
         str | None,
         typer.Option(
             "--name",
-            help="the name later stages know it by (strm extract NAME; cache/NAME/); default: the built-in's, "
-            "or for folder the videos folder's own name",
+            help="The name later stages know it by (strm extract NAME; cache/NAME/).",
+            show_default="the built-in's; for folder, the videos folder's own name",
         ),
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="manifest file, .csv or .parquet (default data_manifests/local/NAME.csv)"),
+        typer.Option("--out", help="Manifest file, .csv or .parquet.", show_default="data_manifests/local/NAME.csv"),
     ] = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="decoder processes for the check")] = 2,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Decoder processes for the check.")] = 2,
     min_frames: Annotated[
         int,
         typer.Option(
             "--min-frames",
             min=1,
-            help=f"videos with fewer frames are marked too short and left out (default {FRAMES}, the authors' "
-            "rule, which the benchmarks keep; lower it to keep your own short clips)",
+            help="Videos with fewer frames are marked too short and left out: L, the authors' rule, which the "
+            "benchmarks keep; lower it to keep your own short clips (their frames are repeated).",
         ),
     ] = FRAMES,
 ) -> None:

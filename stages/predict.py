@@ -62,13 +62,14 @@ def predict_command(
         None, "--window", min=0.1, help="Windows of this many s (recordings; --stream: 2)."
     ),
     stride: float | None = typer.Option(
-        None, "--stride", min=0.1, help="Seconds between window starts, at most --window. (default: --window)"
+        None, "--stride", min=0.1, help="Seconds between window starts, at most --window.", show_default="--window"
     ),
     min_segment: float | None = typer.Option(
         None,
         "--min-segment",
         min=0.0,
-        help="Segments shorter than this (s) join a neighbour. (default: half the window)",
+        help="Segments shorter than this (s) join a neighbour.",
+        show_default="half the window",
     ),
     unknown: str = typer.Option(
         "off",
@@ -82,7 +83,9 @@ def predict_command(
     stream: str | None = typer.Option(
         None, "--stream", help="A live source, not queries: /dev/video0, a rtsp/http/tcp/udp URL, a growing file."
     ),
-    jsonl: Path | None = typer.Option(None, "--jsonl", help="With --stream: the JSON lines' file. (default: stdout)"),
+    jsonl: Path | None = typer.Option(
+        None, "--jsonl", help="With --stream: the JSON lines' file.", show_default="stdout"
+    ),
     reconnect: int = typer.Option(3, "--reconnect", min=0, help="Tries after a stream drops (1, 2, 4 s... apart)."),
     annotate: Path | None = typer.Option(
         None, "--annotate", help="Write the queries with their predictions drawn (OUT.mp4; OUT-<name>.mp4 for several)."
