@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
+from pathlib import Path
 from typing import NoReturn
 
 import typer
@@ -85,10 +86,38 @@ def command_line() -> str:
     return shlex.join(["strm", *sys.argv[1:]])
 
 
+def resume_command() -> str:
+    """This process's command as a training run continues: with --resume, without --overwrite (which
+    would replace what was saved, and excludes --resume)."""
+    args = [a for a in sys.argv[1:] if a != "--overwrite"]
+    return shlex.join(["strm", *args, *([] if "--resume" in args else ["--resume"])])
+
+
+def training_interrupted(out: Path, task: int) -> str:
+    """What an interrupted train-heads or finetune run says: the task it reached, the one its last.pt
+    holds, and the command that continues it."""
+    from pipeline.training.state import saved_task  # torch: only once a run is interrupted
+
+    saved = saved_task(out)
+    held = f"{out / 'last.pt'} holds task {saved}" if saved is not None else "no last.pt was written yet"
+    return f"at task {task}, {held}; run `{resume_command()}` to continue"
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print `error: message` as one line on stderr (no wrapping) and stop with `code`."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def timing_note(console: Console) -> Callable:
+    """The `confirm` of a training run that goes on at any speed (train-heads on CPU): it prints the
+    speed of the first tasks and the time of the whole run (pipeline.training.state.Estimate)."""
+
+    def note(estimate) -> bool:
+        console.print(f"{estimate.line()}; --episodes N for a shorter run", highlight=False, soft_wrap=True)
+        return True
+
+    return note
 
 
 def one_of_resume_overwrite(resume: bool, overwrite: bool) -> None:
@@ -113,8 +142,11 @@ def progress_bar(console: Console, *fields: str, transient: bool = False, disabl
 
 
 @contextmanager
-def training_progress(console: Console, name: str, disable: bool = False) -> Iterator[Callable]:
-    """The bar of train-heads and finetune; yields the loop's progress callback (pipeline.training.loop.TrainProgress)."""
+def training_progress(
+    console: Console, name: str, disable: bool = False, out: Path | None = None
+) -> Iterator[Callable]:
+    """The bar of train-heads and finetune; yields the loop's progress callback (pipeline.training.loop.TrainProgress).
+    With the run folder `out`, an interruption after the run started says what its last.pt holds."""
     with progress_bar(
         console,
         "{task.fields[rate]:.2f} tasks/s",
@@ -129,6 +161,8 @@ def training_progress(console: Console, name: str, disable: bool = False) -> Ite
         def show(p) -> None:
             if not rows:
                 rows.append(bar.add_task(name, total=p.total, rate=0.0, loss=math.nan, acc=math.nan, memory="", val=""))
+            if out is not None:
+                on_interrupt(lambda: training_interrupted(out, p.task))
             memory = f"GPU {p.gpu_memory_gib:.1f} GiB" if p.gpu_memory_gib is not None else ""
             val = f"val {p.val_accuracy:.1f}% (best {p.best_val_accuracy:.1f}%)" if p.val_accuracy is not None else ""
             bar.update(

@@ -36,7 +36,7 @@ from pipeline.runtime.distributed import (
     teardown,
 )
 from pipeline.training.checkpoints import load_backbone_weights
-from stages.common import fail
+from stages.common import command_line, fail, on_interrupt
 
 
 class _VideosPerSecond(ProgressColumn):
@@ -157,6 +157,8 @@ def extract_command(
                 completed=state.done + state.failed,
                 description=f"extract {dataset} ({backbone.name}{rank_note}{failed})",
             )
+            saved = f"{state.already_done + state.done} of {state.already_done + state.total} videos{rank_note}"
+            on_interrupt(lambda: f"{saved} are saved; run `{command_line()}` again to extract the rest")
 
         try:
             result = extract(

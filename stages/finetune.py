@@ -99,6 +99,7 @@ def finetune_command(
     val_episodes: int | None = typer.Option(
         None, "--val-episodes", help="Validation tasks (fixed seed). (default: 1000)"
     ),
+    val_way: int | None = typer.Option(None, "--val-way", help="Classes a validation task. (default: --way)"),
     checkpoint_every: int | None = typer.Option(
         None, "--checkpoint-every", help="Write last.pt every N tasks. (default: 160)"
     ),
@@ -171,7 +172,7 @@ def _train(
     on_cpu = resolve_device(config.device).type == "cpu"
     for line in fs.describe_start(config, source, out, world=world, counted=counted, on_cpu=on_cpu, start=start):
         say(line)
-    with training_progress(console, "finetune", disable=quiet) as show:
+    with training_progress(console, "finetune", disable=quiet, out=out) as show:
         result = finetune(
             config,
             table,

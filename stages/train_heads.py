@@ -33,6 +33,7 @@ from stages.common import (
     Optimizer,
     fail,
     one_of_resume_overwrite,
+    timing_note,
     training_progress,
 )
 
@@ -45,7 +46,8 @@ class Preset(str, Enum):
 
 
 def _heads_options(pairs: list[str]) -> dict:
-    """KEY=VALUE pairs -> build_heads options; values are JSON when they parse (32, 0.5, [2,3], false)."""
+    """KEY=VALUE pairs -> build_heads options; values are JSON when they parse (32, 0.5, [2,3], false), else
+    text: pipeline.training.train.check_heads_options names a key or value that does not fit."""
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -94,6 +96,7 @@ def train_heads(
     seed: int | None = typer.Option(None, help="Seed of the training tasks and dropout. (default: 0)"),
     val_every: int | None = typer.Option(None, help="Validate every N tasks; 0 = never. (default: 500)"),
     val_episodes: int | None = typer.Option(None, help="Validation tasks (fixed, seed 0). (default: 500)"),
+    val_way: int | None = typer.Option(None, help="Classes a validation task (a val split of fewer). (default: --way)"),
     patience: int | None = typer.Option(
         None, help="Stop after N validations without improvement; 0 = never. (default: the preset's)"
     ),
@@ -132,6 +135,7 @@ def train_heads(
         seed=seed,
         val_every=val_every,
         val_episodes=val_episodes,
+        val_way=val_way,
         patience=patience,
         checkpoint_every=checkpoint_every,
         open_set=open_set.value if open_set else None,
@@ -159,15 +163,16 @@ def train_heads(
         config = make_config(
             name, features.fingerprint.get("dataset"), **{**saved, **{k: v for k, v in given.items() if v is not None}}
         )
-        resolve_device(config.device)  # a device this machine lacks is one line, before anything else
+        on_cpu = resolve_device(config.device).type == "cpu"  # a device this machine lacks: one line, first
         rank, world = init_distributed(config.device)
         if rank == 0:
             console.print(
                 f"training {config.variant} heads ({config.preset} preset, {config.optimizer} lr {config.lr:g}) "
                 f"on {cache} -> {out}" + (f" on {world} processes" if world > 1 else "")
             )
-        with training_progress(console, "train-heads", disable=rank != 0) as show:
-            result = train(config, features, out, resume=resume, overwrite=overwrite, progress=show)
+        with training_progress(console, "train-heads", disable=rank != 0, out=out) as show:
+            timed = timing_note(console) if on_cpu else None  # the speed and the whole run's time, then on
+            result = train(config, features, out, resume=resume, overwrite=overwrite, progress=show, confirm=timed)
     except (TrainError, CacheError, RunError, DeviceError) as err:
         fail(str(err), 2)
     finally:

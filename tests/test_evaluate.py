@@ -310,6 +310,21 @@ def test_cli_errors_are_one_line(tmp_path):
     assert out.exit_code == 2 and "--checkpoint PATH, or --baseline" in out.output
 
 
+def test_a_split_too_small_for_the_defaults_names_the_way_and_shot_it_allows(tmp_path):
+    """4 test classes of 3 videos: the default 5-way 5-shot fails with the options that fit, one line."""
+    cache = write_random_cache(tmp_path / "cache", splits={"test": (4, 3, 1)}, dim=DIM)
+    args = ["evaluate", "--cache", str(cache), "--baseline", "proto", "--json", str(tmp_path / "r.json")]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 2
+    lines = out.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: split 'test': a 5-way 5-shot task"), out.output
+    assert lines[0].endswith("; pass --way 4 --shot 2")
+    out = CliRunner().invoke(app, [*args, "--shot", "1,5", "--way", "4"])  # a sweep: the shot that does not fit
+    assert out.exit_code == 2 and "a 4-way 5-shot task" in out.output
+    assert out.output.strip().endswith("; pass --shot 2"), out.output
+    assert CliRunner().invoke(app, [*args, "--way", "4", "--shot", "2", "--episodes", "3"]).exit_code == 0
+
+
 def _golden() -> dict:
     for path in (Path(__file__).parent / "fixtures" / GOLDEN, Path("/work/shared/fixtures") / GOLDEN):
         if path.exists():

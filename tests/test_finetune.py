@@ -656,3 +656,21 @@ def test_kills_at_random_moments_then_resume_end_with_the_uninterrupted_weights(
     assert campaign.landed == kills_from_env(2), campaign.summary()
     assert campaign.matched == len(campaign.moments_s), campaign.summary()  # every trial, landed or not
     print(f"finetune faults: {campaign.summary()}, {duration:.1f} s uninterrupted")
+
+
+def test_finetune_validates_at_its_own_way_on_a_val_split_of_fewer_classes(world, tmp_path):
+    """3-way training with 2 val classes: the error names --val-way 2; with it the run validates 2-way."""
+    root, _, _, heads = world
+    out = tmp_path / "ft"
+    args = [*_args(root, heads, out, "--episodes", "2", "--val-every", "2", "--val-episodes", "3"), "--workers", "0"]
+    args += ["--way", "3"]  # after TASKS' --way 2: the last one counts
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert "val split: a 3-way 1-shot task" in last and last.endswith(
+        "; pass --val-way 2, or train without validation (--val-every 0)"
+    )
+    result = CliRunner().invoke(app, [*args, "--val-way", "2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["config"]["val_way"] == 2
+    assert [r["task"] for r in read_metrics(out) if r["kind"] == "val"] == [2]

@@ -115,7 +115,8 @@ def test_a_val_split_with_too_few_classes_says_what_to_do(tmp_path):
         ],
     )
     assert result.exit_code == 2
-    assert "val split" in result.output and "--val-every 0" in result.output and "--way" in result.output
+    assert "val split" in result.output
+    assert "; pass --val-way 4, or train without validation (--val-every 0)" in result.output
 
 
 def _imports(path: Path) -> set[str]:
@@ -230,7 +231,31 @@ def test_a_signal_ends_a_stage_with_one_line_and_no_worker_tracebacks(signum, tm
         os.killpg(process.pid, signum)
     else:
         process.send_signal(signum)
-    _, err = process.communicate(timeout=120)
+    try:
+        _, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # say which processes still hold on, then end them
+        left = subprocess.run(["ps", "-o", "pid,stat,wchan:20,args", "-g", str(process.pid)], capture_output=True)
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"still running 120 s after the signal:\n{left.stdout.decode()}")
     assert process.returncode == 130, err
     assert "Traceback" not in err and "Error" not in err, err
     assert err.rstrip().splitlines()[-1].startswith("interrupted: what was done is kept; run `strm synth --out ")
+
+
+def test_an_interrupted_training_run_names_the_command_that_continues_it(tmp_path, monkeypatch):
+    """--overwrite would replace what was saved (and excludes --resume): the line's command drops it and
+    adds --resume once; before the first last.pt it says so."""
+    from stages import common
+    from stages.common import interrupted_line, on_interrupt, resume_command, training_interrupted
+
+    monkeypatch.setattr(sys, "argv", ["strm", "train-heads", "--cache", "my cache", "--overwrite"])
+    assert resume_command() == "strm train-heads --cache 'my cache' --resume"
+    monkeypatch.setattr(sys, "argv", ["strm", "finetune", "toy", "--resume", "--episodes", "8"])
+    assert resume_command() == "strm finetune toy --resume --episodes 8"
+    on_interrupt(lambda: training_interrupted(tmp_path, 12))
+    try:
+        assert interrupted_line("unused") == (
+            "interrupted: at task 12, no last.pt was written yet; run `strm finetune toy --resume --episodes 8` to continue"
+        )
+    finally:
+        common._INTERRUPT_NOTE.clear()  # the next test in this process is not interrupted mid-run

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -273,12 +274,16 @@ def test_caches_and_options_that_do_not_fit_are_clear_errors(tmp_path):
     common = ["train-heads", "--cache", str(cache), "--heads-option", "trm_dim=32", "--val-every", "0"]
     result = runner.invoke(app, [*common, "--way", "7", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "train split" in result.output and "needs 7 classes" in result.output
+    assert result.output.rstrip().endswith("; pass --way 6 --shot 1"), result.output  # what fits, as options
     result = runner.invoke(
         app, [*common, "--shot", "3", "--queries", "2", "--val-every", "4", "--out", str(tmp_path / "y")]
     )
     assert (
         result.exit_code == 2 and "val split" in result.output and "needs 5 classes with >= 4 videos" in result.output
     )
+    assert "; pass --val-way 5" not in result.output and "no 2 of its classes have the 4 videos" in result.output
+    result = runner.invoke(app, [*common, "--episodes", "0", "--out", str(tmp_path / "z")])
+    assert result.output.strip().splitlines() == ["error: --episodes 0: must be >= 1"]
     result = runner.invoke(
         app,
         [
@@ -310,7 +315,7 @@ def test_presets():
     assert authors.val_every == 112  # validation happens between optimiser steps
     frozen = make_config("frozen", "hmdb51", lr=5e-4)
     assert (frozen.lr, frozen.tasks_per_step, frozen.loss_reduction, frozen.standardize) == (5e-4, 1, "mean", True)
-    with pytest.raises(TrainError, match="multiple of tasks_per_step"):
+    with pytest.raises(TrainError, match=r"--episodes 20: must be a multiple of --tasks-per-step \(16\)"):
         make_config("authors", episodes=20)
 
 
@@ -540,3 +545,113 @@ def test_best_pt_written_after_last_pt_is_not_replaced_by_a_worse_replay(tmp_pat
     assert (out / "best.pt").read_bytes() == newer  # a replay at 100% or less does not replace it
     assert result.best_val_accuracy == 101.0 and result.best_task == 8
     assert any("best.pt was saved after last.pt" in n for n in result.notes)
+
+
+def test_validation_tasks_may_have_their_own_way(tmp_path):
+    """A val split of 3 classes cannot give 5-way tasks: the error names the --val-way it allows; with it the
+    run validates 3-way, records it, and a resume with another --val-way is refused; --val-way equal to
+    --way is the default run, bit for bit."""
+    from stages.app import app
+
+    cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2), "val": (3, 4, 1)}, dim=32)
+    common = ["train-heads", "--cache", str(cache), "--heads-option", "trm_dim=32", "--shot", "2", "--queries", "2"]
+    common += ["--episodes", "4", "--val-every", "2", "--val-episodes", "5", "--checkpoint-every", "2"]
+    runner = CliRunner()
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "five")])
+    assert result.exit_code == 2
+    assert "val split: a 5-way 2-shot task" in result.output
+    assert "; pass --val-way 3, or train without validation (--val-every 0)" in result.output
+    out = tmp_path / "three"
+    result = runner.invoke(app, [*common, "--val-way", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["config"]["val_way"] == 3
+    assert torch.load(out / "last.pt", weights_only=True)["config"]["val_way"] == 3
+    assert [r["task"] for r in read_metrics(out) if r["kind"] == "val"] == [2, 4]
+    result = runner.invoke(app, [*common, "--val-way", "2", "--out", str(out), "--resume"])
+    assert result.exit_code == 2 and "val_way: 3 in the checkpoint, 2 asked" in result.output
+
+    assert make_config(val_way=5) == make_config()  # the training way: recorded as the default
+    with pytest.raises(TrainError, match="--val-way 1: a task tells apart >= 2 classes"):
+        make_config(val_way=1)
+    base = dict(episodes=2, shot=2, queries=2, heads_options=SMALL, val_every=2, val_episodes=3)
+    splits = {"train": (6, 5, 2), "val": (5, 4, 1)}
+    five = write_random_cache(tmp_path / "five-classes", splits=splits, dim=32)
+    train(make_config(**base), five, tmp_path / "a")
+    train(make_config(**base, val_way=5), five, tmp_path / "b")
+    _same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_heads_options_name_the_key_the_type_and_the_known_keys(tmp_path):
+    """--heads-option trm_dim=abc used to reach torch as a raw error; every key the heads take is checked."""
+    from pipeline.heads.variants import DEFAULT_OPTIONS, VARIANTS
+    from pipeline.training.train import HEADS_OPTIONS
+    from stages.app import app
+
+    fixed = {"frames", "patches", "lambda_qc"}
+    assert set(HEADS_OPTIONS) == (set(DEFAULT_OPTIONS) | set(VARIANTS["strm"])) - fixed
+    known = "known keys: trm_dim, psi_dim, qc_dim"
+    with pytest.raises(TrainError, match=r'--heads-option trm_dim="abc": trm_dim takes an integer >= 1.*' + known):
+        make_config(heads_options={"trm_dim": "abc"})
+    with pytest.raises(TrainError, match=r"--heads-option trm_dim=true: trm_dim takes an integer"):
+        make_config(heads_options={"trm_dim": True})
+    with pytest.raises(TrainError, match=r"--heads-option trm_size=64: no heads option 'trm_size'; " + known):
+        make_config(heads_options={"trm_size": 64})
+    with pytest.raises(TrainError, match=r"--heads-option cardinalities=\[2, 0\]: cardinalities takes a list"):
+        make_config(heads_options={"cardinalities": [2, 0]})
+    with pytest.raises(TrainError, match=r'--heads-option ple="mlp": ple takes "attention", "mixer" or null'):
+        make_config(heads_options={"ple": "mlp"})
+    ok = {"trm_dim": 32, "psi_dim": None, "cardinalities": [2, 3], "tuple_keep": 0.5, "fle": None, "qc": False}
+    assert make_config(heads_options=ok).heads_options == ok
+    cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2)}, dim=32)
+    result = CliRunner().invoke(app, ["train-heads", "--cache", str(cache), "--heads-option", "trm_dim=abc"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        'error: --heads-option trm_dim="abc": trm_dim takes an integer >= 1, e.g. 64; known keys: '
+        + ", ".join(HEADS_OPTIONS)
+    ]
+
+
+def test_train_heads_on_cpu_says_its_speed_and_the_whole_runs_time(tmp_path):
+    """After the timed first tasks the run's length in time is printed once, and the run goes on."""
+    from pipeline.training.state import Estimate
+    from stages.app import app
+
+    cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2)}, dim=32)
+    args = ["train-heads", "--cache", str(cache), "--heads-option", "trm_dim=32", "--shot", "2", "--queries", "2"]
+    args += ["--episodes", "6", "--val-every", "0", "--device", "cpu", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    timed = [line for line in result.output.splitlines() if line.startswith("timed: ")]
+    assert len(timed) == 1 and " tasks/s on cpu; 6 tasks ≈ " in timed[0], result.output
+    assert timed[0].endswith("; --episodes N for a shorter run")
+    assert read_metrics(tmp_path / "run")[-1]["task"] == 6
+    assert Estimate(2.0, 9_998, "cpu", run_tasks=10_000).line() == "timed: 0.50 tasks/s on cpu; 10,000 tasks ≈ 5.6 h"
+    resumed = Estimate(0.5, 4_000, "cpu", run_tasks=10_000, first_task=6_000, world=2)
+    assert resumed.line() == "timed: 4.00 tasks/s on cpu; 10,000 tasks ≈ 42 min (33 min from task 6,000 on)"
+
+
+def test_an_interrupted_train_heads_says_what_last_pt_holds_and_how_to_resume(tmp_path):
+    """Ctrl-C (SIGINT to the process group) mid-run: exit 130, no traceback, one line naming the task
+    reached, the task last.pt holds and the command with --resume (and without --overwrite)."""
+    cache = write_random_cache(tmp_path / "cache", splits={"train": (6, 5, 2)}, dim=32)
+    out = tmp_path / "run"
+    args = ["--cache", str(cache), "--heads-option", "trm_dim=32", "--shot", "2", "--queries", "2"]
+    args += ["--episodes", "100000", "--val-every", "0", "--checkpoint-every", "3", "--out", str(out), "--overwrite"]
+    command = [sys.executable, "-m", "stages.app", "train-heads", *args]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True, env=_env())
+    deadline = time.monotonic() + 240
+    while not (out / "last.pt").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert process.poll() is None, "train-heads ended before it could be interrupted"
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err, err
+    last = err.rstrip().splitlines()[-1]
+    saved = torch.load(out / "last.pt", weights_only=True)["task_index"]
+    resume = " ".join(["strm", "train-heads", *args[:-1], "--resume"])
+    found = re.fullmatch(r"interrupted: at task (\d+), (.+) holds task (\d+); run `(.+)` to continue", last)
+    assert found is not None, last
+    reached, path, held, said = found.groups()
+    assert path == str(out / "last.pt") and int(held) == saved and int(reached) >= saved > 0, last
+    assert said == resume, last

@@ -20,13 +20,25 @@ import numpy as np
 UNKNOWN = -1  # the label of a query whose class is not among the task's known classes
 
 
+def largest_task(labels: np.ndarray, *, way: int, shot: int, queries: int) -> tuple[int, int]:
+    """(the largest way at this shot, the largest shot at this way) that a split's labels allow with
+    `queries` queries a class, 0 where none: what an error tells a person to ask for instead."""
+    counts = sorted(np.unique(np.asarray(labels), return_counts=True)[1].tolist(), reverse=True)
+    return _largest(counts, way, shot, queries)
+
+
+def _largest(counts: list[int], way: int, shot: int, queries: int) -> tuple[int, int]:
+    widest = sum(c >= shot + queries for c in counts)
+    return widest, (max(counts[way - 1] - queries, 0) if len(counts) >= way else 0)
+
+
 def _what_fits(counts: list[int], way: int, shot: int, queries: int) -> str:
     """The largest way at this shot and the largest shot at this way that a split's class sizes
     (`counts`, largest first) allow, as the end of a sampler error: what to ask for instead."""
-    widest = sum(c >= shot + queries for c in counts)
+    widest, deepest = _largest(counts, way, shot, queries)
     options = [f"{widest}-way at {shot} shots"] if widest >= 2 else []
-    if len(counts) >= way and counts[way - 1] - queries >= 1:
-        options.append(f"{counts[way - 1] - queries} shots at {way}-way")
+    if deepest >= 1:
+        options.append(f"{deepest} shots at {way}-way")
     if not options:
         return f" (its largest class has {counts[0] if counts else 0} videos)"
     return f"; with {queries} queries it allows at most " + " or ".join(options)

@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from pipeline import evaluation as ev
-from pipeline.data.episodes import TaskBatch
+from pipeline.data.episodes import TaskBatch, largest_task
 from pipeline.features.cache import FeatureCache
 from pipeline.features.readers import CacheError, SplitReader
 from pipeline.features.recipe import FeatureRecipe
 from pipeline.heads import VARIANTS
 from pipeline.training.checkpoints import load_checkpoint
+from pipeline.training.config import fitting_options
 from pipeline.training.train import TrainError, make_config, starting_heads
 
 BASELINES = ("proto", "untrained")
@@ -171,15 +172,19 @@ def plan_tasks(
     if unknown_classes and unknown_queries < 1:
         raise RequestError(f"--unknown-classes {unknown_classes} needs --unknown-queries >= 1 (videos of each)")
     unknown = {"unknown_classes": unknown_classes, "unknown_queries": unknown_queries if unknown_classes else 0}
-    try:
-        tasks = {
-            k: ev.sample_tasks(split.labels, episodes=episodes, way=way, shot=k, queries=queries, seed=seed, **unknown)
-            for k in shots
-        }
-    except ValueError as err:
-        if unknown_classes and "unknown_classes=" in str(err):  # the sampler says what the split allows
-            raise RequestError(f"--unknown-classes {unknown_classes}: split {split_name!r}: {err}") from None
-        raise EvalError(f"split {split_name!r}: {err}") from None
+    labels = split.labels.cpu().numpy()
+    tasks = {}
+    for k in shots:
+        try:
+            tasks[k] = ev.sample_tasks(
+                labels, episodes=episodes, way=way, shot=k, queries=queries, seed=seed, **unknown
+            )
+        except ValueError as err:
+            if unknown_classes and "unknown_classes=" in str(err):  # the sampler says what the split allows
+                raise RequestError(f"--unknown-classes {unknown_classes}: split {split_name!r}: {err}") from None
+            if largest_task(labels, way=way, shot=k, queries=queries)[0] < way:  # too small for these options
+                raise RequestError(f"split {split_name!r}: {err}; {fitting_options(labels, way, k, queries)}") from None
+            raise EvalError(f"split {split_name!r}: {err}") from None
     return TaskPlan(tasks, way, queries, seed)
 
 

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from pipeline.data.episodes import EpisodeSampler
+from pipeline.data.episodes import EpisodeSampler, largest_task
 from pipeline.heads.openset import METHODS as OPEN_SET_METHODS
 from pipeline.runtime import distributed
 from pipeline.training.runs import (
@@ -41,6 +41,7 @@ class EpisodicConfig:
     val_every: int = 500  # tasks; 0 = no validation (best.pt is then the final weights)
     val_episodes: int = 500
     val_queries: int = 1
+    val_way: int | None = None  # the validation tasks' way; None: `way` (a split of few classes can validate)
     val_seed: int = 0
     patience: int = 0  # validations without improvement before stopping; 0 = never stop early
     checkpoint_every: int = 250  # tasks
@@ -63,22 +64,16 @@ def check_config(config: EpisodicConfig) -> None:
         raise TrainError(f"schedule {config.schedule!r}: expected constant or cosine")
     if config.loss_reduction not in ("mean", "sum"):
         raise TrainError(f"loss reduction {config.loss_reduction!r}: expected mean or sum")
-    if (
-        min(
-            config.episodes,
-            config.tasks_per_step,
-            config.checkpoint_every,
-            config.log_every,
-            config.way,
-            config.shot,
-            config.queries,
-            config.val_queries,
-        )
-        < 1
-    ):
-        raise TrainError("episodes, tasks_per_step, checkpoint_every, log_every, way, shot and queries must be >= 1")
+    counts = ("episodes", "tasks_per_step", "checkpoint_every", "log_every", "way", "shot", "queries", "val_queries")
+    for name in counts:
+        if getattr(config, name) < 1:
+            raise TrainError(f"{flag(name)} {getattr(config, name)}: must be >= 1")
+    if config.val_way is not None and config.val_way < 2:
+        raise TrainError(f"--val-way {config.val_way}: a task tells apart >= 2 classes")
     if config.episodes % config.tasks_per_step:
-        raise TrainError(f"episodes ({config.episodes}) must be a multiple of tasks_per_step ({config.tasks_per_step})")
+        raise TrainError(
+            f"--episodes {config.episodes}: must be a multiple of --tasks-per-step ({config.tasks_per_step})"
+        )
     world = distributed.world_size()
     if config.tasks_per_step % world:
         raise TrainError(
@@ -86,11 +81,22 @@ def check_config(config: EpisodicConfig) -> None:
             f"--tasks-per-step must be a multiple of {world}"
         )
     if config.val_every and config.val_episodes < 1:
-        raise TrainError("val_episodes must be >= 1 when validating")
+        raise TrainError(f"--val-episodes {config.val_episodes}: must be >= 1 when validating (--val-every 0: never)")
     if config.open_set not in OPEN_SET_METHODS:
         raise TrainError(f"--open-set {config.open_set!r}: expected one of {', '.join(OPEN_SET_METHODS)}")
-    if config.open_set not in ("none", "bounded") and min(config.unknown_classes, config.unknown_queries) < 1:
-        raise TrainError(f"--open-set {config.open_set} needs unknown_classes and unknown_queries >= 1")
+    for name in ("unknown_classes", "unknown_queries"):
+        if config.open_set not in ("none", "bounded") and getattr(config, name) < 1:
+            raise TrainError(f"--open-set {config.open_set} needs {name} >= 1 ({flag(name)} {getattr(config, name)})")
+
+
+def flag(setting: str) -> str:
+    """The command-line option of a setting (tasks_per_step -> --tasks-per-step): what an error names."""
+    return "--" + setting.replace("_", "-")
+
+
+def validation_way(config: EpisodicConfig) -> int:
+    """The way of the validation tasks: --val-way, else the training way."""
+    return config.val_way or config.way
 
 
 def unknown_draws(config: EpisodicConfig) -> dict[str, int]:
@@ -114,7 +120,8 @@ ConfigT = TypeVar("ConfigT", bound=EpisodicConfig)
 
 
 def round_to_steps(config: ConfigT) -> ConfigT:
-    """val_every, checkpoint_every and log_every rounded up to whole optimiser steps."""
+    """val_every, checkpoint_every and log_every rounded up to whole optimiser steps; a val_way equal to
+    the way recorded as None (the default), so that asking for it on resume is not a changed setting."""
     tps = config.tasks_per_step
     up = lambda n: n if n == 0 else -(-n // tps) * tps  # noqa: E731
     return replace(
@@ -122,18 +129,49 @@ def round_to_steps(config: ConfigT) -> ConfigT:
         val_every=up(config.val_every),
         checkpoint_every=up(config.checkpoint_every),
         log_every=up(config.log_every),
+        val_way=None if config.val_way == config.way else config.val_way,
     )
 
 
 def check_validation_split(labels: np.ndarray, config: EpisodicConfig, where: str) -> None:
-    """A validation split must hold `way` classes of shot + val_queries videos; the error says what to do."""
+    """A validation split must hold `val_way` classes of shot + val_queries videos; the error names the
+    largest --val-way the split allows (the shot is the training one)."""
+    way = validation_way(config)
     try:
-        EpisodeSampler(labels, way=config.way, shot=config.shot, queries=config.val_queries, seed=0)
+        EpisodeSampler(labels, way=way, shot=config.shot, queries=config.val_queries, seed=0)
     except ValueError as err:
-        raise TrainError(
-            f"{where} val split: {err}; validate with fewer classes (fewer --way) or train without "
-            "validation (--val-every 0)"
-        ) from None
+        widest, _ = largest_task(labels, way=way, shot=config.shot, queries=config.val_queries)
+        fix = (
+            f"pass --val-way {widest}"
+            if widest >= 2
+            else f"no 2 of its classes have the {config.shot + config.val_queries} videos a {config.shot}-shot task needs"
+        )
+        raise TrainError(f"{where} val split: {err}; {fix}, or train without validation (--val-every 0)") from None
+
+
+def training_split_message(labels: np.ndarray, config: EpisodicConfig, err: ValueError, where: str) -> str:
+    """The error of a training split too small for `config`'s tasks, with the options that would fit it."""
+    return f"{where} train split: {err}; {fitting_options(labels, config.way, config.shot, config.queries)}"
+
+
+def fitting_options(labels: np.ndarray, way: int, shot: int, queries: int) -> str:
+    """What to ask of a split too small for a way-shot task with `queries` queries a class, one option at a
+    time: the largest --way at this shot, --shot at this way and --queries at this way and shot."""
+    widest, deepest = largest_task(labels, way=way, shot=shot, queries=queries)
+    _, most_queries = largest_task(labels, way=way, shot=queries, queries=shot)  # shot and queries swap roles
+    options = [
+        f"--{name} {n}"
+        for name, n, least in (("way", widest, 2), ("shot", deepest, 1), ("queries", most_queries, 1))
+        if n >= least
+    ]
+    if options:
+        return "pass " + ", ".join(options[:-1]) + (" or " if len(options) > 1 else "") + options[-1]
+    for q in (queries, 1):  # none alone: the widest task at 1 shot, with these queries or 1
+        wide = min(way, largest_task(labels, way=way, shot=1, queries=q)[0])
+        if wide >= 2:
+            deep = largest_task(labels, way=wide, shot=1, queries=q)[1]
+            return f"pass --way {wide} --shot {deep}" + (f" --queries {q}" if q != queries else "")
+    return "a task needs at least 2 classes of 2 videos"
 
 
 def task_seed(seed: int, index: int) -> int:

@@ -55,7 +55,9 @@ from pipeline.training.config import (
     check_config,
     check_open_set_heads,
     check_validation_split,
+    flag,
     round_to_steps,
+    training_split_message,
     unknown_draws,
 )
 from pipeline.training.loop import EpisodicLoop
@@ -136,8 +138,9 @@ def _check(config: FinetuneConfig) -> None:
         raise FinetuneError(f"amp {config.amp!r}: expected one of {', '.join(distributed.AMP_MODES)}")
     if config.bn not in BN_MODES:
         raise FinetuneError(f"bn {config.bn!r}: expected one of {', '.join(BN_MODES)}")
-    if config.freeze_stages < 0 or config.workers < 0:
-        raise FinetuneError("freeze_stages and workers must be >= 0")
+    for name in ("freeze_stages", "workers"):
+        if getattr(config, name) < 0:
+            raise FinetuneError(f"{flag(name)} {getattr(config, name)}: must be >= 0")
     ViewSpec(short_side=config.short_side, crop=config.crop)  # raises on a crop larger than the short side
 
 
@@ -303,7 +306,7 @@ def _training_videos(
             **unknown_draws(config),
         )
     except ValueError as err:
-        raise FinetuneError(f"train split: {err}") from None
+        raise FinetuneError(training_split_message(train_videos.labels, config, err, "the manifest's")) from None
     if config.val_every:
         if not len(val_videos):
             raise FinetuneError(

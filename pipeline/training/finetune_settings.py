@@ -44,6 +44,7 @@ SETTINGS = (  # the options of `strm finetune` that are settings of the run, by 
     "seed",
     "val_every",
     "val_episodes",
+    "val_way",
     "checkpoint_every",
     "log_every",
     "device",

@@ -32,7 +32,7 @@ from pipeline.features.readers import SplitReader
 from pipeline.features.weights import file_sha256
 from pipeline.heads import STRMHeads, save_heads
 from pipeline.runtime import distributed
-from pipeline.training.config import EpisodicConfig, TrainError, task_seed
+from pipeline.training.config import EpisodicConfig, TrainError, task_seed, validation_way
 from pipeline.training.runs import (
     BEST,
     LAST,
@@ -283,7 +283,7 @@ class EpisodicLoop:
                 self.heads,
                 split,
                 episodes=config.val_episodes,
-                way=config.way,
+                way=validation_way(config),
                 shot=config.shot,
                 queries=config.val_queries,
                 seed=config.val_seed,
@@ -346,9 +346,18 @@ class EpisodicLoop:
             **more,
         )
 
-    def _probe(self, seen: int, first_end: float, total: int, confirm: Callable[[Estimate], bool]) -> None:
+    def _probe(
+        self, seen: int, first_end: float, total: int, confirm: Callable[[Estimate], bool], first_task: int
+    ) -> None:
         """After the first tasks, rank 0 asks `confirm` with the measured speed; every rank learns the answer."""
-        estimate = Estimate(time.perf_counter() - first_end, total - seen, str(self.device))
+        estimate = Estimate(
+            (time.perf_counter() - first_end) / (seen - 1),  # the first task, with the warm-up, is not timed
+            total - seen,
+            str(self.device),
+            run_tasks=self.config.episodes,
+            first_task=first_task,
+            world=self.world,
+        )
         go = 1.0 if self.rank != 0 or confirm(estimate) else 0.0
         if not distributed.broadcast_values([go], self.device)[0]:
             raise Declined(
@@ -364,6 +373,7 @@ class EpisodicLoop:
         config, state = self.config, self.state
         tps, per_rank = config.tasks_per_step, config.tasks_per_step // self.world
         end = self.done if state.stopped else config.episodes  # a run that stopped early stays stopped
+        first_task = self.done
         share = distributed.shard(range(self.done, end))  # every step's tasks s+rank, s+rank+world, ...
         inputs = self.source.inputs(share)
         window_start, window_tasks, seen, first_end = time.perf_counter(), 0, 0, 0.0
@@ -378,7 +388,7 @@ class EpisodicLoop:
                     if seen == 1:
                         first_end = time.perf_counter()
                     elif seen == PROBE_TASKS and confirm is not None:
-                        self._probe(seen, first_end, len(share), confirm)
+                        self._probe(seen, first_end, len(share), confirm, first_task)
                 self._step(step_start)
                 self.done = step_start + tps
                 window_tasks += tps

@@ -20,10 +20,6 @@ from pipeline.training.runs import (
     resume_differences,
 )
 
-PROBE_TASKS = 2  # tasks run before `confirm` is asked; the first one includes the warm-up
-# fp16 steps in a row the loss scaler may skip (gradient not finite) before the run counts as diverged:
-# each skip halves the scale, so by then it has fallen by 2**20 and the gradient is not an overflow.
-
 
 @dataclass
 class MetricWindow:
@@ -74,13 +70,33 @@ class TrainProgress:
 class Estimate:
     """Measured speed after the first tasks, handed to `confirm`."""
 
-    seconds_per_task: float
+    seconds_per_task: float  # this process's
     tasks_left: int  # this process's
     device: str
+    run_tasks: int = 0  # the whole run's, all processes
+    first_task: int = 0  # where this invocation started (a resumed run starts part-way)
+    world: int = 1
 
     @property
     def seconds_left(self) -> float:
         return self.seconds_per_task * self.tasks_left
+
+    def line(self) -> str:
+        """The speed and the whole run's time in words: 'timed: 0.52 tasks/s on cpu; 10,000 tasks ≈ 5.3 h'."""
+        rate = self.world / max(self.seconds_per_task, 1e-9)
+        text = (
+            f"timed: {rate:.2f} tasks/s on {self.device}; {self.run_tasks:,} tasks ≈ {duration(self.run_tasks / rate)}"
+        )
+        if self.first_task:
+            text += f" ({duration(self.seconds_left)} from task {self.first_task:,} on)"
+        return text
+
+
+def duration(seconds: float) -> str:
+    """A time as people say it: '40 min', '5.3 h'."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
 @dataclass(frozen=True)
@@ -125,6 +141,15 @@ def resume_point(
     if differ:
         raise TrainError(f"{last}: the run was started with other settings: " + "; ".join(differ))
     return ckpt
+
+
+def saved_task(out: Path) -> int | None:
+    """The task the run in `out` holds in its last.pt (None without one): what a rerun continues from.
+    Memory-mapped, so reading it costs no copy of the weights."""
+    last = out / LAST
+    if not last.exists():
+        return None
+    return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["task_index"])
 
 
 def newer_best(best: Path, state: RunState) -> tuple[int, float] | None:

@@ -12,11 +12,13 @@ measurement (see PRESETS): the authors' recipe diverges or stalls there.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ from pipeline.features.readers import (
 )
 from pipeline.features.recipe import fingerprint_diff
 from pipeline.heads import STRMHeads, build_heads, load_heads
-from pipeline.heads.model import DEFAULT_OPTIONS
+from pipeline.heads.variants import DEFAULT_OPTIONS, ENRICHMENTS
 from pipeline.runtime import distributed
 from pipeline.training.config import (
     EpisodicConfig,
@@ -41,11 +43,12 @@ from pipeline.training.config import (
     check_validation_split,
     derived_seed,
     round_to_steps,
+    training_split_message,
     unknown_draws,
 )
 from pipeline.training.loop import EpisodicLoop
 from pipeline.training.runs import FREE
-from pipeline.training.state import TrainProgress, TrainResult, resume_point
+from pipeline.training.state import Estimate, TrainProgress, TrainResult, resume_point
 
 INIT_SEED = 0x1417  # mixed with the run's seed into the heads' initial weights
 
@@ -97,6 +100,56 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def _integer(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: object) -> TypeGuard[float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _width(value: object) -> bool:
+    return _integer(value) and value >= 1
+
+
+def _switch(value: object) -> bool:
+    return isinstance(value, bool)
+
+
+# What each heads option a run may set takes (--heads-option KEY=VALUE, values as JSON): in words, and
+# its test. frames, patches, lambda_qc and open_set are not here: the cache and the run's settings give them.
+HEADS_OPTIONS: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "trm_dim": ("an integer >= 1, e.g. 64", _width),
+    "psi_dim": ("an integer >= 1 or null (D/2)", lambda v: v is None or _width(v)),
+    "qc_dim": ("an integer >= 1 or null (D/2)", lambda v: v is None or _width(v)),
+    "scaled_attention": ("true or false", _switch),
+    "gamma_zero": ("true or false", _switch),
+    "qc": ("true or false", _switch),
+    "tuple_keep": ("a number in (0, 1]", lambda v: _number(v) and 0 < v <= 1),
+    "dropout": ("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1),
+    "ple": ('"attention", "mixer" or null', lambda v: v in ENRICHMENTS),
+    "fle": ('"attention", "mixer" or null', lambda v: v in ENRICHMENTS),
+    "joint": ("an integer >= 1 (Jnt-ST layers) or null", lambda v: v is None or _width(v)),
+    "cardinalities": (
+        "a list of integers >= 1, e.g. [2,3]",
+        lambda v: isinstance(v, list) and bool(v) and all(map(_width, v)),
+    ),
+}
+
+
+def check_heads_options(options: dict) -> None:
+    """TrainError naming the first heads option with an unknown key or a value of the wrong kind, what it
+    takes and the keys there are: before the heads are built, whose own errors would not name the option."""
+    known = f"known keys: {', '.join(HEADS_OPTIONS)}"
+    for key, value in options.items():
+        shown = f"--heads-option {key}={json.dumps(value)}"
+        if key not in HEADS_OPTIONS:
+            raise TrainError(f"{shown}: no heads option {key!r}; {known}")
+        words, test = HEADS_OPTIONS[key]
+        if not test(value):
+            raise TrainError(f"{shown}: {key} takes {words}; {known}")
+
+
 def authors_lr(dataset: str | None) -> float:
     """The released learning rate: 1e-3 for SSv2, 1e-4 for HMDB51, UCF101 and Kinetics."""
     return 1e-3 if dataset and dataset.lower().startswith("ssv2") else 1e-4
@@ -127,6 +180,7 @@ def _check(config: TrainConfig) -> None:
             f"heads options {sorted(fixed)} come from the cache (L, P) and the lambda_qc and open_set settings, "
             "not heads_options"
         )
+    check_heads_options(config.heads_options or {})
 
 
 def starting_heads(config: TrainConfig, cache: FeatureCache, source: SplitReader | None = None) -> STRMHeads:
@@ -315,13 +369,14 @@ def train(
     progress: Callable[[TrainProgress], None] | None = None,
     train_split: SplitReader | None = None,
     val_split: SplitFeatures | None = None,
+    confirm: Callable[[Estimate], bool] | None = None,
 ) -> TrainResult:
     """Train heads on the cache's training split; write config, metrics, checkpoints and the curve to `out`.
 
     `resume` continues from `out/last.pt` when there is one (and starts afresh otherwise).
-    `train_split` / `val_split` skip loading those splits (already in memory). Under torchrun
-    (after `distributed.init_distributed`) the tasks of each optimiser step are split across ranks;
-    rank 0 validates and writes the files.
+    `train_split` / `val_split` skip loading those splits (already in memory). `confirm` hears the speed
+    of the first tasks (rank 0; False stops the run: loop.Declined). Under torchrun (after
+    `distributed.init_distributed`) the tasks of each step are split across ranks; rank 0 validates and writes.
     """
     _check(config)
     out = Path(out)
@@ -353,7 +408,7 @@ def train(
             **unknown_draws(config),
         )
     except ValueError as e:
-        raise TrainError(f"{cache.path} train split: {e}") from None
+        raise TrainError(training_split_message(source.labels.numpy(), config, e, str(cache.path))) from None
     val_split = _validation_split(config, cache, val_split)
     if resumed is not None:
         heads, _ = load_heads(resumed)
@@ -383,4 +438,4 @@ def train(
         checkpoint_extra=lambda: {"cache_fingerprint": cache.fingerprint, "class_names": list(source.class_names)},
         notes=notes,
     )
-    return replace(loop.fit(progress), config=config)
+    return replace(loop.fit(progress, confirm), config=config)
