@@ -6,7 +6,6 @@ the checkpoint's features."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,10 +95,9 @@ def predict_command(
 ) -> None:
     """Label clips, windows of long recordings or a live stream (--stream) with the support's actions and probabilities."""
     from pipeline.features.weights import WeightsUnavailable
-    from pipeline.predict.annotate import annotate_records
     from pipeline.predict.clips import PredictError
-    from pipeline.predict.outputs import timeline_figure, unused_path, windowed, write_csv
     from pipeline.predict.recognizer import FewShotRecognizer, parse_unknown
+    from pipeline.predict.saved import save_outputs
     from pipeline.runtime.distributed import DeviceError
 
     if stream is not None and (queries or json_out or csv_out):
@@ -148,18 +146,9 @@ def predict_command(
         )
     _table(records)
     try:
-        for r in records:
-            if windowed(r):  # a free name: a second run, or a recording of one name in two folders, keeps its own
-                figure = unused_path(figures, f"{Path(r['path']).stem}_timeline", ".png")
-                r["timeline"] = str(timeline_figure(r, chosen.actions, figure))
-                console.print(f"timeline: {r['timeline']}", highlight=False)
-        if json_out is not None:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(recognizer.report(records), indent=1) + "\n")
-        if csv_out is not None:
-            write_csv(csv_out, records)
-        for video in annotate_records(records, chosen.actions, annotate, top_k=top_k) if annotate else []:
-            console.print(f"annotated: {video}", highlight=False)
+        outputs: dict[str, Any] = {"figures": figures, "json_out": json_out, "csv_out": csv_out, "annotate": annotate}
+        for line in save_outputs(records, chosen.actions, recognizer.report, top_k=top_k, **outputs):
+            console.print(line, highlight=False)
     except OSError as err:
         fail(f"{err.filename}: cannot write ({err.strerror})")
     if not any(r["status"] == "ok" for r in records):

@@ -79,10 +79,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(video: Path, port: int) -> subprocess.Popen:
-    """FFmpeg serving `video` at its own rate as MPEG-TS on 127.0.0.1:port, once it listens."""
+def _serve(video: Path, port: int, *, loop: bool = False) -> subprocess.Popen:
+    """FFmpeg serving `video` at its own rate as MPEG-TS on 127.0.0.1:port, once it listens (`loop`: over
+    and over, a stream that does not end by itself)."""
+    again = ["-stream_loop", "-1"] if loop else []
     server = subprocess.Popen(
-        [FFMPEG, "-nostdin", "-loglevel", "error", "-re", "-i", str(video), "-c", "copy", "-f", "mpegts"]
+        [FFMPEG, "-nostdin", "-loglevel", "error", "-re", *again, "-i", str(video), "-c", "copy", "-f", "mpegts"]
         + [f"tcp://127.0.0.1:{port}?listen=1"]
     )
     state = f":{port:04X} 00000000:0000 0A"  # /proc/net/tcp: local port, no remote, LISTEN
@@ -220,7 +222,7 @@ def test_ctrl_c_stops_the_command_with_its_summary_and_valid_lines(model, tmp_pa
     long = tmp_path / "long.mp4"
     write_mp4(np.concatenate([_clip(k % 2, k, 24) for k in range(16)]), long, fps=12)  # 32 s
     port = _free_port()
-    server = _serve(long, port)
+    server = _serve(long, port, loop=True)  # it cannot end before the signal, however loaded the machine
     out = tmp_path / "lines.jsonl"
     command = [str(Path(sys.executable).with_name("strm")), "predict", "--checkpoint", str(model / "heads.pt")]
     command += ["--support", str(model / "support"), "--stream", f"tcp://127.0.0.1:{port}", "--window", "1"]
@@ -228,7 +230,7 @@ def test_ctrl_c_stops_the_command_with_its_summary_and_valid_lines(model, tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(600):
+        for _ in range(2400):
             if out.exists() and out.read_text().count('"kind": "window"') >= 2 or run.poll() is not None:
                 break
             time.sleep(0.05)

@@ -287,7 +287,13 @@ def evaluate_point(
         after_training(heads, point.after)
         model = heads
     result = ev.evaluate(
-        model, test, tasks=tasks, seed=seed, split_name="test", device=device, trained=point.open_set or ev.TRAINED_SCORE
+        model,
+        test,
+        tasks=tasks,
+        seed=seed,
+        split_name="test",
+        device=device,
+        trained=point.open_set or ev.TRAINED_SCORE,
     )
     ev.write_run(record, [result], about)
     return result
