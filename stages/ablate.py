@@ -27,17 +27,22 @@ def ablate_command(
     cardinalities: list[str] | None = typer.Option(
         None,
         "--cardinalities",
-        help="Tuple cardinality sets to cross with the variants, e.g. 1,2,3,2+3.",
-        show_default="each variant's own",
+        help="Tuple cardinality sets to cross with the variants, e.g. 1,2,3,2+3. \\[default: each variant's own]",
     ),
     lambdas: list[str] | None = typer.Option(
-        None, "--lambdas", help="QC loss/logit weights to cross, e.g. 0,0.1,0.5.", show_default="0.1"
+        None,
+        "--lambdas",
+        help="QC loss/logit weights to cross, e.g. 0,0.1,0.5. \\[default: 0.1]",
     ),
     retain: list[str] | None = typer.Option(
-        None, "--retain", help="Fractions of tuples kept to cross, e.g. 0.25,0.5,1.", show_default="1"
+        None,
+        "--retain",
+        help="Fractions of tuples kept to cross, e.g. 0.25,0.5,1. \\[default: 1]",
     ),
     reference: str | None = typer.Option(
-        None, "--reference", help="Row label the paired differences are taken against.", show_default="the first row"
+        None,
+        "--reference",
+        help="Row label the paired differences are taken against. \\[default: the first row]",
     ),
     train_episodes: int = typer.Option(
         10_000, "--train-episodes", min=1, help="Training tasks a grid point (frozen preset; it may stop early)."
@@ -51,7 +56,10 @@ def ablate_command(
         0, "--seed", help="Seed of the training tasks and initial weights, and of the test tasks."
     ),
     trm_dim: int | None = typer.Option(
-        None, "--trm-dim", min=1, help="TRM's key/value width D' for every row.", show_default="1152"
+        None,
+        "--trm-dim",
+        min=1,
+        help="TRM's key/value width D' for every row. \\[default: 1152]",
     ),
     flops: bool = typer.Option(
         False,

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -58,7 +58,7 @@ class OpenSet(str, Enum):
 
 OPEN_SET_HELP = (
     "Open-set training on bounded logits: bounded alone, or with unknown queries from other training classes "
-    "that the heads learn to score low (eos, garbage, disc; see the README). (default: none)"
+    "that the heads learn to score low (eos, garbage, disc; see the README). \\[default: none]"
 )
 
 
@@ -101,6 +101,12 @@ def training_interrupted(out: Path, task: int) -> str:
     saved = saved_task(out)
     held = f"{out / 'last.pt'} holds task {saved}" if saved is not None else "no last.pt was written yet"
     return f"at task {task}, {held}; run `{resume_command()}` to continue"
+
+
+def setting(flag: str, help: str, **more: Any) -> Any:
+    """An option left out by default (None): the run's settings then come from elsewhere (the start's
+    checkpoint, the dataset, the library's defaults), which `help` names as `\\[default: ...]`."""
+    return typer.Option(None, flag, help=help, **more)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

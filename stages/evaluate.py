@@ -10,28 +10,10 @@ import time
 from enum import Enum
 from pathlib import Path
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import TaskID
 
-from pipeline import evaluation as ev
-from pipeline.features.cache import open_cache
-from pipeline.features.readers import CacheError
-from pipeline.runtime.distributed import DeviceError, resolve_device
-from pipeline.studies.eval_run import (
-    EvalError,
-    RequestError,
-    check_request,
-    choose_model,
-    default_record,
-    plan_tasks,
-    run_plan,
-    save_planned,
-    summary_lines,
-    write_results,
-)
-from pipeline.training.checkpoints import CheckpointError
 from stages.common import LOADING_HELP, Loading, fail, progress_bar
 
 console = Console(stderr=True)
@@ -79,7 +61,7 @@ def evaluate_command(
     variant: str | None = typer.Option(
         None,
         "--variant",
-        help="Heads variant for --baseline untrained (default strm) or an authors' file (default: detected).",
+        help="Heads variant for --baseline untrained (default strm) or an authors' file \\[default: detected]",
     ),
     loading: Loading = typer.Option(Loading.auto, "--loading", help=LOADING_HELP),
     json_out: Path | None = typer.Option(None, "--json", help="Run record (JSON). Default runs/evaluate/<name>.json."),
@@ -90,7 +72,7 @@ def evaluate_command(
     episodes_file: Path | None = typer.Option(
         None, "--episodes-file", help="Evaluate exactly the tasks of a file written by --save-episodes."
     ),
-    batch_tasks: int | None = typer.Option(None, "--batch-tasks", min=1, help="Tasks per batch (default: by memory)."),
+    batch_tasks: int | None = typer.Option(None, "--batch-tasks", min=1, help="Tasks per batch \\[default: by memory]"),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace a record of another model at the JSON path (refused without it)."
     ),
@@ -102,6 +84,26 @@ def evaluate_command(
     confusion matrix), a CSV summary, and with several --shot values a PNG of accuracy against shots.
     With --unknown-classes, every unknown score's AUROC, AUPR, OSCR and catch rates on the same tasks too.
     """
+    import torch
+
+    from pipeline import evaluation as ev
+    from pipeline.features.cache import open_cache
+    from pipeline.features.readers import CacheError
+    from pipeline.runtime.distributed import DeviceError, resolve_device
+    from pipeline.studies.eval_run import (
+        EvalError,
+        RequestError,
+        check_request,
+        choose_model,
+        default_record,
+        plan_tasks,
+        run_plan,
+        save_planned,
+        summary_lines,
+        write_results,
+    )
+    from pipeline.training.checkpoints import CheckpointError
+
     shots = _shots(shot)
     try:
         check_request(checkpoint, baseline.value if baseline else None, variant, episodes_file)

@@ -21,21 +21,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from pipeline.data.manifests import resolve_manifest
-from pipeline.data.video import ViewSpec
-from pipeline.features.backbones import get_backbone
-from pipeline.features.cache import open_cache
-from pipeline.features.extract import ExtractSettings, RunOptions, extract
-from pipeline.features.presets import preset_lines
-from pipeline.features.readers import CacheError
-from pipeline.features.weights import OFFLINE_DEFAULT, WeightsUnavailable
-from pipeline.runtime.distributed import (
-    DeviceError,
-    init_distributed,
-    resolve_device,
-    teardown,
-)
-from pipeline.training.checkpoints import load_backbone_weights
+from pipeline.features.presets import OFFLINE_DEFAULT, preset_lines
 from stages.common import command_line, fail, on_interrupt
 
 
@@ -117,6 +103,15 @@ def extract_command(
     settings with a changed manifest (clips added, removed or re-encoded) reuse the cache and
     extract only the videos it does not hold yet.
     """
+    from pipeline.data.manifests import resolve_manifest
+    from pipeline.data.video import ViewSpec
+    from pipeline.features.backbones import get_backbone
+    from pipeline.features.extract import ExtractSettings, RunOptions, extract
+    from pipeline.features.readers import CacheError
+    from pipeline.features.weights import WeightsUnavailable
+    from pipeline.runtime.distributed import DeviceError, init_distributed, resolve_device, teardown
+    from pipeline.training.checkpoints import load_backbone_weights
+
     start = time.perf_counter()
     try:
         # Ranks wait for each other only at the start and the end; the end can be hours later.
@@ -182,6 +177,8 @@ def extract_command(
 
 def _summary(console: Console, path: Path) -> int:
     """Print per split done/total and every failure with its reason (all ranks', read from the cache); return done."""
+    from pipeline.features.cache import open_cache
+
     cache = open_cache(path)
     total_done = 0
     for split in cache.splits:

@@ -8,22 +8,23 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 
-from pipeline.data.manifests import ManifestError, training_manifest
-from pipeline.features.weights import WeightsUnavailable
-from pipeline.runtime.distributed import DeviceError, init_distributed, resolve_device, teardown
-from pipeline.training import finetune_settings as fs
-from pipeline.training.checkpoints import CheckpointError
-from pipeline.training.config import TrainError
-from pipeline.training.finetune import finetune
-from pipeline.training.loop import Declined
-from pipeline.training.runs import RunError
-from pipeline.training.state import TrainResult
-from stages.common import OVERWRITE_HELP, Optimizer, counting_progress, fail, one_of_resume_overwrite, training_progress
+if TYPE_CHECKING:
+    from pipeline.training.state import TrainResult
+
+from stages.common import (
+    OVERWRITE_HELP,
+    Optimizer,
+    counting_progress,
+    fail,
+    one_of_resume_overwrite,
+    setting,
+    training_progress,
+)
 
 console = Console(stderr=True)
 
@@ -53,66 +54,54 @@ def finetune_command(
     videos: Path = typer.Option(
         ..., "--videos", help="Folder holding the videos; relative manifest paths are under it."
     ),
-    manifest: Path | None = typer.Option(
-        None,
+    manifest: Path | None = setting(
         "--manifest",
-        help="Manifest from `strm manifest` (frame counts known); built from --videos when not given.",
+        "Manifest from `strm manifest` (frame counts known); built from --videos when not given.",
     ),
-    backbone: str | None = typer.Option(
-        None, "--backbone", help="Backbone name. (default: the one the heads were trained on, else resnet50)"
+    backbone: str | None = setting(
+        "--backbone", "Backbone name. \\[default: the one the heads were trained on, else resnet50]"
     ),
-    layer: str | None = typer.Option(None, "--layer", help="Feature layer. (default: as the heads were trained)"),
-    weights: Path | None = typer.Option(
-        None, "--weights", help="Local backbone weights instead of the pretrained download."
+    layer: str | None = setting("--layer", "Feature layer. \\[default: as the heads were trained]"),
+    weights: Path | None = setting("--weights", "Local backbone weights instead of the pretrained download."),
+    episodes: int | None = setting("--episodes", "Training tasks. \\[default: 75000 SSv2, 10000 others]"),
+    way: int | None = setting("--way", "Classes a task. \\[default: 5]"),
+    shot: int | None = setting("--shot", "Support videos a class. \\[default: 5]"),
+    queries: int | None = setting("--queries", "Query videos a class. \\[default: 5 Kinetics, 4 others]"),
+    lr: float | None = setting("--lr", "Learning rate. \\[default: 1e-3 SSv2, 1e-4 others]"),
+    optimizer: Optimizer | None = setting(
+        "--optimizer", "Optimiser, without momentum or weight decay. \\[default: sgd, the authors']"
     ),
-    episodes: int | None = typer.Option(None, "--episodes", help="Training tasks. (default: 75000 SSv2, 10000 others)"),
-    way: int | None = typer.Option(None, "--way", help="Classes a task. (default: 5)"),
-    shot: int | None = typer.Option(None, "--shot", help="Support videos a class. (default: 5)"),
-    queries: int | None = typer.Option(None, "--queries", help="Query videos a class. (default: 5 Kinetics, 4 others)"),
-    lr: float | None = typer.Option(None, "--lr", help="Learning rate. (default: 1e-3 SSv2, 1e-4 others)"),
-    optimizer: Optimizer | None = typer.Option(
-        None, "--optimizer", help="Optimiser, without momentum or weight decay. (default: sgd, the authors')"
+    tasks_per_step: int | None = setting("--tasks-per-step", "Tasks accumulated a step. \\[default: 16]"),
+    freeze_stages: int | None = setting(
+        "--freeze-stages", "Freeze the first K backbone stages (ResNet: stem, layer1..4). \\[default: 0]"
     ),
-    tasks_per_step: int | None = typer.Option(None, "--tasks-per-step", help="Tasks accumulated a step. (default: 16)"),
-    freeze_stages: int | None = typer.Option(
-        None, "--freeze-stages", help="Freeze the first K backbone stages (ResNet: stem, layer1..4). (default: 0)"
-    ),
-    bn: BatchNorm | None = typer.Option(
-        None, "--bn", help="BatchNorm: train (synchronised across GPUs) or frozen. (default: train)"
-    ),
-    amp: Amp | None = typer.Option(
-        None,
+    bn: BatchNorm | None = setting("--bn", "BatchNorm: train (synchronised across GPUs) or frozen. \\[default: train]"),
+    amp: Amp | None = setting(
         "--amp",
-        help="CUDA autocast: bf16, fp16 (loss scaling) or off (the authors'). CPU runs float32. (default: bf16)",
+        "CUDA autocast: bf16, fp16 (loss scaling) or off (the authors'). CPU runs float32. \\[default: bf16]",
     ),
-    normalize: bool | None = typer.Option(
-        None, "--normalize/--no-normalize", help="Backbone mean/std on the pixels. (default: as the heads were trained)"
+    normalize: bool | None = setting(
+        "--normalize/--no-normalize",
+        "Backbone mean/std on the pixels. \\[default: as the heads were trained]",
     ),
-    short_side: int | None = typer.Option(
-        None, "--short-side", help="Resize the shorter side to this. (default: as the heads were trained, else 256)"
+    short_side: int | None = setting(
+        "--short-side", "Resize the shorter side to this. \\[default: as the heads were trained, else 256]"
     ),
-    crop: int | None = typer.Option(None, "--crop", help="Square crop. (default: as the heads were trained, else 224)"),
-    seed: int | None = typer.Option(None, "--seed", help="Seed of the tasks, views and dropout. (default: 0)"),
-    val_every: int | None = typer.Option(
-        None, "--val-every", help="Validate every N tasks; 0 = never. (default: 1000)"
+    crop: int | None = setting("--crop", "Square crop. \\[default: as the heads were trained, else 224]"),
+    seed: int | None = setting("--seed", "Seed of the tasks, views and dropout. \\[default: 0]"),
+    val_every: int | None = setting("--val-every", "Validate every N tasks; 0 = never. \\[default: 1000]"),
+    val_episodes: int | None = setting("--val-episodes", "Validation tasks (fixed seed). \\[default: 1000]"),
+    val_way: int | None = setting("--val-way", "Classes a validation task. \\[default: --way]"),
+    checkpoint_every: int | None = setting("--checkpoint-every", "Write last.pt every N tasks. \\[default: 160]"),
+    log_every: int | None = setting("--log-every", "A metrics line every N tasks. \\[default: 16]"),
+    tensorboard: bool | None = setting(
+        "--tensorboard/--no-tensorboard",
+        "Also write the scalars to OUT/tb for TensorBoard. \\[default: off]",
     ),
-    val_episodes: int | None = typer.Option(
-        None, "--val-episodes", help="Validation tasks (fixed seed). (default: 1000)"
-    ),
-    val_way: int | None = typer.Option(None, "--val-way", help="Classes a validation task. (default: --way)"),
-    checkpoint_every: int | None = typer.Option(
-        None, "--checkpoint-every", help="Write last.pt every N tasks. (default: 160)"
-    ),
-    log_every: int | None = typer.Option(None, "--log-every", help="A metrics line every N tasks. (default: 16)"),
-    tensorboard: bool | None = typer.Option(
-        None, "--tensorboard/--no-tensorboard", help="Also write the scalars to OUT/tb for TensorBoard. (default: off)"
-    ),
-    open_set: str | None = typer.Option(None, "--open-set", help="Open-set training (README). (default: the start's)"),
-    workers: int | None = typer.Option(
-        None, "--workers", min=0, help="Decoding processes. (default: CPUs - 1, at most 8)"
-    ),
-    out: Path | None = typer.Option(None, "--out", help="Run folder. (default: runs/NAME-ft)"),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)"),
+    open_set: str | None = setting("--open-set", "Open-set training (README). \\[default: the start's]"),
+    workers: int | None = setting("--workers", min=0, help="Decoding processes. \\[default: CPUs - 1, at most 8]"),
+    out: Path | None = setting("--out", "Run folder. \\[default: runs/NAME-ft]"),
+    device: str | None = setting("--device", "cpu, cuda, cuda:1 ... \\[default: cuda when available]"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     yes: bool = typer.Option(False, "--yes", help="Start even when a CPU run is estimated past an hour."),
@@ -123,6 +112,15 @@ def finetune_command(
     `strm extract ... --backbone-checkpoint OUT/best.pt` refreshes the cache for `strm evaluate`.
     Under torchrun the 16 tasks of a step are split across the processes.
     """
+    from pipeline.data.manifests import ManifestError
+    from pipeline.features.weights import WeightsUnavailable
+    from pipeline.runtime.distributed import DeviceError, teardown
+    from pipeline.training import finetune_settings as fs
+    from pipeline.training.checkpoints import CheckpointError
+    from pipeline.training.config import TrainError
+    from pipeline.training.loop import Declined
+    from pipeline.training.runs import RunError
+
     given = fs.given_settings(locals())  # the options that are the run's settings
     one_of_resume_overwrite(resume, overwrite)
     out = out or fs.default_out(source)
@@ -142,7 +140,10 @@ def finetune_command(
         teardown()
     if rank != 0:
         return
-    _report(result, dataset, videos, manifest)
+    for line in fs.done_lines(result):
+        console.print(line, highlight=False)
+    console.print("refresh the feature cache with the fine-tuned backbone:", highlight=False)
+    typer.echo(fs.refresh_command(dataset, videos, manifest, result.config, result.best_checkpoint))
 
 
 def _train(
@@ -158,6 +159,11 @@ def _train(
     yes: bool,
 ) -> tuple[int, TrainResult]:
     """(this process's rank, the run's result): settings resolved, frames counted, the run started or resumed."""
+    from pipeline.data.manifests import training_manifest
+    from pipeline.runtime.distributed import init_distributed, resolve_device
+    from pipeline.training import finetune_settings as fs
+    from pipeline.training.finetune import finetune
+
     resolve_device(given["device"] or "auto")  # a device this machine lacks is one line, before anything else
     rank, world = init_distributed(given["device"] or "auto")
     quiet = rank != 0
@@ -185,14 +191,6 @@ def _train(
             confirm=fs.confirmation(config, on_cpu=on_cpu, yes=yes, tell=say),
         )
     return rank, result
-
-
-def _report(result: TrainResult, dataset: str, videos: Path, manifest: Path | None) -> None:
-    """The run's notes, its best and last checkpoints, and the command that refreshes the cache with it."""
-    for line in fs.done_lines(result):
-        console.print(line, highlight=False)
-    console.print("refresh the feature cache with the fine-tuned backbone:", highlight=False)
-    typer.echo(fs.refresh_command(dataset, videos, manifest, result.config, result.best_checkpoint))
 
 
 def register(app: typer.Typer) -> None:

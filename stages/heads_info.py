@@ -34,7 +34,12 @@ def _queries(text: str) -> tuple[int, ...]:
 def heads_info_command(
     variants: list[str] = typer.Argument(..., help=f"Heads variants: {', '.join(VARIANTS)}."),
     dim: int = typer.Option(2048, "--dim", min=2, help="Feature width D (ResNet-50: 2048)."),
-    trm_dim: int | None = typer.Option(None, "--trm-dim", min=1, help="TRM's key/value width D'.", show_default="1152"),
+    trm_dim: int | None = typer.Option(
+        None,
+        "--trm-dim",
+        min=1,
+        help="TRM's key/value width D'. \\[default: 1152]",
+    ),
     queries: str = typer.Option("1,4", "--queries", help="Query videos a class, one table block each, e.g. 1,4."),
     json_out: Path | None = typer.Option(
         None, "--json", help="Also write the rows (pipeline.evaluation.compute.compute_table) as JSON."

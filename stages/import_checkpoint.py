@@ -24,7 +24,7 @@ def import_checkpoint(
     variant: str | None = typer.Option(
         None,
         "--variant",
-        help=f"Heads the file holds: {', '.join(VARIANTS)} (default: detected, strm or trx for released files).",
+        help=f"Heads the file holds: {', '.join(VARIANTS)} \\[default: detected, strm or trx for released files]",
     ),
 ) -> None:
     """Convert an authors' checkpoint; loads with weights_only (no code from the file runs).

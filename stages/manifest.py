@@ -62,13 +62,15 @@ def manifest(
         str | None,
         typer.Option(
             "--name",
-            help="The name later stages know it by (strm extract NAME; cache/NAME/).",
-            show_default="the built-in's; for folder, the videos folder's own name",
+            help="The name later stages know it by (strm extract NAME; cache/NAME/). \\[default: the built-in's; for folder, the videos folder's own name]",
         ),
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Manifest file, .csv or .parquet.", show_default="data_manifests/local/NAME.csv"),
+        typer.Option(
+            "--out",
+            help="Manifest file, .csv or .parquet. \\[default: data_manifests/local/NAME.csv]",
+        ),
     ] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Decoder processes for the check.")] = 2,
     min_frames: Annotated[

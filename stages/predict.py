@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from stages.common import fail, progress_bar
+from stages.common import fail, progress_bar, setting
 
 if TYPE_CHECKING:
     from pipeline.predict.recognizer import FewShotRecognizer
@@ -38,18 +38,16 @@ def predict_command(
         "uneven counts allowed) or a support index from --save-support.",
     ),
     top_k: int = typer.Option(3, "--top-k", min=1, help="Actions listed per query in the JSON."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write every result as JSON."),
-    csv_out: Path | None = typer.Option(None, "--csv", help="Write one row per query as CSV."),
-    save_support: Path | None = typer.Option(
-        None,
+    json_out: Path | None = setting("--json", "Write every result as JSON."),
+    csv_out: Path | None = setting("--csv", "Write one row per query as CSV."),
+    save_support: Path | None = setting(
         "--save-support",
-        help="Save the support's embeddings (safetensors) for later runs: --support FILE skips decoding them.",
+        "Save the support's embeddings (safetensors) for later runs: --support FILE skips decoding them.",
     ),
-    backbone: str | None = typer.Option(None, "--backbone", help="With `proto`: the frozen backbone (name or preset)."),
-    weights: Path | None = typer.Option(
-        None,
+    backbone: str | None = setting("--backbone", "With `proto`: the frozen backbone (name or preset)."),
+    weights: Path | None = setting(
         "--weights",
-        help="The backbone's weights file when they cannot be "
+        "The backbone's weights file when they cannot be "
         "downloaded (safetensors or torch; a fine-tune checkpoint works too).",
     ),
     allow_other_weights: bool = typer.Option(
@@ -57,18 +55,10 @@ def predict_command(
         "--allow-other-weights",
         help="Go on when the weights' sha256 differs from the one the heads were trained on (the output says so).",
     ),
-    window: float | None = typer.Option(
-        None, "--window", min=0.1, help="Windows of this many s (recordings; --stream: 2)."
-    ),
-    stride: float | None = typer.Option(
-        None, "--stride", min=0.1, help="Seconds between window starts, at most --window.", show_default="--window"
-    ),
-    min_segment: float | None = typer.Option(
-        None,
-        "--min-segment",
-        min=0.0,
-        help="Segments shorter than this (s) join a neighbour.",
-        show_default="half the window",
+    window: float | None = setting("--window", "Windows of this many s (recordings; --stream: 2).", min=0.1),
+    stride: float | None = setting("--stride", "Seconds between windows, <= --window. \\[default: --window]", min=0.1),
+    min_segment: float | None = setting(
+        "--min-segment", "Shorter segments (s) join a neighbour. \\[default: window/2]", min=0.0
     ),
     unknown: str = typer.Option(
         "off",
@@ -79,15 +69,16 @@ def predict_command(
     figures: Path = typer.Option(
         Path("runs/predict"), "--figures", help="Folder for the timeline PNGs of windowed queries."
     ),
-    stream: str | None = typer.Option(
-        None, "--stream", help="A live source, not queries: /dev/video0, a rtsp/http/tcp/udp URL, a growing file."
+    stream: str | None = setting(
+        "--stream", "A live source, not queries: /dev/video0, a rtsp/http/tcp/udp URL, a growing file."
     ),
-    jsonl: Path | None = typer.Option(
-        None, "--jsonl", help="With --stream: the JSON lines' file.", show_default="stdout"
+    jsonl: Path | None = setting(
+        "--jsonl",
+        "With --stream: the JSON lines' file. \\[default: stdout]",
     ),
     reconnect: int = typer.Option(3, "--reconnect", min=0, help="Tries after a stream drops (1, 2, 4 s... apart)."),
-    annotate: Path | None = typer.Option(
-        None, "--annotate", help="Write the queries with their predictions drawn (OUT.mp4; OUT-<name>.mp4 for several)."
+    annotate: Path | None = setting(
+        "--annotate", "Write the queries with their predictions drawn (OUT.mp4; OUT-<name>.mp4 for several)."
     ),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N."),
     batch_size: int = typer.Option(64, "--batch-size", min=8, help="Frames per backbone call."),

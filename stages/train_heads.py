@@ -14,17 +14,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from pipeline.features.cache import open_cache
-from pipeline.features.readers import CacheError
-from pipeline.runtime.distributed import (
-    DeviceError,
-    init_distributed,
-    resolve_device,
-    teardown,
-)
-from pipeline.training.config import TrainError
-from pipeline.training.runs import RunError, saved_settings
-from pipeline.training.train import PRESETS, make_config, train
 from stages.common import (
     OPEN_SET_HELP,
     OVERWRITE_HELP,
@@ -63,7 +52,7 @@ def _heads_options(pairs: list[str]) -> dict:
 # Over 80 lines for its 26 option declarations; the body is under 80.
 def train_heads(
     cache: Path = typer.Option(..., "--cache", help="Feature cache folder (from `strm extract`)."),
-    variant: str | None = typer.Option(None, help="Heads variant: strm, trm, trx, ple-trm, ... (default: strm)"),
+    variant: str | None = typer.Option(None, help="Heads variant: strm, trm, trx, ple-trm, ... \\[default: strm]"),
     heads_option: list[str] = typer.Option(
         [],
         "--heads-option",
@@ -72,51 +61,62 @@ def train_heads(
     preset: Preset | None = typer.Option(
         None,
         help="frozen: AdamW, mean loss, standardised features, early stop (for cached features). "
-        "authors: the released SGD recipe (summed loss / 16, a step every 16 tasks). (default: frozen)",
+        "authors: the released SGD recipe (summed loss / 16, a step every 16 tasks). \\[default: frozen]",
     ),
-    episodes: int | None = typer.Option(None, help="Training tasks. (default: 10000)"),
-    way: int | None = typer.Option(None, help="Classes a task. (default: 5)"),
-    shot: int | None = typer.Option(None, help="Support videos a class. (default: 5)"),
-    queries: int | None = typer.Option(None, help="Query videos a class in training. (default: 4)"),
+    episodes: int | None = typer.Option(None, help="Training tasks. \\[default: 10000]"),
+    way: int | None = typer.Option(None, help="Classes a task. \\[default: 5]"),
+    shot: int | None = typer.Option(None, help="Support videos a class. \\[default: 5]"),
+    queries: int | None = typer.Option(None, help="Query videos a class in training. \\[default: 4]"),
     lr: float | None = typer.Option(
-        None, help="Learning rate. (default: the preset's; authors: 1e-3 SSv2, 1e-4 others)"
+        None, help="Learning rate. \\[default: the preset's; authors: 1e-3 SSv2, 1e-4 others]"
     ),
-    optimizer: Optimizer | None = typer.Option(None, help="Optimiser. (default: the preset's)"),
-    weight_decay: float | None = typer.Option(None, help="Weight decay. (default: the preset's)"),
-    tasks_per_step: int | None = typer.Option(None, help="Tasks accumulated a step. (default: frozen 1, authors 16)"),
+    optimizer: Optimizer | None = typer.Option(None, help="Optimiser. \\[default: the preset's]"),
+    weight_decay: float | None = typer.Option(None, help="Weight decay. \\[default: the preset's]"),
+    tasks_per_step: int | None = typer.Option(None, help="Tasks accumulated a step. \\[default: frozen 1, authors 16]"),
     lambda_qc: float | None = typer.Option(
-        None, "--lambda-qc", help="Weight of the QC loss and logits. (default: 0.1)"
+        None, "--lambda-qc", help="Weight of the QC loss and logits. \\[default: 0.1]"
     ),
     augment: bool | None = typer.Option(
-        None, "--augment/--no-augment", help="Use the cached training views at random. (default: on)"
+        None, "--augment/--no-augment", help="Use the cached training views at random. \\[default: on]"
     ),
     standardize: bool | None = typer.Option(
-        None, "--standardize/--no-standardize", help="Per-channel feature standardisation. (default: the preset's)"
+        None, "--standardize/--no-standardize", help="Per-channel feature standardisation. \\[default: the preset's]"
     ),
-    seed: int | None = typer.Option(None, help="Seed of the training tasks and dropout. (default: 0)"),
-    val_every: int | None = typer.Option(None, help="Validate every N tasks; 0 = never. (default: 500)"),
-    val_episodes: int | None = typer.Option(None, help="Validation tasks (fixed, seed 0). (default: 500)"),
-    val_way: int | None = typer.Option(None, help="Classes a validation task (a val split of fewer). (default: --way)"),
+    seed: int | None = typer.Option(None, help="Seed of the training tasks and dropout. \\[default: 0]"),
+    val_every: int | None = typer.Option(None, help="Validate every N tasks; 0 = never. \\[default: 500]"),
+    val_episodes: int | None = typer.Option(None, help="Validation tasks (fixed, seed 0). \\[default: 500]"),
+    val_way: int | None = typer.Option(
+        None, help="Classes a validation task (a val split of fewer). \\[default: --way]"
+    ),
     patience: int | None = typer.Option(
-        None, help="Stop after N validations without improvement; 0 = never. (default: the preset's)"
+        None, help="Stop after N validations without improvement; 0 = never. \\[default: the preset's]"
     ),
-    checkpoint_every: int | None = typer.Option(None, help="Write last.pt every N tasks. (default: 250)"),
+    checkpoint_every: int | None = typer.Option(None, help="Write last.pt every N tasks. \\[default: 250]"),
     open_set: OpenSet | None = typer.Option(None, "--open-set", help=OPEN_SET_HELP),
-    open_set_weight: float | None = typer.Option(None, help="Weight of the open-set loss term. (default: 1.0)"),
-    unknown_classes: int | None = typer.Option(None, help="Open-set: other classes a task draws. (default: 5)"),
-    unknown_queries: int | None = typer.Option(None, help="Open-set: queries of each. (default: 2)"),
-    out: Path | None = typer.Option(None, help="Run folder. (default: runs/<variant>-<preset>-seed<seed>)"),
+    open_set_weight: float | None = typer.Option(None, help="Weight of the open-set loss term. \\[default: 1.0]"),
+    unknown_classes: int | None = typer.Option(None, help="Open-set: other classes a task draws. \\[default: 5]"),
+    unknown_queries: int | None = typer.Option(None, help="Open-set: queries of each. \\[default: 2]"),
+    out: Path | None = typer.Option(None, help="Run folder. \\[default: runs/<variant>-<preset>-seed<seed>]"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
-    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)"),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... \\[default: cuda when available]"),
     loading: Loading | None = typer.Option(
-        None, help="Keep the training split on the GPU, in RAM or stream it from disk. (default: auto)"
+        None, help="Keep the training split on the GPU, in RAM or stream it from disk. \\[default: auto]"
     ),
     tensorboard: bool | None = typer.Option(
-        None, "--tensorboard/--no-tensorboard", help="Also write the scalars to OUT/tb for TensorBoard. (default: off)"
+        None,
+        "--tensorboard/--no-tensorboard",
+        help="Also write the scalars to OUT/tb for TensorBoard. \\[default: off]",
     ),
 ) -> None:
     """Train the heads on the cache's training split; write config.json, metrics.jsonl, last.pt, best.pt and curve.png."""
+    from pipeline.features.cache import open_cache
+    from pipeline.features.readers import CacheError
+    from pipeline.runtime.distributed import DeviceError, init_distributed, resolve_device, teardown
+    from pipeline.training.config import TrainError
+    from pipeline.training.runs import RunError, saved_settings
+    from pipeline.training.train import make_config, train
+
     one_of_resume_overwrite(resume, overwrite)
     given = dict(
         variant=variant,
@@ -191,6 +191,8 @@ def train_heads(
 
 def register(app: typer.Typer) -> None:
     """Add `strm train-heads` to the app."""
+    from pipeline.training.train import PRESETS
+
     app.command(
         "train-heads", help=f"Episodic training of the heads on a feature cache (presets: {', '.join(PRESETS)})."
     )(train_heads)
