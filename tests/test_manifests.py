@@ -360,7 +360,10 @@ def test_splits_are_checked_for_videos_and_classes_big_enough_for_a_task():
         and "small: 3" in warnings[0]
     )
     assert warnings[1].startswith("split val: no usable videos (1 classes listed)") and "--val-every 0" in warnings[1]
-    assert warnings[2].startswith("split test: 3 classes can enter a 5-way task") and "--way" in warnings[2]
+    assert warnings[2].startswith("split test: 3 classes can enter a 5-way task")
+    assert warnings[2].endswith("evaluate with a smaller --way")
+    val = table.assign(split=table["split"].replace({"test": "val", "val": "test"}))
+    assert split_warnings(val, tasks)[1].endswith("validate with a smaller --val-way (train-heads, finetune)")
 
 
 def test_the_folder_route_warns_of_unlisted_folders_and_small_splits_and_names_the_dataset(tmp_path, monkeypatch):

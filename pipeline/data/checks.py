@@ -37,6 +37,14 @@ def _listing(names: list[str], most: int = 8) -> str:
     return ", ".join(names[:most]) + (f", ... ({len(names) - most} more)" if len(names) > most else "")
 
 
+# The option that asks a smaller way of each split's tasks.
+_SMALLER_WAY = {
+    "train": "train with a smaller --way",
+    "val": "validate with a smaller --val-way (train-heads, finetune)",
+    "test": "evaluate with a smaller --way",
+}
+
+
 def split_warnings(table: pd.DataFrame, tasks: dict[str, TaskSize]) -> list[str]:
     """Per split: no usable video; classes below a task's videos a class; fewer such classes than its way."""
     warnings = []
@@ -59,7 +67,7 @@ def split_warnings(table: pd.DataFrame, tasks: dict[str, TaskSize]) -> list[str]
         if len(classes) - len(few) < task.way:
             warnings.append(
                 f"split {split}: {len(classes) - len(few)} classes can enter a {task.way}-way task, which needs "
-                f"{task.way}; add classes to the split, or use a smaller --way"
+                f"{task.way}; add classes to the split, or {_SMALLER_WAY[split]}"
             )
     return warnings
 
