@@ -8,30 +8,26 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.data import synth
-from pipeline.features.readers import CacheError
-from pipeline.features.weights import WeightsUnavailable
-from pipeline.studies import report
-from pipeline.studies.demo import DemoOutcome, run_demo
-from pipeline.studies.demo_plan import (
-    MAIN,
-    REFERENCE,
-    DemoError,
-    DemoEvents,
-    DemoSizes,
-)
-from pipeline.training.config import TrainError
+from pipeline.studies.demo_plan import DemoSizes
+
+if TYPE_CHECKING:
+    from pipeline.studies.demo import DemoOutcome
+    from pipeline.studies.demo_plan import DemoEvents
+
 from stages.common import fail, progress_bar
 
 console = Console(stderr=True)
 
 
 def _events(bar) -> DemoEvents:
+    from pipeline.studies.demo_plan import DemoEvents
+
     rows: dict[str, int] = {}
 
     def progress(key: str, done: int, total: int, info: str) -> None:
@@ -60,6 +56,9 @@ def _events(bar) -> DemoEvents:
 
 
 def _print_summary(outcome: DemoOutcome) -> None:
+    from pipeline.studies import report
+    from pipeline.studies.demo_plan import MAIN, REFERENCE
+
     results, table = outcome.results, outcome.table
     view = Table(title="strm demo: 5-way 5-shot accuracy on the same test tasks", title_justify="left")
     for column in ("row", "accuracy", "95% interval", f"vs {REFERENCE} (paired)"):
@@ -88,6 +87,10 @@ def _print_summary(outcome: DemoOutcome) -> None:
     out.print(times)
     main = {k: results[k] for k in MAIN}
     out.print(report.comparison_sentence("strm", ["proto", "trm"], main), highlight=False)
+    from pipeline.studies.demo_openset import summary_lines  # the library loads when the command runs
+
+    for line in summary_lines(outcome.open_set):
+        out.print(line, highlight=False)
 
 
 def demo_command(
@@ -107,6 +110,9 @@ def demo_command(
     shot_episodes: int = typer.Option(
         DemoSizes.shot_episodes, "--shot-episodes", min=1, help="Test tasks a shot in the shot sweep."
     ),
+    open_set_episodes: int = typer.Option(
+        DemoSizes.open_set_episodes, "--open-set-episodes", min=1, help="Test tasks with unknown queries (open set)."
+    ),
     val_every: int = typer.Option(DemoSizes.val_every, "--val-every", min=1, help="Validate every N training tasks."),
     val_episodes: int = typer.Option(DemoSizes.val_episodes, "--val-episodes", min=1, help="Validation tasks."),
     trm_dim: int = typer.Option(DemoSizes.trm_dim, "--trm-dim", min=1, help="TRM's key/value width D'."),
@@ -119,7 +125,15 @@ def demo_command(
     ),
 ) -> None:
     """The whole pipeline on the synthetic benchmark: synth, manifest, extract, train strm and trm, evaluate
-    them and proto on the same tasks, ablate, draw, and write OUT/report.md. Resumable: rerun to continue."""
+    them and proto on the same tasks, ablate, train strm with an open-set method and measure it and strm on
+    unknown actions, draw, predict, and write OUT/report.md. Resumable: rerun to continue."""
+    from pipeline.data import synth
+    from pipeline.features.readers import CacheError
+    from pipeline.features.weights import WeightsUnavailable
+    from pipeline.studies.demo import run_demo
+    from pipeline.studies.demo_plan import DemoError
+    from pipeline.training.config import TrainError
+
     sizes = DemoSizes(
         videos_per_class=videos_per_class,
         views=views,
@@ -128,6 +142,7 @@ def demo_command(
         val_episodes=val_episodes,
         episodes=episodes,
         shot_episodes=shot_episodes,
+        open_set_episodes=open_set_episodes,
         trm_dim=trm_dim,
         seed=seed,
     )

@@ -191,8 +191,6 @@ def train_heads(
 
 def register(app: typer.Typer) -> None:
     """Add `strm train-heads` to the app."""
-    from pipeline.training.train import PRESETS
-
     app.command(
-        "train-heads", help=f"Episodic training of the heads on a feature cache (presets: {', '.join(PRESETS)})."
+        "train-heads", help=f"Episodic training of the heads on a feature cache (presets: {', '.join(Preset)})."
     )(train_heads)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from pipeline.data import synth
 from pipeline.evaluation.results import EvalResult
-from pipeline.studies import demo, demo_report, report
+from pipeline.studies import demo, demo_openset, demo_report, report
 from stages.app import app
 
 SETTINGS = {"split": "test", "way": 5, "shot": 5, "queries": 1, "seed": 0, "episodes": 400, "episodes_digest": "abc"}
@@ -127,11 +127,54 @@ def test_ablation_table_pairs_every_row_with_the_reference():
     assert markdown.splitlines()[2] == "| trm | 60.0 |"
 
 
+def _open_set(mean: float, seed: int, scores: dict[str, tuple[float, float]], auto: str) -> EvalResult:
+    """A result on open-set tasks: per score (AUROC, calibrated false rejection), per-task values around them."""
+    result = _result(mean, seed=seed)
+    result.settings.update(unknown_classes=5, unknown_queries=1)
+    rng = np.random.default_rng(seed)
+    result.open_set = {
+        name: {
+            "auroc": np.clip(auroc + 0.05 * rng.standard_normal(400), 0, 1),
+            "aupr": np.full(400, 0.5),
+            "oscr": np.full(400, 0.5),
+            "catch_oracle": np.full(400, 0.3),
+            "catch_calibrated": np.full(400, 0.3),
+            "false_rejection_calibrated": np.clip(rejected + 0.01 * rng.standard_normal(400), 0, 1),
+        }
+        for name, (auroc, rejected) in scores.items()
+    }
+    result.open_set_info = {"false_rejection": 0.05, "auto": {"score": auto}}
+    return result
+
+
+def test_open_set_section_says_plainly_which_goals_are_met():
+    base = _open_set(92.0, 1, {"max_logit": (0.75, 0.05), "zscore": (0.76, 0.05)}, "zscore")
+    good = _open_set(96.0, 2, {"max_logit": (0.94, 0.05), "zscore": (0.93, 0.05), "garbage": (0.94, 0.06)}, "garbage")
+    facts = demo_openset.OpenSetFacts({"strm": base, "strm+garbage": good}, "figures/open_set_scores.png", 1000)
+    text = "\n".join(demo_openset.open_set_section(facts))
+    assert "## Actions not in the support" in text and "](figures/open_set_scores.png)" in text
+    assert "| strm | **zscore** (auto) | 92.00 ± " in text and "| strm+garbage | **garbage** (auto) | 96.00 ± " in text
+    assert "AUROC >= 0.85 for the trained method: **reached**" in text
+    assert "not lower than softmax-trained strm (paired): **met** (96.00 against 92.00, +4.00 ± " in text
+    assert "; measurably higher)" in text
+    assert "within 2 points of the 5% asked: **met** (6.0% ± " in text
+    assert " (vs zscore)" in text  # garbage's own score is paired with strm's auto score
+    weak = _open_set(85.0, 3, {"max_logit": (0.80, 0.05), "zscore": (0.81, 0.05), "garbage": (0.84, 0.09)}, "garbage")
+    text = "\n".join(
+        demo_openset.open_set_section(demo_openset.OpenSetFacts({"strm": base, "strm+garbage": weak}, "f.png", 10))
+    )
+    assert "AUROC >= 0.85 for the trained method: **NOT reached**" in text
+    assert "(paired): **NOT met** (85.00 against 92.00" in text and "measurably lower" in text
+    assert "of the 5% asked: **NOT met** (9." in text
+
+
 @pytest.fixture
 def small_benchmark(monkeypatch):
-    """Five classes a split and the tiny random backbone: the whole demo in well under a minute of CPU."""
+    """Ten classes in training and test (5 known and 5 unknown actions a task in the open set), five in
+    validation, and the tiny random backbone: the whole demo in about a minute of CPU."""
     split = synth.class_split()
-    classes = tuple(c for s in ("train", "val", "test") for c in [c for c in synth.CLASSES if split[c] == s][:5])
+    counts = {"train": 10, "val": 5, "test": 10}
+    classes = tuple(c for s, n in counts.items() for c in [c for c in synth.CLASSES if split[c] == s][:n])
     monkeypatch.setattr(synth, "CLASSES", classes)
     monkeypatch.setattr(demo, "BACKBONE", "tiny")
     monkeypatch.setattr(demo, "LAYER", None)
@@ -184,9 +227,17 @@ def test_mini_demo_runs_every_stage_and_resumes(small_benchmark, tmp_path):
         assert f"| {row['row']} |" in text and f"{row['accuracy']:.2f}" in text
     assert "strm beats" in text or "strm does NOT beat" in text
     assert "Flips are off" in text
-    assert "## Using the trained heads on new clips (`strm predict`)" in text and "| score | auroc |" in text
+    assert "## Using the trained heads on new clips (`strm predict`)" in text
+    assert "The `strm+garbage` heads" in text and "its score (`trained`, the heads' trained score" in text
+    assert "## Actions not in the support" in text and "AUROC >= 0.85 for the trained method: **" in text
+    for model, score in (("strm", "zscore"), ("strm+garbage", "garbage")):
+        assert f"| {model} | **{score}** (auto) |" in text  # every measure of every score, per model
+        saved = json.loads((out / "eval" / f"open_{model}.json").read_text())["results"][0]
+        assert saved["unknown_classes"] == 5 and saved["open_set"]["auto"]["score"] == score
+    assert "| strm+garbage | max_logit |" in text and "closed-set accuracy (points)" in text
+    assert "| strm+garbage | 4 |" in text  # trained beside the others, in the training table
     predictions = json.loads((out / "predict" / "predictions.json").read_text())
-    assert len(predictions["support"]["used"]) == 15 and predictions["queries"][-1]["segments"]
+    assert len(predictions["support"]["used"]) == 25 and predictions["queries"][-1]["segments"]
     recording = predictions["queries"][-1]["path"]
     with av.open(str(out / "predict" / "recording_annotated.mp4")) as annotated, av.open(recording) as source:
         assert annotated.streams.video[0].frames == source.streams.video[0].frames > 0
@@ -200,6 +251,7 @@ def test_mini_demo_runs_every_stage_and_resumes(small_benchmark, tmp_path):
         "figures/activation_0",
         "figures/tuples_0",
         "figures/timeline",
+        "figures/open_set_scores",
     ):
         path = out / f"{name}.png"
         assert path.stat().st_size > 10_000 and mpimg.imread(path).std() > 0.02
@@ -218,6 +270,8 @@ def test_mini_demo_runs_every_stage_and_resumes(small_benchmark, tmp_path):
         "evaluate proto, trm, strm",
         "train ablation variants",
         "evaluate ablation rows",
+        "train strm+garbage",
+        "evaluate open set",
         "accuracy against shots",
         "predict",
     ):

@@ -259,3 +259,11 @@ def test_an_interrupted_training_run_names_the_command_that_continues_it(tmp_pat
         )
     finally:
         common._INTERRUPT_NOTE.clear()  # the next test in this process is not interrupted mid-run
+
+
+def test_the_command_line_imports_no_torch_until_a_command_runs():
+    """`strm --help` and every stage's --help are Typer's alone: the app and its stage modules import the
+    library (torch, pandas, the decoders) inside the commands (`make bench ONLY=help` times it)."""
+    probe = "import sys, stages.app; print(sorted(m for m in ('torch', 'pandas', 'matplotlib') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -3,7 +3,8 @@
 synth -> manifest -> extract (frozen tf_efficientnet_lite0, last block, D=320, 112x112, flips off)
 -> train the `strm` and `trm` heads (same seed) -> evaluate proto, trm and strm on the same test
 tasks -> ablation on those tasks (ple-trm, fle-trm, ple-fle-trm, gamma forced to 0, no QC)
--> accuracy against shots -> activation maps and tuple matches -> OUT/report.md.
+-> strm trained with an open-set method, it and strm on those tasks with unknown queries added
+-> accuracy against shots -> activation maps and tuple matches -> predict -> OUT/report.md.
 
 The sizes are chosen so that the whole of `make demo` on a fresh clone, install included, fits in
 20 minutes on a 2-core CPU (DemoSizes says why each is what it is). Every stage is resumable: synth
@@ -13,7 +14,8 @@ disk for the same checkpoint and tasks is reused. What happens is told through `
 (stages/demo.py draws it); nothing here prints.
 
 This module runs the stages in order; the plan and sizes are in demo_plan.py, the predict step in
-demo_predict.py, the report stage in demo_summary.py and the report's words in demo_report.py.
+demo_predict.py, the report stage in demo_summary.py, the report's words in demo_report.py and the open-set stage and its
+section in demo_openset.py.
 """
 
 from __future__ import annotations
@@ -49,13 +51,14 @@ from pipeline.studies.ablation import (
     train_point,
     write_table,
 )
+from pipeline.studies.demo_openset import OpenSetFacts, open_set_stage
 from pipeline.studies.demo_plan import (
     ABLATION,
     BACKBONE,
-    CONTRASTS,
     CROP,
     LAYER,
     MAIN,
+    OPEN_SET,
     REFERENCE,
     SHORT_SIDE,
     DemoError,
@@ -65,7 +68,7 @@ from pipeline.studies.demo_plan import (
     counter,
 )
 from pipeline.studies.demo_predict import predict_stage
-from pipeline.studies.demo_summary import reversed_pair_tasks, write_report
+from pipeline.studies.demo_summary import CONTRASTS, reversed_pair_tasks, write_report
 from pipeline.studies.visualize import FrameSource, render
 from pipeline.training.state import TrainProgress
 
@@ -191,6 +194,7 @@ class DemoOutcome:
     results: dict[str, ev.EvalResult]
     table: pd.DataFrame  # pipeline.studies.ablation.write_table's
     timings: list[dict]
+    open_set: OpenSetFacts  # the open-set model and strm on the tasks with unknown queries
 
 
 def run_demo(
@@ -202,7 +206,8 @@ def run_demo(
     eval_dir, fig_dir = out / "eval", out / "figures"
     manifest, cache_path = _inputs(out, sizes, workers, cache_root, clock, events)
     cache = open_cache(cache_path)
-    points = {p.label: p for p in parse_grid(ABLATION)}
+    grid = parse_grid(ABLATION)
+    points = {p.label: p for p in [*grid, *parse_grid([OPEN_SET])]}
     settings = TrainSettings(
         episodes=sizes.train_episodes,
         seed=sizes.seed,
@@ -231,7 +236,9 @@ def run_demo(
         tasks=tasks,
     )
     with clock.stage("ablation table"):
-        table = write_table(list(points.values()), results, REFERENCE, out, checkpoints)
+        table = write_table(grid, results, REFERENCE, out, checkpoints)
+    with clock.stage("evaluate open set") as state:
+        open_set = open_set_stage(out, points, checkpoints, splits["test"], sizes, device, state)
     sweeps: dict[str, list[ev.EvalResult]] = {}
     with clock.stage("accuracy against shots") as state:
         reused = True
@@ -250,7 +257,7 @@ def run_demo(
             ).items()
         }
     with clock.stage("predict") as state:
-        prediction = predict_stage(out, manifest, checkpoints["strm"], splits["test"], sizes, workers, events, state)
+        prediction = predict_stage(out, manifest, OPEN_SET, checkpoints[OPEN_SET], sizes, workers, events, state)
         figures["timeline"] = prediction["timeline"]
     with clock.stage("report"):
         path = write_report(
@@ -267,8 +274,9 @@ def run_demo(
             table=table,
             figures=figures,
             prediction=prediction,
+            open_set=open_set,
         )
-    return DemoOutcome(path, results, table, clock.rows())
+    return DemoOutcome(path, results, table, clock.rows(), open_set)
 
 
 def _inputs(
@@ -301,8 +309,8 @@ def _train_and_evaluate(
     splits: dict[str, SplitFeatures],
     tasks: TaskBatch,
 ) -> tuple[dict[str, Path], dict[str, ev.EvalResult]]:
-    """The training and evaluation stages, main models first, then the ablation variants: (the checkpoint of
-    each trained row, the result of every row on the test tasks)."""
+    """The training and evaluation stages, main models first, then the ablation variants and the open-set
+    model: (the checkpoint of each trained row, the result of every grid row on the test tasks)."""
     eval_dir = out / "eval"
     checkpoints: dict[str, Path] = {}
     results: dict[str, ev.EvalResult] = {}
@@ -350,5 +358,6 @@ def _train_and_evaluate(
     trained(("strm", "trm"), "train strm, trm")
     evaluated(MAIN, "evaluate proto, trm, strm")
     trained(("ple-trm", "fle-trm", "ple-fle-trm", "jnt-st-1"), "train ablation variants")
-    evaluated(tuple(k for k in points if k not in MAIN), "evaluate ablation rows")
+    evaluated(tuple(k for k in points if k not in (*MAIN, OPEN_SET)), "evaluate ablation rows")
+    trained((OPEN_SET,), f"train {OPEN_SET}")
     return checkpoints, results

@@ -1,8 +1,9 @@
 """The demo's predict step: `strm predict` on held-out clips of the test split (a support folder, known and
 unseen queries, one recording of three actions joined, whose true segments the demo knows since it joined
 them: drawn beside the predicted ones, in the timeline and the annotated recording, with where they
-disagree) and the unknown-score protocol, its facts kept in OUT/predict/facts.json and reused while the
-checkpoint is the same.
+disagree), with the open-set model's trained score deciding `unknown`; its facts kept in
+OUT/predict/facts.json and reused while the checkpoint is the same. How well the scores tell unseen
+actions is measured on the test tasks (demo_openset.py), not here.
 """
 
 from __future__ import annotations
@@ -13,36 +14,45 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import evaluation as ev
 from pipeline.data import synth
 from pipeline.data.video import decode_frames, frame_times
-from pipeline.evaluation.unknown import unknown_protocol
 from pipeline.predict.annotate import annotate_recording
 from pipeline.predict.outputs import disagreements, timeline_figure
 from pipeline.predict.recognizer import FewShotRecognizer, UnknownRule
 from pipeline.predict.windows import frame_end
 from pipeline.studies.demo_plan import DemoEvents, DemoSizes
 
-PREDICT_FACTS = 3  # the predict step's facts.json layout: older ones are computed again
+PREDICT_FACTS = 4  # the predict step's facts.json layout: older ones are computed again
 
 
 def predict_stage(
-    out: Path, manifest, checkpoint: Path, test, sizes: DemoSizes, workers: int, events: DemoEvents, state: dict
+    out: Path,
+    manifest,
+    label: str,
+    checkpoint: Path,
+    sizes: DemoSizes,
+    workers: int,
+    events: DemoEvents,
+    state: dict,
 ) -> dict:
-    """The predict step's facts: reused from OUT/predict/facts.json when made with this checkpoint, else computed."""
+    """The predict step's facts with the `label` heads: reused from OUT/predict/facts.json when made with
+    this checkpoint, else computed."""
     facts_path, stamp = out / "predict" / "facts.json", checkpoint.stat().st_mtime
     saved = json.loads(facts_path.read_text()) if facts_path.exists() else {}
-    state["reused"] = saved.get("checkpoint_mtime") == stamp and saved.get("version") == PREDICT_FACTS
-    prediction = (
-        saved["facts"] if state["reused"] else _predict(out, manifest, checkpoint, test, sizes, workers, events)
+    state["reused"] = (
+        saved.get("checkpoint_mtime") == stamp
+        and saved.get("version") == PREDICT_FACTS
+        and saved.get("facts", {}).get("model") == label
     )
+    prediction = saved["facts"] if state["reused"] else _predict(out, manifest, checkpoint, sizes, workers, events)
+    prediction["model"] = label
     facts_path.write_text(json.dumps({"checkpoint_mtime": stamp, "version": PREDICT_FACTS, "facts": prediction}) + "\n")
     return prediction
 
 
-def _predict(out: Path, manifest, checkpoint: Path, test, sizes: DemoSizes, workers: int, events: DemoEvents) -> dict:
+def _predict(out: Path, manifest, checkpoint: Path, sizes: DemoSizes, workers: int, events: DemoEvents) -> dict:
     """`strm predict` on held-out clips: a support folder of 5 test actions x 5 clips, queries of those actions
-    and of 2 actions not in the support, and one recording of 3 actions joined; then the unknown-score protocol."""
+    and of 2 actions not in the support (`--unknown auto`), and one recording of 3 actions joined."""
     rows = manifest[manifest["split"] == "test"].sort_values("video_id")
     actions = sorted(rows["class"].unique())
     rng = np.random.default_rng(sizes.seed)
@@ -89,25 +99,17 @@ def _predict(out: Path, manifest, checkpoint: Path, test, sizes: DemoSizes, work
         }
         for (q, truth), r in zip(queries, records, strict=False)
     ]
-    events.message("unknown-action scores on the test split (40 draws)")
-    n_actions = len(test.class_names)
-    draw = {"known": min(5, n_actions // 2), "shots": 5, "draws": 40}
-    draw["unknown"] = min(5, n_actions - draw["known"])
-    protocol = unknown_protocol(
-        recognizer.model, ev.embed_split(recognizer.model, test), test.labels.numpy(), seed=sizes.seed, **draw
-    )
     return {
         "queries": table,
         "support_actions": len(known),
         "unseen_actions": len(outsiders),
-        "protocol": draw,
+        "score_name": records[0].get("score_name") if records else None,
         "temperature": support.calibration.temperature,
         "segments": windowed["segments"],
         "truth": truth,
         "disagreements": disagreements(windowed["segments"], truth),
         "recording": list(known[:3]),
         "annotated": annotated.relative_to(out).as_posix(),
-        "unknown": protocol,
         "timeline": timeline.relative_to(out).as_posix(),
         "files": str(folder),
     }

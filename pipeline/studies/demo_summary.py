@@ -18,8 +18,43 @@ from pipeline.data import synth
 from pipeline.data.episodes import TaskBatch
 from pipeline.features.readers import SplitFeatures
 from pipeline.studies import demo_report, report
-from pipeline.studies.demo_plan import CONTRASTS, MAIN, REFERENCE, StageClock
+from pipeline.studies.demo_openset import OpenSetFacts
+from pipeline.studies.demo_plan import MAIN, REFERENCE, StageClock
 from pipeline.training.runs import read_metrics
+
+# The paired contrasts the report reads out (report.Contrast: which rows, what they say).
+CONTRASTS = (
+    report.Contrast("the whole of STRM over the TRM baseline", "strm", "trm", role="total"),
+    report.Contrast("adding PLE (patch attention + per-patch MLP) to TRM", "ple-trm", "trm", role="alone", block="PLE"),
+    report.Contrast("adding FLE (frame mixer) to TRM", "fle-trm", "trm", role="alone", block="FLE"),
+    report.Contrast("adding PLE and FLE to TRM", "ple-fle-trm", "trm", role="detail"),
+    report.Contrast("adding FLE on top of PLE", "ple-fle-trm", "ple-trm", role="on top", block="FLE"),
+    report.Contrast("adding PLE on top of FLE", "ple-fle-trm", "fle-trm", role="on top", block="PLE"),
+    report.Contrast(
+        "training with QC (strm against ple-fle-trm)",
+        "strm",
+        "ple-fle-trm",
+        flat_means="Training with the QC loss brings nothing that matters here.",
+    ),
+    report.Contrast(
+        "joint spatio-temporal attention over all patches (Jnt-ST, one layer) instead of PLE and FLE",
+        "jnt-st-1",
+        "ple-fle-trm",
+    ),
+    report.Contrast(
+        "forcing PLE's attention gate gamma to 0 after training",
+        "strm, gamma forced to 0",
+        "strm",
+        flat_means="PLE's self-attention between patches contributes nothing that matters: whatever PLE adds "
+        "comes from its per-patch MLP (psi) and its positional encoding.",
+    ),
+    report.Contrast(
+        "dropping the QC logits after training",
+        "strm, no QC",
+        "strm",
+        flat_means="QC's logits do not matter at test time: TRM's logits decide.",
+    ),
+)
 
 
 def write_report(
@@ -37,6 +72,7 @@ def write_report(
     table: pd.DataFrame,
     figures: dict[str, str],
     prediction: dict,
+    open_set: OpenSetFacts | None = None,
 ) -> Path:
     """The report stage: the summary figures, then OUT/report.md from every stage's facts (`sizes`:
     DemoSizes.rows of the run)."""
@@ -72,6 +108,7 @@ def write_report(
             )
         ],
         prediction=prediction,
+        open_set=open_set,
     )
     return report.write_markdown(out / "report.md", demo_report.demo_report(facts))
 
