@@ -129,7 +129,7 @@ def predict_command(
         f"{chosen.calibration.temperature:.3g}" + (f"; saved to {save_support}" if save_support else ""),
         highlight=False,
     )
-    if chosen.held_out is not None and chosen.held_out.sentence() not in recognizer.notes:  # a warning was a note
+    if chosen.held_out is not None and not chosen.held_out.near_chance():  # near chance it was a note above
         console.print(chosen.held_out.sentence(), highlight=False, soft_wrap=True)
     if stream is not None:
         return _stream(
